@@ -1,0 +1,75 @@
+"""What the gateway knows about one request as it passes through the layers.
+
+The Resource tree creates it, the auth wrapper adds the verified claims, the
+policy adds the route class and model, the proxy records the upstream
+exchange, and the access log and metrics read it when the request ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from twisted.web.iweb import IRequest
+
+    from runner_gateway.settings import RunnerSettings
+    from runner_gateway.usage import UsageParser
+
+__all__ = ["RequestContext", "context_of"]
+
+
+@dataclass
+class RequestContext:
+    request_id: str
+    started: float  # reactor.seconds() when the request line arrived
+    runner: RunnerSettings | None = None
+    upstream_path: bytes = b""  # path (and query) as sent to the runner
+    route: str = "other"  # bounded label: endpoint class or a known path
+    claims: Mapping[str, Any] | None = None
+    model: str | None = None
+    status: int | None = None
+    first_byte: float | None = None  # reactor.seconds() of the first body byte to the client
+    bytes_sent: int = 0
+    aborted: bool = False
+    upstream_error: str | None = None  # connect, tls, timeout, reset, protocol
+    auth_failure: str | None = None  # reason label when the auth wrapper refused
+    usage: UsageParser | None = None
+    # When set, the proxy buffers the (small) upstream body and sends
+    # transform(body) instead, with a corrected Content-Length: used to
+    # filter model listings down to what the token may see.
+    response_transform: Callable[[bytes], bytes] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def subject(self) -> str | None:
+        if self.claims is None:
+            return None
+        sub = self.claims.get("sub")
+        return sub if isinstance(sub, str) else None
+
+    @property
+    def openai_style(self) -> bool:
+        """Errors on OpenAI-compatible paths use OpenAI's error shape."""
+        return self.upstream_path.startswith(b"/v1/") or self.upstream_path == b"/v1"
+
+    def response_started(self, content_type: str | None) -> None:
+        """Called by the proxy once upstream headers are in."""
+        from runner_gateway.usage import parser_for
+
+        self.usage = parser_for(content_type, self.upstream_path)
+
+    def response_chunk(self, data: bytes) -> None:
+        """Called by the proxy for every body chunk, after it was written on."""
+        if self.usage is not None:
+            self.usage.feed(data)
+
+
+def context_of(request: IRequest) -> RequestContext:
+    """The context the gateway's Request subclass carries."""
+    ctx = getattr(request, "gateway_context", None)
+    if ctx is None:
+        raise LookupError("request has no gateway context (not served by GatewaySite?)")
+    assert isinstance(ctx, RequestContext)
+    return ctx

@@ -1,0 +1,692 @@
+"""Layered settings: defaults, settings.yaml, <env>.yaml, environment, flags.
+
+Pure logic, no Twisted. Everything is parsed once into frozen dataclasses;
+anything unknown or ill-typed raises :class:`SettingsError`, which names the
+file (or environment variable) and the dotted key, so a start-up failure is a
+single readable line.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "LEVELS",
+    "SCOPES",
+    "Address",
+    "AuthorizationSettings",
+    "EndpointRule",
+    "LoggingSettings",
+    "MetricsSettings",
+    "PasetoSettings",
+    "RunnerSettings",
+    "ServerSettings",
+    "Settings",
+    "SettingsError",
+    "load_settings",
+    "parse_duration",
+    "parse_size",
+]
+
+LEVELS = ("trace", "debug", "info", "warn", "error")
+SCOPES = ("inference", "models:read", "models:manage", "admin")
+ENV_OVERRIDES = {
+    "LOGGING_LEVEL": ("logging", "level"),
+    "PASETO_SECRET_KEY": ("paseto", "secretKey"),
+    "SERVER_ADDRESS": ("server", "address"),
+    "SERVER_CERTIFICATE_PATH": ("server", "certificatePath"),
+    "SERVER_KEY_PATH": ("server", "keyPath"),
+}
+
+
+class SettingsError(Exception):
+    """A settings problem, located by source (file or variable) and key."""
+
+    def __init__(self, source: str, key: str, message: str) -> None:
+        self.source = source
+        self.key = key
+        self.message = message
+        where = f"{source}: {key}" if key else source
+        super().__init__(f"{where}: {message}")
+
+
+# ---------------------------------------------------------------- value types
+
+
+@dataclass(frozen=True)
+class Address:
+    """A listening or dialling address; ``host`` is "" for all interfaces."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class EndpointRule:
+    """One row of a runner's own endpoint table (overrides the built-in one).
+
+    ``path`` is exact, or ends in ``/*`` to match that prefix and below.
+    """
+
+    methods: tuple[str, ...]
+    path: str
+    scope: str
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class PasetoSettings:
+    version: str = "v4"
+    expiration: float = 8766 * 3600.0
+    key_path: str = "./settings/paseto.key"
+    public_path: str = "./settings/paseto.pub"
+    secret_key: str = ""
+    issuer: str = ""
+    audience: str = ""
+    leeway: float = 60.0
+    require_expiration: bool = True
+    implicit_assertion: str = ""
+    public_keys: tuple[str, ...] = ()
+    secret_keys: tuple[str, ...] = ()
+    cache_size: int = 10000
+
+
+@dataclass(frozen=True)
+class AuthorizationSettings:
+    default_scopes: tuple[str, ...] = ("inference", "models:read")
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    name: str
+    host: str
+    port: int
+    path: str
+    scheme: str = "http"
+    connect_timeout: float = 10.0
+    first_byte_timeout: float = 600.0
+    idle_timeout: float = 300.0
+    total_timeout: float = 0.0  # 0: no limit, streams may run as long as they like
+    max_body_size: int = 64 * 1024 * 1024
+    ca_path: str = ""
+    client_certificate_path: str = ""
+    client_key_path: str = ""
+    endpoints: tuple[EndpointRule, ...] = ()
+
+    @property
+    def netloc(self) -> str:
+        """host[:port] as the runner expects it in ``Host``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://{self.netloc}"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    address: Address = Address("", 8443)
+    certificate_path: str = ""
+    key_path: str = ""
+    client_ca_path: str = ""
+    certificate_reload_interval: float = 60.0
+    redirect_address: Address | None = None
+    header_timeout: float = 30.0
+    keep_alive_timeout: float = 75.0
+    drain_timeout: float = 30.0
+    cors_origins: tuple[str, ...] = ()
+    workers: int = 1
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.certificate_path)
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    address: Address | None = None
+    per_subject: bool = False
+    subjects_max: int = 10000
+
+
+@dataclass(frozen=True)
+class Settings:
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    paseto: PasetoSettings = field(default_factory=PasetoSettings)
+    authorization: AuthorizationSettings = field(default_factory=AuthorizationSettings)
+    runners: tuple[RunnerSettings, ...] = ()
+    server: ServerSettings = field(default_factory=ServerSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    sources: tuple[str, ...] = ()  # files and variables read, in order
+
+
+# ------------------------------------------------------------ scalar parsers
+
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_SIZE = re.compile(r"^(\d+)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
+}
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Go duration (``8766h``, ``1h30m``, ``500ms``, ``0``) to seconds."""
+    if text == "0":
+        return 0.0
+    pos = 0
+    total = 0.0
+    if not text:
+        raise ValueError("empty duration")
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            raise ValueError(f"invalid duration {text!r} (use Go's form: 90s, 1h30m, 500ms)")
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    return total
+
+
+def parse_size(value: int | str) -> int:
+    """Parse a byte count: an integer or ``64MiB``, ``10MB``, ``512KiB``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 64MiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    match = _SIZE.match(value.strip())
+    if match is None:
+        raise ValueError(f"invalid size {value!r} (use bytes or 10MB, 64MiB, 1GiB)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$")
+
+
+def _parse_host(host: str) -> str:
+    if host == "":
+        return host
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(host):
+        raise ValueError(f"invalid host {host!r}")
+    return host
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``host:port``, ``[v6]:port``, ``:port`` (and bare host when a default is given)."""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"invalid address {text!r}: missing ']'")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest == "" and default_port is not None:
+            port_text = str(default_port)
+        elif rest.startswith(":"):
+            port_text = rest[1:]
+        else:
+            raise ValueError(f"invalid address {text!r}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid address {text!r}: bad IPv6 literal") from None
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+        host = _parse_host(host)
+    elif ":" not in text and default_port is not None:
+        host, port_text = _parse_host(text), str(default_port)
+    else:
+        raise ValueError(f"invalid address {text!r} (use :8443, 127.0.0.1:8443 or [::1]:8443)")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"invalid port in {text!r}")
+    return host, int(port_text)
+
+
+# ---------------------------------------------------------------- the schema
+#
+# Each section maps YAML key -> (dataclass field, kind). The kinds are the
+# parsers below; keeping the whole schema in one table is what makes unknown
+# keys detectable and the settings reference easy to check against code.
+
+_SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
+    "logging": {"level": ("level", "level"), "format": ("format", "logformat")},
+    "paseto": {
+        "version": ("version", "version"),
+        "expiration": ("expiration", "duration"),
+        "keyPath": ("key_path", "str"),
+        "publicPath": ("public_path", "str"),
+        "secretKey": ("secret_key", "str"),
+        "issuer": ("issuer", "str"),
+        "audience": ("audience", "str"),
+        "leeway": ("leeway", "duration"),
+        "requireExpiration": ("require_expiration", "bool"),
+        "implicitAssertion": ("implicit_assertion", "str"),
+        "publicKeys": ("public_keys", "strlist"),
+        "secretKeys": ("secret_keys", "strlist"),
+        "cacheSize": ("cache_size", "count"),
+    },
+    "authorization": {"defaultScopes": ("default_scopes", "scopes")},
+    "runner": {
+        "name": ("name", "str"),
+        "host": ("host", "str"),
+        "path": ("path", "str"),
+        "scheme": ("scheme", "scheme"),
+        "connectTimeout": ("connect_timeout", "duration"),
+        "firstByteTimeout": ("first_byte_timeout", "duration"),
+        "idleTimeout": ("idle_timeout", "duration"),
+        "totalTimeout": ("total_timeout", "duration"),
+        "maxBodySize": ("max_body_size", "size"),
+        "caPath": ("ca_path", "str"),
+        "clientCertificatePath": ("client_certificate_path", "str"),
+        "clientKeyPath": ("client_key_path", "str"),
+        "endpoints": ("endpoints", "endpoints"),
+    },
+    "server": {
+        "address": ("address", "address"),
+        "certificatePath": ("certificate_path", "str"),
+        "keyPath": ("key_path", "str"),
+        "clientCAPath": ("client_ca_path", "str"),
+        "certificateReloadInterval": ("certificate_reload_interval", "duration"),
+        "redirectAddress": ("redirect_address", "optaddress"),
+        "headerTimeout": ("header_timeout", "duration"),
+        "keepAliveTimeout": ("keep_alive_timeout", "duration"),
+        "drainTimeout": ("drain_timeout", "duration"),
+        "corsOrigins": ("cors_origins", "origins"),
+        "workers": ("workers", "workers"),
+    },
+    "metrics": {
+        "address": ("address", "optaddress"),
+        "perSubject": ("per_subject", "bool"),
+        "subjectsMax": ("subjects_max", "count"),
+    },
+}
+_TOP = ("logging", "paseto", "authorization", "runners", "server", "metrics")
+_SECTION_CLASSES: dict[str, type[Any]] = {
+    "logging": LoggingSettings,
+    "paseto": PasetoSettings,
+    "authorization": AuthorizationSettings,
+    "server": ServerSettings,
+    "metrics": MetricsSettings,
+}
+_DEFAULT_RUNNERS: list[dict[str, Any]] = [
+    {"name": "ollama", "host": "127.0.0.1:11434", "path": "/", "scheme": "http"}
+]
+
+
+def _expect(value: object, kind: type | tuple[type, ...], what: str) -> Any:
+    if isinstance(value, bool) and kind is not bool:
+        raise ValueError(f"expected {what}, got a boolean")
+    if not isinstance(value, kind):
+        raise ValueError(f"expected {what}, got {type(value).__name__}")
+    return value
+
+
+def _parse_endpoints(value: object) -> tuple[EndpointRule, ...]:
+    rules = []
+    for i, item in enumerate(_expect(value, list, "a list of endpoint rules")):
+        item = _expect(item, dict, f"endpoints[{i}] to be a mapping")
+        unknown = set(item) - {"methods", "path", "scope"}
+        if unknown:
+            raise ValueError(f"endpoints[{i}]: unknown key {sorted(unknown)[0]!r}")
+        methods = item.get("methods", [])
+        if isinstance(methods, str):
+            methods = [methods]
+        methods = [str(_expect(m, str, "an HTTP method")).upper() for m in methods]
+        if not methods or not all(re.fullmatch(r"[A-Z]+", m) for m in methods):
+            raise ValueError(f"endpoints[{i}].methods: expected HTTP methods such as [POST]")
+        path = _expect(item.get("path"), str, f"endpoints[{i}].path to be a string")
+        if not path.startswith("/"):
+            raise ValueError(f"endpoints[{i}].path must start with '/'")
+        scope = item.get("scope")
+        if scope not in SCOPES:
+            raise ValueError(f"endpoints[{i}].scope must be one of {', '.join(SCOPES)}")
+        rules.append(EndpointRule(tuple(methods), path, scope))
+    return tuple(rules)
+
+
+def _convert(kind: str, value: object) -> Any:
+    """Turn one raw YAML value into its typed form, or raise ValueError."""
+    if kind == "str":
+        if value is None:
+            return ""
+        return _expect(value, str, "a string")
+    if kind == "bool":
+        return _expect(value, bool, "true or false")
+    if kind == "count":
+        n = _expect(value, int, "a whole number")
+        if n < 0:
+            raise ValueError("must not be negative")
+        return n
+    if kind == "duration":
+        if isinstance(value, int) and not isinstance(value, bool) and value == 0:
+            return 0.0
+        return parse_duration(_expect(value, str, "a duration such as 90s"))
+    if kind == "size":
+        return parse_size(_expect(value, (int, str), "a size such as 64MiB"))
+    if kind == "level":
+        text = _expect(value, str, "a level").lower()
+        if text == "warning":
+            text = "warn"
+        if text not in LEVELS:
+            raise ValueError(f"unknown level {value!r} (one of {', '.join(LEVELS)})")
+        return text
+    if kind == "logformat":
+        if value not in ("text", "json"):
+            raise ValueError("must be text or json")
+        return value
+    if kind == "version":
+        if value not in ("v4", "v2"):
+            raise ValueError(f"unsupported PASETO version {value!r} (v4 or v2)")
+        return value
+    if kind == "scheme":
+        if value not in ("http", "https"):
+            raise ValueError(f"unsupported scheme {value!r} (http or https)")
+        return value
+    if kind == "strlist":
+        if value is None:
+            return ()
+        items = _expect(value, list, "a list of strings")
+        return tuple(_expect(v, str, "a string") for v in items)
+    if kind == "scopes":
+        scopes = _convert("strlist", value)
+        for scope in scopes:
+            if scope not in SCOPES:
+                raise ValueError(f"unknown scope {scope!r} (one of {', '.join(SCOPES)})")
+        return scopes
+    if kind == "origins":
+        origins = _convert("strlist", value)
+        for origin in origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"invalid origin {origin!r} (scheme://host[:port] or *)")
+        return origins
+    if kind == "address":
+        host, port = parse_hostport(_expect(value, str, "an address such as :8443"))
+        return Address(host, port)
+    if kind == "optaddress":
+        if value in (None, ""):
+            return None
+        return _convert("address", value)
+    if kind == "workers":
+        if value == "auto":
+            return os.cpu_count() or 1
+        n = _expect(value, int, "a number of worker processes or 'auto'")
+        if n < 1:
+            raise ValueError("must be at least 1")
+        return n
+    if kind == "endpoints":
+        return _parse_endpoints(value)
+    raise AssertionError(kind)  # pragma: no cover - schema typo
+
+
+# ------------------------------------------------------------------- loading
+
+
+class _Tree:
+    """Merged raw settings plus where each key last came from."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.origin: dict[str, str] = {}
+
+    def overlay(self, raw: Mapping[str, Any], source: str, prefix: str = "") -> None:
+        _check_keys(raw, source)
+        self._merge(self.data, raw, source, prefix)
+
+    def _merge(self, into: dict[str, Any], raw: Mapping[str, Any], source: str, prefix: str) -> None:
+        for key, value in raw.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                self._merge(into[key], value, source, dotted + ".")
+            else:
+                into[key] = copy.deepcopy(value)  # lists replace, as the original did
+            self.origin[dotted] = source
+
+    def source_of(self, dotted: str) -> str:
+        while dotted:
+            if dotted in self.origin:
+                return self.origin[dotted]
+            dotted = dotted.rpartition(".")[0].split("[")[0] if "." in dotted else ""
+        return "defaults"
+
+
+def _check_keys(raw: Mapping[str, Any], source: str) -> None:
+    """Refuse unknown keys per file, so the error names the file that has the typo."""
+    for top, section in raw.items():
+        if top not in _TOP:
+            raise SettingsError(source, str(top), f"unknown key (known: {', '.join(_TOP)})")
+        if section is None:
+            raise SettingsError(source, top, "empty section")
+        if top == "runners":
+            if not isinstance(section, list):
+                raise SettingsError(source, top, "expected a list of runners")
+            for i, runner in enumerate(section):
+                if not isinstance(runner, dict):
+                    raise SettingsError(source, f"runners[{i}]", "expected a mapping")
+                for key in runner:
+                    if key not in _SCHEMA["runner"]:
+                        raise SettingsError(source, f"runners[{i}].{key}", "unknown key")
+            continue
+        if not isinstance(section, dict):
+            raise SettingsError(source, top, "expected a mapping")
+        for key in section:
+            if key not in _SCHEMA[top]:
+                raise SettingsError(source, f"{top}.{key}", "unknown key")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SettingsError(source, "", "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(source, "", f"cannot read: {exc}") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SettingsError(source, "", f"invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(source, "", "expected a mapping at the top level")
+    return data
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[object] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _build_section(tree: _Tree, name: str) -> Any:
+    raw = tree.data.get(name, {})
+    kwargs = {}
+    for key, (attr, kind) in _SCHEMA[name].items():
+        if key in raw:
+            try:
+                kwargs[attr] = _convert(kind, raw[key])
+            except ValueError as exc:
+                dotted = f"{name}.{key}"
+                raise SettingsError(tree.source_of(dotted), dotted, str(exc)) from None
+    return _SECTION_CLASSES[name](**kwargs)
+
+
+def _normalise_path(path: str) -> str:
+    if not path.startswith("/"):
+        raise ValueError("must start with '/'")
+    segments = [s for s in path.split("/") if s]
+    if any(s in (".", "..") for s in segments) or any(c in path for c in "?#% \t"):
+        raise ValueError(f"invalid path {path!r}")
+    return "/" + "/".join(segments)
+
+
+def _build_runners(tree: _Tree) -> tuple[RunnerSettings, ...]:
+    raw_runners = tree.data.get("runners", _DEFAULT_RUNNERS)
+    source = tree.source_of("runners")
+    if not raw_runners:
+        raise SettingsError(source, "runners", "at least one runner is required")
+    runners: list[RunnerSettings] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(raw_runners):
+        kwargs: dict[str, Any] = {}
+        for key, (attr, kind) in _SCHEMA["runner"].items():
+            if key in raw:
+                try:
+                    kwargs[attr] = _convert(kind, raw[key])
+                except ValueError as exc:
+                    raise SettingsError(source, f"runners[{i}].{key}", str(exc)) from None
+        for required in ("name", "host", "path"):
+            if not kwargs.get(required):
+                raise SettingsError(source, f"runners[{i}].{required}", "required")
+        try:
+            kwargs["path"] = _normalise_path(kwargs["path"])
+        except ValueError as exc:
+            raise SettingsError(source, f"runners[{i}].path", str(exc)) from None
+        scheme = kwargs.get("scheme", "http")
+        try:
+            host, port = parse_hostport(kwargs["host"], 443 if scheme == "https" else 80)
+        except ValueError as exc:
+            raise SettingsError(source, f"runners[{i}].host", str(exc)) from None
+        if not host:
+            raise SettingsError(source, f"runners[{i}].host", "a host name or address is required")
+        kwargs["host"], kwargs["port"] = host, port
+        if kwargs["path"] in seen:
+            raise SettingsError(
+                source,
+                f"runners[{i}].path",
+                f"duplicate path {kwargs['path']!r} (also runners[{seen[kwargs['path']]}])",
+            )
+        seen[kwargs["path"]] = i
+        if bool(kwargs.get("client_certificate_path")) != bool(kwargs.get("client_key_path")):
+            raise SettingsError(
+                source,
+                f"runners[{i}].clientCertificatePath",
+                "clientCertificatePath and clientKeyPath go together",
+            )
+        runners.append(RunnerSettings(**kwargs))
+    return tuple(runners)
+
+
+def _env_overlay(environ: Mapping[str, str]) -> list[tuple[dict[str, Any], str]]:
+    layers = []
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if var in environ:
+            layers.append(({section: {key: environ[var]}}, f"environment variable {var}"))
+    return layers
+
+
+def resolve_env_name(env: str | None, environ: Mapping[str, str]) -> str | None:
+    """The settings overlay name: the flag, else RUNNER_GATEWAY_ENV, else GO_ENV."""
+    for candidate in (env, environ.get("RUNNER_GATEWAY_ENV"), environ.get("GO_ENV")):
+        if candidate:
+            return candidate
+    return None
+
+
+def load_settings(
+    directory: str | os.PathLike[str] = "settings",
+    env: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    logging_level: str | None = None,
+) -> Settings:
+    """Read and validate the layered settings; raise SettingsError on any problem.
+
+    ``env`` names ``<directory>/<env>.yaml``; when None it falls back to the
+    RUNNER_GATEWAY_ENV and GO_ENV variables. ``settings.yaml`` is optional (the
+    built-in defaults match the shipped one); a named env file must exist.
+    """
+    environ = os.environ if environ is None else environ
+    directory = Path(directory)
+    tree = _Tree()
+    sources = []
+    base = directory / "settings.yaml"
+    if base.exists():
+        tree.overlay(_read_yaml(base), str(base))
+        sources.append(str(base))
+    name = resolve_env_name(env, environ)
+    if name is not None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or ".." in name:
+            raise SettingsError("--env", "", f"invalid settings name {name!r}")
+        overlay = directory / f"{name}.yaml"
+        tree.overlay(_read_yaml(overlay), str(overlay))
+        sources.append(str(overlay))
+    for layer, source in _env_overlay(environ):
+        tree.overlay(layer, source)
+        sources.append(source)
+    if logging_level is not None:
+        tree.overlay({"logging": {"level": logging_level}}, "--logging-level")
+    sections = {name: _build_section(tree, name) for name in _SECTION_CLASSES}
+    runners = _build_runners(tree)
+    server: ServerSettings = sections["server"]
+    if bool(server.certificate_path) != bool(server.key_path):
+        raise SettingsError(
+            tree.source_of("server.certificatePath"),
+            "server.certificatePath",
+            "certificatePath and keyPath must be set together (both empty: plain HTTP)",
+        )
+    if server.client_ca_path and not server.tls:
+        raise SettingsError(
+            tree.source_of("server.clientCAPath"), "server.clientCAPath", "needs TLS"
+        )
+    if server.redirect_address is not None and not server.tls:
+        raise SettingsError(
+            tree.source_of("server.redirectAddress"), "server.redirectAddress", "needs TLS"
+        )
+    return Settings(runners=runners, sources=tuple(sources), **sections)
