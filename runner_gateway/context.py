@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from twisted.web.iweb import IRequest
 
     from runner_gateway.settings import RunnerSettings
+    from runner_gateway.site import RequestObserver
     from runner_gateway.usage import UsageParser
 
 __all__ = ["RequestContext", "context_of"]
@@ -40,6 +41,7 @@ class RequestContext:
     # transform(body) instead, with a corrected Content-Length: used to
     # filter model listings down to what the token may see.
     response_transform: Callable[[bytes], bytes] | None = None
+    observers: list[RequestObserver] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -59,6 +61,8 @@ class RequestContext:
         from runner_gateway.usage import parser_for
 
         self.usage = parser_for(content_type, self.upstream_path)
+        for observer in self.observers:
+            observer.response_started(self)
 
     def response_chunk(self, data: bytes) -> None:
         """Called by the proxy for every body chunk, after it was written on."""

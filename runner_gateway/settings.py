@@ -239,7 +239,9 @@ def parse_size(value: int | str) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
 
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$"
+)
 
 
 def _parse_host(host: str) -> str:
@@ -473,7 +475,9 @@ class _Tree:
         _check_keys(raw, source)
         self._merge(self.data, raw, source, prefix)
 
-    def _merge(self, into: dict[str, Any], raw: Mapping[str, Any], source: str, prefix: str) -> None:
+    def _merge(
+        self, into: dict[str, Any], raw: Mapping[str, Any], source: str, prefix: str
+    ) -> None:
         for key, value in raw.items():
             dotted = f"{prefix}{key}"
             if isinstance(value, dict) and isinstance(into.get(key), dict):
@@ -543,7 +547,7 @@ class _StrictLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
     seen: set[object] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark

@@ -1,0 +1,336 @@
+"""The twistd service: settings -> resource tree -> listeners, plus signals.
+
+``make_service`` is what the twistd plugin calls. A bad start (settings,
+keys, certificates, a port that cannot be bound) ends the process with one
+line on stderr and a non-zero status, never a traceback.
+
+SIGHUP re-reads settings (and TLS files) and swaps the whole resource tree in
+one assignment: requests in flight keep the chain they started with. SIGTERM
+and SIGINT stop accepting, let requests in flight finish for up to
+``server.drainTimeout``, then cut what is left.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import ILogObserver, Logger
+from twisted.python import usage
+from twisted.python.components import Componentized
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.server import Site
+
+from runner_gateway import __version__
+from runner_gateway.logs import make_observer
+from runner_gateway.settings import Address, Settings, SettingsError, load_settings
+from runner_gateway.site import GatewaySite, RequestObserver
+from runner_gateway.tree import CorsPolicy, GatewayRoot, Route
+
+__all__ = ["GatewayService", "Options", "build_root", "make_service"]
+
+_log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[--env NAME] [--settings DIR] [--logging-level LEVEL]"
+    longdesc = (
+        "Serve the runner gateway. Settings come from DIR/settings.yaml overlaid by "
+        "DIR/NAME.yaml (NAME from --env, else $RUNNER_GATEWAY_ENV, else $GO_ENV), then "
+        "LOGGING_LEVEL, PASETO_SECRET_KEY, SERVER_ADDRESS, SERVER_CERTIFICATE_PATH and "
+        "SERVER_KEY_PATH from the environment."
+    )
+    optParameters = [
+        ["env", "e", None, "settings overlay name (settings/NAME.yaml)"],
+        ["settings", "s", "settings", "settings directory"],
+        ["logging-level", None, None, "override logging.level (trace, debug, info, warn, error)"],
+    ]
+
+
+class StartupError(SystemExit):
+    """Ends a bad start with one line and exit status 1."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"runner-gateway: cannot start: {message}")
+
+
+@dataclass
+class _Generation:
+    """Everything built from one version of the settings."""
+
+    settings: Settings
+    root: GatewayRoot
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_root(
+    settings: Settings,
+    reactor: Any,
+    pool: HTTPConnectionPool,
+    readiness: Callable[[], list[str]],
+) -> GatewayRoot:
+    """The resource tree for one settings generation; raises SettingsError on bad keys."""
+    from runner_gateway.auth import AuthResource, TokenCache
+    from runner_gateway.authz import AuthorizationResource
+    from runner_gateway.paseto import build_verifier
+    from runner_gateway.proxy import ReverseProxyResource
+
+    verifier = build_verifier(settings.paseto, clock=reactor.seconds)
+    cache = TokenCache(settings.paseto.cache_size)
+    routes = []
+    for runner in settings.runners:
+        proxy = ReverseProxyResource(runner, reactor, pool)
+        policy = AuthorizationResource(proxy, runner, settings.authorization)
+        guarded = AuthResource(policy, verifier, cache, reactor.seconds)
+        routes.append(Route(runner, guarded))
+    return GatewayRoot(routes, CorsPolicy(settings.server.cors_origins), readiness)
+
+
+def _endpoint(reactor: Any, address: Address, tls_creator: Any = None) -> IStreamServerEndpoint:
+    host = address.host
+    if tls_creator is not None:
+        return SSL4ServerEndpoint(reactor, address.port, tls_creator, interface=host)
+    if ":" in host:
+        return TCP6ServerEndpoint(reactor, address.port, interface=host)
+    return TCP4ServerEndpoint(reactor, address.port, interface=host)
+
+
+class GatewayService(MultiService):
+    """Owns the listeners and the current settings generation."""
+
+    def __init__(
+        self,
+        load: Callable[[], Settings],
+        reactor: Any,
+        observer: ILogObserver | None = None,
+    ) -> None:
+        super().__init__()
+        self.load = load
+        self.reactor = reactor
+        self.observer = observer
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 32
+        self.pool.cachedConnectionTimeout = 60
+        self.ports: list[IListeningPort] = []
+        self.listening = False
+        self.tls: Any = None
+        self.observers: list[RequestObserver] = []
+        self.metrics: Any = None
+        settings = load()
+        self.generation = self._build(settings)
+        self.site = GatewaySite(
+            self.generation.root,
+            reactor,
+            max_body_size=max(r.max_body_size for r in settings.runners),
+            header_timeout=settings.server.header_timeout,
+            keep_alive_timeout=settings.server.keep_alive_timeout,
+            observers=self.observers,
+        )
+        if settings.server.tls:
+            from runner_gateway.tls import ReloadingServerTLS, TLSConfigError
+
+            try:
+                self.tls = ReloadingServerTLS(
+                    settings.server.certificate_path,
+                    settings.server.key_path,
+                    settings.server.client_ca_path,
+                    reactor=reactor,
+                    interval=settings.server.certificate_reload_interval,
+                )
+            except TLSConfigError as exc:
+                raise StartupError(str(exc)) from None
+        if settings.metrics.address is not None:
+            from runner_gateway.metrics import Metrics
+
+            self.metrics = Metrics(settings.metrics, reactor.seconds)
+            self.observers.append(self.metrics)
+
+    @property
+    def settings(self) -> Settings:
+        return self.generation.settings
+
+    def _build(self, settings: Settings) -> _Generation:
+        return _Generation(settings, build_root(settings, self.reactor, self.pool, self.problems))
+
+    def problems(self) -> list[str]:
+        """What keeps the gateway from being ready (for /readyz)."""
+        found = []
+        if not self.listening:
+            found.append("not listening")
+        if self.tls is not None and self.tls.error:
+            found.append(f"tls: {self.tls.error}")
+        return found
+
+    # -- twistd hooks
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd starts logging after makeService, with the application's
+        # ILogObserver component when one is set: that is how our level
+        # filter and JSON format replace its default text observer.
+        if self.observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.observer)
+        super().setServiceParent(parent)
+
+    def privilegedStartService(self) -> None:
+        # Bind here, before the reactor runs, so a port in use is a clean
+        # start-up failure rather than a log line from a running process.
+        settings = self.settings
+        try:
+            self._listen(
+                _endpoint(self.reactor, settings.server.address, self._creator()), self.site
+            )
+            if settings.server.redirect_address is not None:
+                from runner_gateway.tls import RedirectResource
+
+                redirect = Site(RedirectResource(settings.server.address.port))
+                self._listen(_endpoint(self.reactor, settings.server.redirect_address), redirect)
+            if self.metrics is not None and settings.metrics.address is not None:
+                from runner_gateway.metrics import metrics_resource
+
+                self._listen(
+                    _endpoint(self.reactor, settings.metrics.address),
+                    Site(metrics_resource(self.metrics)),
+                )
+        except CannotListenError as exc:
+            raise StartupError(
+                f"cannot listen on {exc.interface or '*'}:{exc.port}: {exc.socketError}"
+            ) from None
+        super().privilegedStartService()
+
+    def _creator(self) -> Any:
+        return self.tls.creator() if self.tls is not None else None
+
+    def _listen(self, endpoint: IStreamServerEndpoint, factory: Site) -> None:
+        result: list[Any] = []
+        endpoint.listen(factory).addBoth(result.append)
+        if not result:  # pragma: no cover - TCP/SSL endpoints listen synchronously
+            raise StartupError("listener did not start")
+        outcome = result[0]
+        if hasattr(outcome, "raiseException"):
+            outcome.raiseException()
+        self.ports.append(outcome)
+
+    def startService(self) -> None:
+        super().startService()
+        self.listening = True
+        settings = self.settings
+        address: Any = self.ports[0].getHost()
+        scheme = "https" if settings.server.tls else "http"
+        _log.info(
+            "runner-gateway {version} listening on {scheme}://{host}:{port} ({n} runner(s): "
+            "{runners})",
+            version=__version__,
+            scheme=scheme,
+            host=address.host,
+            port=address.port,
+            n=len(settings.runners),
+            runners=", ".join(f"{r.path} -> {r.base_url}" for r in settings.runners),
+        )
+        if not settings.server.tls:
+            _log.warn(
+                "TLS is off (server.certificatePath and server.keyPath are empty): tokens "
+                "travel in clear text; use this only on loopback or behind a TLS proxy"
+            )
+        if self.tls is not None:
+            self.tls.start()
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self, signum: int, frame: object) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> bool:
+        """Re-read settings and TLS files; keep the running ones if anything is wrong."""
+        if self.tls is not None:
+            self.tls.reload()
+        try:
+            settings = self.load()
+            generation = self._build(settings)
+        except SettingsError as exc:
+            _log.error(
+                "settings reload refused, keeping the running settings: {error}", error=str(exc)
+            )
+            return False
+        old = self.settings
+        if settings.server != old.server:
+            _log.warn("server.* changes (address, TLS paths, timeouts) need a restart")
+        self.generation = generation
+        self.site.resource = generation.root
+        self.site.max_body_size = max(r.max_body_size for r in settings.runners)
+        if isinstance(self.observer, _LevelControl):
+            self.observer.set_level(settings.logging.level)
+        _log.info("settings reloaded: {n} runner(s)", n=len(settings.runners))
+        return True
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        self.listening = False
+        if self.tls is not None:
+            self.tls.stop()
+        stopping = [defer.maybeDeferred(port.stopListening) for port in self.ports]
+        self.ports = []
+        return defer.gatherResults(stopping).addBoth(lambda _: self._drain())
+
+    def _drain(self) -> defer.Deferred[None]:
+        timeout = self.settings.server.drain_timeout
+        if self.site.inflight:
+            _log.info("draining {n} request(s), up to {t}s", n=len(self.site.inflight), t=timeout)
+        idle = self.site.wait_idle()
+        timer = self.reactor.callLater(timeout, idle.cancel)
+
+        def done(result: object) -> defer.Deferred[None]:
+            if timer.active():
+                timer.cancel()
+            if self.site.inflight:
+                _log.warn("drain timeout: cutting {n} request(s)", n=len(self.site.inflight))
+                self.site.abort_inflight()
+            return self.pool.closeCachedConnections()  # type: ignore[no-any-return]
+
+        return idle.addBoth(done)
+
+
+class _LevelControl:
+    """The log observer, with a level that a settings reload can change."""
+
+    def __init__(self, level: str, fmt: str) -> None:
+        self.fmt = fmt
+        self.set_level(level)
+
+    def set_level(self, level: str) -> None:
+        self.level = level
+        self.observer = make_observer(level, self.fmt)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.observer(event)
+
+
+def make_service(options: Options | dict[str, Any], reactor: Any = None) -> GatewayService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+
+    def load() -> Settings:
+        return load_settings(
+            options["settings"], env=options["env"], logging_level=options["logging-level"]
+        )
+
+    try:
+        settings = load()
+    except SettingsError as exc:
+        raise StartupError(str(exc)) from None
+    control = _LevelControl(settings.logging.level, settings.logging.format)
+    from zope.interface import directlyProvides
+
+    directlyProvides(control, ILogObserver)
+    try:
+        return GatewayService(load, reactor, observer=control)  # type: ignore[arg-type]
+    except SettingsError as exc:
+        raise StartupError(str(exc)) from None

@@ -1,0 +1,238 @@
+"""GatewaySite and GatewayRequest: per-request context, limits and the access log.
+
+The Site is where every request begins and ends: the request gets its
+RequestContext and id here, the body is capped while it is read, and when the
+request is over (finished or cut off) one access line is written and the
+observers (metrics) are told.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterable
+from typing import IO, Any, Protocol, cast
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+from runner_gateway.context import RequestContext
+from runner_gateway.logs import ACCESS_NAMESPACE
+
+__all__ = ["GatewayRequest", "GatewaySite", "RequestObserver"]
+
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_access = Logger(namespace=ACCESS_NAMESPACE)
+_log = Logger()
+
+
+class RequestObserver(Protocol):
+    def response_started(self, ctx: RequestContext) -> None: ...
+
+    def request_finished(self, ctx: RequestContext) -> None: ...
+
+
+class _Discard:
+    """A content file that keeps nothing: used once a body is over the cap."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, *args: Any) -> int:
+        return 0
+
+    def read(self, *args: Any) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class GatewayRequest(Request):
+    gateway_context: RequestContext
+    site: GatewaySite
+    body_too_large: bool = False
+
+    def __init__(self, channel: http.HTTPChannel, queued: object = None) -> None:
+        super().__init__(channel)
+        site = cast(GatewaySite, channel.site)  # type: ignore[attr-defined]
+        self._gateway_site = site
+        self.gateway_context = RequestContext(request_id="", started=site.reactor.seconds())
+        self._body_received = 0
+        self._ended = False
+        # Headers (and, with them, the declared length) must arrive in time;
+        # the body itself may take as long as an upload needs.
+        self._header_deadline: IDelayedCall | None = site.reactor.callLater(
+            site.header_timeout, self._header_timeout
+        )
+
+    def _header_timeout(self) -> None:
+        self._header_deadline = None
+        _log.info("closing a connection whose request headers did not arrive in time")
+        channel = self.channel
+        if channel is not None:
+            channel.forceAbortClient()
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            if self._header_deadline.active():
+                self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def gotLength(self, length: int | None) -> None:
+        self._cancel_header_deadline()
+        if length is not None and length > self._gateway_site.max_body_size:
+            self.body_too_large = True
+            self.content = cast(IO[bytes], _Discard())
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        self._body_received += len(data)
+        if self._body_received > self._gateway_site.max_body_size:
+            # Chunked bodies declare no length: stop keeping them at the cap.
+            self.body_too_large = True
+            if self.content is not None:
+                self.content.close()
+            self.content = cast(IO[bytes], _Discard())
+            return
+        super().handleContentChunk(data)
+
+    def process(self) -> None:
+        ctx = self.gateway_context
+        given = self.requestHeaders.getRawHeaders(b"x-request-id")
+        if given and len(given) == 1 and _REQUEST_ID.match(given[0]):
+            ctx.request_id = given[0].decode("ascii")
+        else:
+            ctx.request_id = secrets.token_hex(16)
+        self.notifyFinish().addBoth(self._finished)
+        super().process()
+        # Twisted's own Server header would sit beside the runner's.
+        self.responseHeaders.setRawHeaders(b"server", [b"runner-gateway"])
+        self.responseHeaders.setRawHeaders(b"x-request-id", [ctx.request_id.encode()])
+
+    def _finished(self, result: object) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        ctx = self.gateway_context
+        if isinstance(result, Failure):
+            ctx.aborted = True
+        if ctx.status is None:
+            ctx.status = self.code
+        if not ctx.bytes_sent:
+            ctx.bytes_sent = self.sentLength
+        self._gateway_site.request_ended(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancel_header_deadline()
+        super().connectionLost(reason)
+
+
+class GatewaySite(Site):
+    """A Site that tracks its requests so they can be logged, observed and drained."""
+
+    requestFactory = GatewayRequest  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        resource: IResource,
+        reactor: IReactorTime,
+        max_body_size: int,
+        header_timeout: float = 30.0,
+        keep_alive_timeout: float = 75.0,
+        observers: Iterable[RequestObserver] = (),
+    ) -> None:
+        super().__init__(resource, timeout=keep_alive_timeout, reactor=reactor)
+        self.reactor = reactor
+        self.max_body_size = max_body_size
+        self.header_timeout = header_timeout
+        self.observers: list[RequestObserver] = list(observers)
+        self.inflight: set[GatewayRequest] = set()
+        self._idle_waiters: list[Deferred[None]] = []
+        self.displayTracebacks = False
+
+    def getResourceFor(self, request: Request) -> IResource:
+        gateway_request = cast(GatewayRequest, request)
+        self.inflight.add(gateway_request)
+        ctx = gateway_request.gateway_context
+        ctx.observers = self.observers
+        found: IResource = super().getResourceFor(request)
+        return found
+
+    def log(self, request: http.Request) -> None:
+        """Twisted's combined log line is replaced by ours (request_ended)."""
+
+    def request_ended(self, request: GatewayRequest) -> None:
+        self.inflight.discard(request)
+        ctx = request.gateway_context
+        close = getattr(ctx.usage, "close", None)
+        if close is not None:
+            close()  # a non-stream JSON body is parsed once it is complete
+        now = self.reactor.seconds()
+        fields = access_fields(request, ctx, now)
+        _access.info(
+            "{method} {path} {status} {bytes}B {duration_ms}ms"
+            " runner={runner} sub={sub} id={request_id}{aborted_note}",
+            fields=fields,
+            aborted_note=" aborted" if ctx.aborted else "",
+            **fields,
+        )
+        for observer in self.observers:
+            try:
+                observer.request_finished(ctx)
+            except Exception:
+                _log.failure("request observer failed")
+        if not self.inflight:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def wait_idle(self) -> Deferred[None]:
+        """Fires once no request is in flight (at once when none is)."""
+        d: Deferred[None] = Deferred()
+        if not self.inflight:
+            d.callback(None)
+        else:
+            self._idle_waiters.append(d)
+        return d
+
+    def abort_inflight(self) -> None:
+        for request in list(self.inflight):
+            request.gateway_context.aborted = True
+            if request.channel is not None:
+                request.channel.forceAbortClient()
+
+
+def access_fields(request: Request, ctx: RequestContext, now: float) -> dict[str, Any]:
+    """The access log record: only safe, bounded facts (never headers or bodies)."""
+    path = request.path.decode("utf-8", "replace") if request.path else "-"
+    fields: dict[str, Any] = {
+        "request_id": ctx.request_id,
+        "method": (request.method or b"-").decode("ascii", "replace"),
+        "path": path[:512],
+        "runner": ctx.runner.name if ctx.runner is not None else None,
+        "status": ctx.status,
+        "bytes": ctx.bytes_sent,
+        "duration_ms": round((now - ctx.started) * 1000, 2),
+        "ttfb_ms": round((ctx.first_byte - ctx.started) * 1000, 2)
+        if ctx.first_byte is not None
+        else None,
+        "sub": ctx.subject,
+        "model": ctx.model,
+        "prompt_tokens": ctx.usage.prompt_tokens if ctx.usage is not None else None,
+        "completion_tokens": ctx.usage.completion_tokens if ctx.usage is not None else None,
+        "aborted": ctx.aborted,
+    }
+    if ctx.upstream_error:
+        fields["upstream_error"] = ctx.upstream_error
+    if ctx.auth_failure:
+        fields["auth_failure"] = ctx.auth_failure
+    return fields

@@ -1,0 +1,165 @@
+"""The Resource tree: health endpoints, CORS, and routing by path prefix.
+
+``GatewayRoot`` looks at the raw request path (as the client sent it, so what
+is matched is exactly what is forwarded), picks the runner with the longest
+prefix that matches on whole segments, records the runner-relative path in
+the request context and hands the request to that runner's resource chain
+(auth -> authorization -> proxy), which is a leaf.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
+
+from runner_gateway.context import context_of
+from runner_gateway.errors import send_error
+from runner_gateway.settings import RunnerSettings
+
+__all__ = ["CorsPolicy", "GatewayRoot", "Route", "match_route"]
+
+_CORS_HEADERS = b"Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project"
+_CORS_METHODS = b"GET, HEAD, POST, PUT, DELETE, OPTIONS"
+
+
+@dataclass(frozen=True)
+class Route:
+    runner: RunnerSettings
+    resource: IResource
+
+    @property
+    def segments(self) -> tuple[bytes, ...]:
+        return tuple(s.encode() for s in self.runner.path.split("/") if s)
+
+
+def match_route(routes: Sequence[Route], raw_path: bytes) -> tuple[Route, bytes] | None:
+    """Longest prefix on whole segments; returns the route and the runner-relative path."""
+    if not raw_path.startswith(b"/"):
+        return None
+    parts = raw_path.split(b"/")[1:]
+    best: tuple[Route, bytes] | None = None
+    best_len = -1
+    for route in routes:
+        prefix = route.segments
+        if len(prefix) > best_len and tuple(parts[: len(prefix)]) == prefix:
+            if len(parts) < len(prefix):
+                continue
+            rest = b"/" + b"/".join(parts[len(prefix) :])
+            best, best_len = (route, rest), len(prefix)
+    return best
+
+
+class CorsPolicy:
+    """Answers CORS from settings; Origin itself is never forwarded to a runner."""
+
+    def __init__(self, origins: Sequence[str]) -> None:
+        self.any = "*" in origins
+        self.origins = frozenset(o.encode() for o in origins if o != "*")
+
+    def allows(self, origin: bytes) -> bool:
+        return self.any or origin in self.origins
+
+    def apply(self, request: Request, origin: bytes) -> None:
+        request.responseHeaders.setRawHeaders(b"access-control-allow-origin", [origin])
+        request.responseHeaders.addRawHeader(b"vary", b"Origin")
+        request.responseHeaders.setRawHeaders(
+            b"access-control-expose-headers", [b"X-Request-Id, WWW-Authenticate"]
+        )
+
+
+class _Json(Resource):
+    isLeaf = True
+
+    def __init__(self, produce: Callable[[], tuple[int, dict[str, object]]]) -> None:
+        super().__init__()
+        self.produce = produce
+
+    def render_GET(self, request: Request) -> bytes:
+        status, payload = self.produce()
+        request.setResponseCode(status)
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
+        return json.dumps(payload).encode() + b"\n"
+
+    def render_HEAD(self, request: Request) -> bytes:
+        self.render_GET(request)
+        return b""
+
+
+class _Error(Resource):
+    isLeaf = True
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.status, self.message, self.headers = status, message, headers
+
+    def render(self, request: Request) -> bytes:
+        return send_error(request, self.status, self.message, headers=self.headers)
+
+
+class _Preflight(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(204)
+        request.responseHeaders.setRawHeaders(b"access-control-allow-methods", [_CORS_METHODS])
+        request.responseHeaders.setRawHeaders(b"access-control-allow-headers", [_CORS_HEADERS])
+        request.responseHeaders.setRawHeaders(b"access-control-max-age", [b"600"])
+        return b""
+
+
+class GatewayRoot(Resource):
+    def __init__(
+        self,
+        routes: Sequence[Route],
+        cors: CorsPolicy,
+        readiness: Callable[[], list[str]],
+    ) -> None:
+        super().__init__()
+        self.routes = list(routes)
+        self.cors = cors
+        self.healthz = _Json(lambda: (200, {"status": "ok"}))
+        self.readyz = _Json(self._ready)
+        self.readiness = readiness
+
+    def _ready(self) -> tuple[int, dict[str, object]]:
+        problems = self.readiness()
+        if problems:
+            return 503, {"status": "not ready", "problems": problems}
+        return 200, {"status": "ready"}
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
+        raw_path = request.path
+        if raw_path == b"/healthz":
+            return self.healthz
+        if raw_path == b"/readyz":
+            return self.readyz
+        if getattr(request, "body_too_large", False):
+            return _Error(413, "request body too large")
+        origins = request.requestHeaders.getRawHeaders(b"origin")
+        if origins:
+            if len(origins) != 1 or not self.cors.allows(origins[0]):
+                return _Error(403, "origin not allowed")
+            self.cors.apply(request, origins[0])
+            if request.method == b"OPTIONS" and request.requestHeaders.hasHeader(
+                b"access-control-request-method"
+            ):
+                return _Preflight()
+        found = match_route(self.routes, raw_path)
+        if found is None:
+            return _Error(404, f"no runner serves {raw_path.decode('utf-8', 'replace')[:200]}")
+        route, rest = found
+        _, _, query = request.uri.partition(b"?")
+        ctx = context_of(request)
+        ctx.runner = route.runner
+        ctx.upstream_path = rest + b"?" + query if query else rest
+        return route.resource
+
+    def render(
+        self, request: Request
+    ) -> bytes:  # pragma: no cover - traversal always picks a child
+        return send_error(request, 404, "not found")
