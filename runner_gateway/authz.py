@@ -1,0 +1,77 @@
+"""AuthorizationResource: applies policy.py to a request (Twisted glue).
+
+Sits between the auth wrapper (which put the verified claims on the request
+context) and the reverse proxy. It never changes the request: the body is
+read from ``request.content`` and rewound, so the proxy forwards it byte for
+byte.
+"""
+
+from __future__ import annotations
+
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
+
+from runner_gateway.context import context_of
+from runner_gateway.errors import send_error
+from runner_gateway.policy import Decision, Policy
+from runner_gateway.settings import AuthorizationSettings, RunnerSettings
+
+__all__ = ["REALM", "AuthorizationResource"]
+
+REALM = "runner-gateway"
+
+
+def _read_body(request: IRequest) -> bytes:
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0)
+    try:
+        data: bytes = content.read()
+        return data
+    finally:
+        content.seek(0)
+
+
+class AuthorizationResource(Resource):
+    """Refuses what the token's claims do not allow, else renders ``wrapped``."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        wrapped: IResource,
+        runner: RunnerSettings,
+        authorization: AuthorizationSettings,
+    ) -> None:
+        super().__init__()
+        self.wrapped = wrapped
+        self.policy = Policy(runner, authorization)
+
+    def render(self, request: Request) -> bytes | int:
+        ctx = context_of(request)
+        decision = self.policy.decide(
+            request.method, ctx.upstream_path, ctx.claims, lambda: _read_body(request)
+        )
+        ctx.route = decision.route
+        if not decision.allowed:
+            return self._refuse(request, decision)
+        ctx.model = decision.model
+        ctx.response_transform = decision.transform
+        result: bytes | int = self.wrapped.render(request)
+        return result
+
+    def _refuse(self, request: Request, decision: Decision) -> bytes:
+        if decision.status == 403:
+            challenge = (
+                f'Bearer realm="{REALM}", error="insufficient_scope", scope="{decision.scope}"'
+            )
+            return send_error(
+                request,
+                403,
+                decision.message,
+                code="insufficient_scope",
+                headers={"WWW-Authenticate": challenge},
+            )
+        return send_error(request, decision.status, decision.message, code="invalid_request")
