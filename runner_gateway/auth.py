@@ -1,0 +1,270 @@
+"""RFC 6750 bearer authentication in front of a runner's resource chain.
+
+``AuthResource`` takes the PASETO token from ``Authorization: Bearer ...``,
+verifies it (or finds it in a small cache of tokens verified before), puts
+the claims into the request context and removes the header before the rest
+of the chain runs, so a token never reaches a runner. Refusals follow RFC
+6750: 401 with a ``WWW-Authenticate: Bearer`` challenge, or 400
+``invalid_request`` for requests that are not well-formed.
+
+Tokens and Authorization headers are never logged, at any level: log lines
+carry the fixed reason label only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
+
+from runner_gateway.context import RequestContext, context_of
+from runner_gateway.errors import send_error
+from runner_gateway.paseto import PasetoError, TokenVerifier, VerifiedToken
+from runner_gateway.settings import PasetoSettings
+
+__all__ = [
+    "REALM",
+    "AuthResource",
+    "BearerRequestError",
+    "TokenCache",
+    "challenge",
+    "parse_authorization",
+]
+
+REALM = "runner-gateway"
+
+# Characters of an RFC 7230 token (an auth-scheme) and of an RFC 6750 b64token
+# (before its trailing "="s). Checked with bytes.translate, which on a ~500
+# byte token is several times faster than a regular expression.
+_ALNUM = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_TCHARS = _ALNUM + b"!#$%&'*+-.^_`|~"
+_B64CHARS = _ALNUM + b"-._~+/"
+# What RFC 6750 allows inside error_description: printable ASCII without '"' and '\'.
+_UNSAFE_DESCRIPTION = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]+")
+_DESCRIPTION_MAX = 200
+
+_log = Logger()
+
+
+class BearerRequestError(ValueError):
+    """The request's credentials are not well-formed: RFC 6750 ``invalid_request`` (400)."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description)
+        self.description = description
+
+
+def parse_authorization(values: Sequence[bytes] | None) -> str | None:
+    """The bearer token from the raw Authorization header values, or None.
+
+    None means no bearer credentials: no header, or another scheme (RFC 6750
+    treats an unsupported scheme like no authentication at all: a plain
+    challenge). Raises BearerRequestError for repeated headers, a malformed
+    value or a token that is not b64token syntax.
+    """
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BearerRequestError("more than one Authorization header")
+    value = values[0].strip(b" \t")
+    scheme, _, rest = value.partition(b" ")
+    if scheme.lower() != b"bearer":
+        if not scheme or scheme.translate(None, _TCHARS):
+            raise BearerRequestError("malformed Authorization header")
+        return None
+    token = rest.lstrip(b" ")
+    if not token:
+        raise BearerRequestError("the Bearer scheme needs a token")
+    body = token.rstrip(b"=")
+    if not body or body.translate(None, _B64CHARS):
+        raise BearerRequestError("the bearer credentials are not a well-formed token")
+    return token.decode("ascii")
+
+
+def _quotable(text: str) -> str:
+    """Make text safe inside an RFC 6750 quoted error_description."""
+    cleaned = _UNSAFE_DESCRIPTION.sub(" ", text).strip()
+    return cleaned[:_DESCRIPTION_MAX] or "invalid token"
+
+
+def challenge(error: str | None = None, description: str | None = None) -> str:
+    """The WWW-Authenticate value: the realm, plus the error when there is one."""
+    value = f'Bearer realm="{REALM}"'
+    if error is not None:
+        value += f', error="{error}"'
+        if description is not None:
+            value += f', error_description="{_quotable(description)}"'
+    return value
+
+
+def _key(token: str) -> bytes:
+    # A digest, so the cache never holds a usable credential.
+    return hashlib.sha256(token.encode("ascii")).digest()
+
+
+class TokenCache:
+    """A bounded LRU of verified tokens, keyed by a SHA-256 of the token.
+
+    An entry is good until the token's exp (checked against ``now`` on every
+    hit) and at most ``max_age`` seconds after it was verified; tokens
+    without exp are kept for ``max_age`` only. Failures are not cached, so a
+    cache can never turn a bad token into a good one. ``max_size`` 0 turns
+    caching off. Make a new cache (or ``clear()`` it) whenever the keys or
+    the verifier's settings change.
+    """
+
+    def __init__(self, max_size: int, max_age: float = 3600.0) -> None:
+        if max_size < 0:
+            raise ValueError("max_size must not be negative")
+        self.max_size = max_size
+        self.max_age = max_age
+        self._entries: OrderedDict[bytes, tuple[float, VerifiedToken]] = OrderedDict()
+
+    @classmethod
+    def from_settings(cls, settings: PasetoSettings) -> TokenCache:
+        return cls(settings.cache_size)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, token: str, now: float) -> VerifiedToken | None:
+        if not self.max_size:
+            return None
+        key = _key(token)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if now >= entry[0]:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    def put(self, token: str, verified: VerifiedToken, now: float) -> None:
+        if not self.max_size:
+            return
+        until = now + self.max_age
+        if verified.expires_at is not None:
+            until = min(until, verified.expires_at)
+        if until <= now:
+            # Accepted only thanks to the leeway (or already over): verify each time.
+            return
+        key = _key(token)
+        self._entries[key] = (until, verified)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class AuthResource(Resource):
+    """Checks the bearer token, then renders the wrapped (leaf) resource."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        wrapped: IResource,
+        verifier: TokenVerifier,
+        cache: TokenCache,
+        clock: Callable[[], float],
+    ) -> None:
+        super().__init__()
+        self.wrapped = wrapped
+        self.verifier = verifier
+        self.cache = cache
+        self.clock = clock
+
+    def render(self, request: Request) -> Any:
+        ctx = context_of(request)
+        headers = request.requestHeaders
+        try:
+            args = request.args
+            if args and b"access_token" in args:
+                raise BearerRequestError(
+                    "send the token in the Authorization header, not as access_token"
+                )
+            token = parse_authorization(headers.getRawHeaders(b"authorization"))
+        except BearerRequestError as exc:
+            return self._bad_request(request, ctx, exc.description)
+        if token is None:
+            return self._missing(request, ctx)
+        now = self.clock()
+        verified = self.cache.get(token, now)
+        if verified is None:
+            try:
+                verified = self.verifier.verify(token)
+            except PasetoError as exc:
+                return self._invalid(request, ctx, exc.reason, exc.description)
+            except Exception as exc:
+                # Not supposed to happen; the message could quote the token, so only the type.
+                _log.error(
+                    "token verification failed unexpectedly ({kind}); refusing the request",
+                    kind=type(exc).__name__,
+                    request_id=ctx.request_id,
+                )
+                return self._invalid(request, ctx, "error", "the token could not be verified")
+            self.cache.put(token, verified, now)
+        ctx.claims = verified.claims
+        # Defence in depth: the credential is ours, never the runner's.
+        headers.removeHeader(b"authorization")
+        return self.wrapped.render(request)
+
+    def _refuse(
+        self,
+        request: Request,
+        ctx: RequestContext,
+        label: str,
+        status: int,
+        message: str,
+        www_authenticate: str,
+        code: str | None,
+    ) -> bytes:
+        ctx.auth_failure = label
+        _log.debug("authentication refused: {reason}", reason=label, request_id=ctx.request_id)
+        headers: Mapping[str, str] = {"WWW-Authenticate": www_authenticate}
+        return send_error(request, status, message, code=code, headers=headers)
+
+    def _missing(self, request: Request, ctx: RequestContext) -> bytes:
+        return self._refuse(
+            request,
+            ctx,
+            "missing",
+            401,
+            "authentication required: send Authorization: Bearer <token>",
+            challenge(),
+            None,
+        )
+
+    def _bad_request(self, request: Request, ctx: RequestContext, description: str) -> bytes:
+        return self._refuse(
+            request,
+            ctx,
+            "malformed",
+            400,
+            f"invalid request: {description}",
+            challenge("invalid_request", description),
+            "invalid_request",
+        )
+
+    def _invalid(
+        self, request: Request, ctx: RequestContext, reason: str, description: str
+    ) -> bytes:
+        description = _quotable(description)
+        return self._refuse(
+            request,
+            ctx,
+            reason,
+            401,
+            f"invalid token: {description}",
+            challenge("invalid_token", description),
+            "invalid_token",
+        )
