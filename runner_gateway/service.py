@@ -13,6 +13,7 @@ and SIGINT stop accepting, let requests in flight finish for up to
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,15 +23,25 @@ from twisted.internet import defer
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Protocol
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
+from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
+from twisted.web.client import _HTTP11ClientFactory as HTTP11ClientFactory
+from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from runner_gateway import __version__
 from runner_gateway.logs import make_observer
-from runner_gateway.settings import Address, Settings, SettingsError, load_settings
+from runner_gateway.settings import (
+    Address,
+    RunnerSettings,
+    Settings,
+    SettingsError,
+    load_settings,
+)
 from runner_gateway.site import GatewaySite, RequestObserver
 from runner_gateway.tree import CorsPolicy, GatewayRoot, Route
 
@@ -51,14 +62,24 @@ class Options(usage.Options):
         ["env", "e", None, "settings overlay name (settings/NAME.yaml)"],
         ["settings", "s", "settings", "settings directory"],
         ["logging-level", None, None, "override logging.level (trace, debug, info, warn, error)"],
+        # Internal (workers.py): set by the supervisor on the worker processes it starts.
+        ["worker-fd", None, None, "internal: serve on this inherited listening socket"],
+        ["worker-index", None, None, "internal: this worker's number"],
     ]
 
 
 class StartupError(SystemExit):
-    """Ends a bad start with one line and exit status 1."""
+    """Ends a bad start with one line on stderr and exit status 1."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(f"runner-gateway: cannot start: {message}")
+        line = f"runner-gateway: cannot start: {message}"
+        if sys.stderr is not sys.__stderr__ and sys.__stderr__ is not None:
+            # twistd has already swapped sys.stderr for its log file.
+            sys.__stderr__.write(line + "\n")
+            sys.__stderr__.flush()
+            super().__init__(1)
+        else:
+            super().__init__(line)
 
 
 @dataclass
@@ -83,7 +104,7 @@ def build_root(
     from runner_gateway.proxy import ReverseProxyResource
 
     verifier = build_verifier(settings.paseto, clock=reactor.seconds)
-    cache = TokenCache(settings.paseto.cache_size)
+    cache = TokenCache.from_settings(settings.paseto)
     routes = []
     for runner in settings.runners:
         proxy = ReverseProxyResource(runner, reactor, pool)
@@ -115,7 +136,7 @@ class GatewayService(MultiService):
         self.load = load
         self.reactor = reactor
         self.observer = observer
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = _QuietPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 32
         self.pool.cachedConnectionTimeout = 60
         self.ports: list[IListeningPort] = []
@@ -183,26 +204,30 @@ class GatewayService(MultiService):
         # start-up failure rather than a log line from a running process.
         settings = self.settings
         try:
-            self._listen(
-                _endpoint(self.reactor, settings.server.address, self._creator()), self.site
-            )
+            self._listen(self._main_endpoint(), self.site)
             if settings.server.redirect_address is not None:
                 from runner_gateway.tls import RedirectResource
 
-                redirect = Site(RedirectResource(settings.server.address.port))
+                redirect = _QuietSite(RedirectResource(settings.server.address.port))
                 self._listen(_endpoint(self.reactor, settings.server.redirect_address), redirect)
             if self.metrics is not None and settings.metrics.address is not None:
                 from runner_gateway.metrics import metrics_resource
 
                 self._listen(
                     _endpoint(self.reactor, settings.metrics.address),
-                    Site(metrics_resource(self.metrics)),
+                    _QuietSite(metrics_resource(self.metrics)),
                 )
         except CannotListenError as exc:
+            # Logging has started by now and twistd's sys.stderr feeds the log:
+            # the one-line reason goes to the real stderr, like other bad starts.
             raise StartupError(
                 f"cannot listen on {exc.interface or '*'}:{exc.port}: {exc.socketError}"
             ) from None
         super().privilegedStartService()
+
+    def _main_endpoint(self) -> IStreamServerEndpoint:
+        # A worker (workers.py) overrides this to adopt the supervisor's socket.
+        return _endpoint(self.reactor, self.settings.server.address, self._creator())
 
     def _creator(self) -> Any:
         return self.tls.creator() if self.tls is not None else None
@@ -240,6 +265,8 @@ class GatewayService(MultiService):
             )
         if self.tls is not None:
             self.tls.start()
+        for runner in settings.runners:
+            probe_runner(self.reactor, runner)
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, self._on_sighup)
 
@@ -296,22 +323,89 @@ class GatewayService(MultiService):
         return idle.addBoth(done)
 
 
+def probe_runner(reactor: Any, runner: RunnerSettings) -> defer.Deferred[bool]:
+    """Say at start whether a runner answers, so a missing Ollama is obvious at once."""
+    from twisted.web.client import Agent
+
+    policy = None
+    if runner.scheme == "https":
+        from runner_gateway.tls import upstream_tls_policy
+
+        policy = upstream_tls_policy(runner)
+    agent = (
+        Agent(reactor, contextFactory=policy, connectTimeout=min(runner.connect_timeout, 5))
+        if policy is not None
+        else Agent(reactor, connectTimeout=min(runner.connect_timeout, 5))
+    )
+    d = agent.request(
+        b"GET", runner.base_url.encode() + b"/", Headers({b"host": [runner.netloc.encode()]})
+    )
+
+    def answered(response: Any) -> bool:
+        response.deliverBody(_Discard())
+        _log.info(
+            "runner {name} at {url} answers (HTTP {code})",
+            name=runner.name,
+            url=runner.base_url,
+            code=response.code,
+        )
+        return True
+
+    def silent(failure: Failure) -> bool:
+        _log.warn(
+            "runner {name} at {url} does not answer ({why}): requests under {path} get 502 "
+            "until it does",
+            name=runner.name,
+            url=runner.base_url,
+            why=failure.getErrorMessage() or repr(failure.value),
+            path=runner.path,
+        )
+        return False
+
+    return d.addCallbacks(answered, silent)
+
+
+class _QuietSite(Site):
+    """Side listeners (metrics, redirect): no per-request or start/stop log lines."""
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+class _QuietClientFactory(HTTP11ClientFactory):
+    noisy = False  # "Starting factory" for every upstream connection is noise
+
+
+class _QuietPool(HTTPConnectionPool):
+    _factory = _QuietClientFactory
+
+
+class _Discard(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
 class _LevelControl:
     """The log observer, with a level that a settings reload can change."""
 
     def __init__(self, level: str, fmt: str) -> None:
         self.fmt = fmt
+        # twistd replaces sys.stdout with a file that feeds the log system,
+        # so keep the real stream from before logging starts.
+        self.stream = sys.stdout
         self.set_level(level)
 
     def set_level(self, level: str) -> None:
         self.level = level
-        self.observer = make_observer(level, self.fmt)
+        self.observer = make_observer(level, self.fmt, self.stream)
 
     def __call__(self, event: dict[str, Any]) -> None:
         self.observer(event)
 
 
-def make_service(options: Options | dict[str, Any], reactor: Any = None) -> GatewayService:
+def make_service(options: Options | dict[str, Any], reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -331,6 +425,15 @@ def make_service(options: Options | dict[str, Any], reactor: Any = None) -> Gate
 
     directlyProvides(control, ILogObserver)
     try:
+        # server.workers > 1: this process supervises workers (workers.py).
+        if options.get("worker-fd") is not None:
+            from runner_gateway.workers import make_worker
+
+            return make_worker(options, load, reactor, control)
+        if settings.server.workers > 1:
+            from runner_gateway.workers import Supervisor
+
+            return Supervisor(options, settings, reactor, observer=control)  # type: ignore[arg-type]
         return GatewayService(load, reactor, observer=control)  # type: ignore[arg-type]
     except SettingsError as exc:
         raise StartupError(str(exc)) from None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterable
 from typing import IO, Any, Protocol, cast
 
 from twisted.internet.defer import Deferred
@@ -148,16 +147,18 @@ class GatewaySite(Site):
         max_body_size: int,
         header_timeout: float = 30.0,
         keep_alive_timeout: float = 75.0,
-        observers: Iterable[RequestObserver] = (),
+        observers: list[RequestObserver] | None = None,
     ) -> None:
         super().__init__(resource, timeout=keep_alive_timeout, reactor=reactor)
         self.reactor = reactor
         self.max_body_size = max_body_size
         self.header_timeout = header_timeout
-        self.observers: list[RequestObserver] = list(observers)
+        # Kept, not copied: the service adds observers (metrics) to this list.
+        self.observers: list[RequestObserver] = [] if observers is None else observers
         self.inflight: set[GatewayRequest] = set()
         self._idle_waiters: list[Deferred[None]] = []
         self.displayTracebacks = False
+        self.noisy = False
 
     def getResourceFor(self, request: Request) -> IResource:
         gateway_request = cast(GatewayRequest, request)

@@ -1,0 +1,396 @@
+"""Prometheus metrics, the per-subject usage table and the metrics listener's resource.
+
+:class:`Metrics` is an observer of the request context (site.py calls
+``response_started`` when upstream headers are in and ``request_finished``
+once per request). It owns its own ``CollectorRegistry`` so tests and several
+gateways in one process never share series.
+
+Every label value is bounded: runner names come from the settings, route and
+reasons from fixed vocabularies, models and subjects are capped in number
+(past the cap they count as ``other``).
+
+:func:`metrics_resource` serves ``/metrics`` and ``/usage``; it belongs on
+the separate ``metrics.address`` listener only, never on the public one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
+
+from runner_gateway.context import RequestContext
+from runner_gateway.paseto.errors import REASONS as PASETO_REASONS
+from runner_gateway.settings import MetricsSettings
+
+__all__ = [
+    "AUTH_FAILURE_REASONS",
+    "DURATION_BUCKETS",
+    "MODELS_MAX",
+    "UPSTREAM_ERROR_KINDS",
+    "Metrics",
+    "UsageTable",
+    "metrics_resource",
+]
+
+# The auth layer's vocabulary for ctx.auth_failure (its own labels plus the
+# PASETO verifier's reasons); anything else is "other".
+AUTH_FAILURE_REASONS = (
+    "missing",
+    "malformed",
+    "error",
+    *sorted(PASETO_REASONS - {"malformed"}),
+    "other",
+)
+# The proxy's vocabulary for ctx.upstream_error; anything else is "other".
+UPSTREAM_ERROR_KINDS = ("connect", "tls", "timeout", "reset", "protocol", "other")
+# Model runs take from milliseconds (cached embeddings) to many minutes
+# (long generations on slow hardware).
+DURATION_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1200.0,
+    1800.0,
+)
+# The first byte comes after model load and prompt evaluation.
+TTFB_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+MODELS_MAX = 200  # distinct model label values
+ROUTES_MAX = 100  # distinct route label values (the policy's set is far smaller)
+_LABEL_LEN_MAX = 200
+OTHER = "other"
+NO_RUNNER = "none"  # requests the gateway answered itself (health, 404, ...)
+NO_MODEL = "unknown"
+NO_STATUS = "none"  # the client went away before a status was sent
+NO_SUBJECT = "none"
+_STREAM_KEY = "metrics.active_runner"  # ctx.extra: the gauge child to decrement
+
+
+class _Capped:
+    """A label's value set, capped: past ``limit`` distinct values, "other"."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self.limit or len(value) > _LABEL_LEN_MAX:
+            return OTHER
+        self._seen.add(value)
+        return value
+
+
+# --------------------------------------------------------------- usage table
+
+
+@dataclass
+class _Counts:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, prompt: int, completion: int) -> None:
+        self.requests += 1
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+
+    def as_json(self) -> dict[str, int]:
+        return {
+            "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+
+@dataclass
+class _SubjectUsage:
+    first_seen: float
+    last_seen: float
+    total: _Counts = field(default_factory=_Counts)
+    models: dict[str, _Counts] = field(default_factory=dict)
+
+
+class UsageTable:
+    """Per-subject counters in memory, at most ``max_subjects`` (least recently used go).
+
+    Counts run from the gateway's start (or the subject's return after
+    eviction); ``first_seen`` tells a reader from when.
+    """
+
+    def __init__(self, max_subjects: int, started: float) -> None:
+        self.max_subjects = max_subjects
+        self.started = started
+        self.evicted = 0
+        self._subjects: OrderedDict[str, _SubjectUsage] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._subjects)
+
+    def __contains__(self, subject: object) -> bool:
+        return subject in self._subjects
+
+    def record(
+        self, subject: str, model: str | None, prompt: int, completion: int, now: float
+    ) -> None:
+        if self.max_subjects <= 0:
+            return
+        entry = self._subjects.get(subject)
+        if entry is None:
+            while len(self._subjects) >= self.max_subjects:
+                self._subjects.popitem(last=False)
+                self.evicted += 1
+            entry = self._subjects[subject] = _SubjectUsage(now, now)
+        else:
+            self._subjects.move_to_end(subject)
+        entry.last_seen = now
+        entry.total.add(prompt, completion)
+        if model is not None:
+            # Model names are already capped by the caller (shared with the metric).
+            entry.models.setdefault(model, _Counts()).add(prompt, completion)
+
+    def snapshot(self, subject: str | None = None) -> dict[str, Any]:
+        """The table as JSON-ready data; only ``subject`` when given."""
+        subjects: dict[str, Any] = {}
+        for name, entry in self._subjects.items():
+            if subject is not None and name != subject:
+                continue
+            subjects[name] = {
+                **entry.total.as_json(),
+                "first_seen": entry.first_seen,
+                "last_seen": entry.last_seen,
+                "models": {m: c.as_json() for m, c in sorted(entry.models.items())},
+            }
+        return {
+            "since": self.started,
+            "subjects_max": self.max_subjects,
+            "evicted": self.evicted,
+            "subjects": dict(sorted(subjects.items())),
+        }
+
+
+# ------------------------------------------------------------------ metrics
+
+
+class Metrics:
+    """The gateway's metrics; an observer of every request's context."""
+
+    def __init__(self, settings: MetricsSettings, clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.usage = UsageTable(settings.subjects_max, clock())
+        self._models = _Capped(MODELS_MAX)
+        self._routes = _Capped(ROUTES_MAX)
+        self._subjects = _Capped(max(settings.subjects_max, 1))
+        reg = self.registry
+        self.requests = Counter(
+            "runner_gateway_requests",
+            "Requests completed (or aborted), by runner, route class and status code.",
+            ["runner", "route", "code"],
+            registry=reg,
+        )
+        self.duration = Histogram(
+            "runner_gateway_request_duration_seconds",
+            "Time from the request line to the end of the response.",
+            ["runner", "route"],
+            buckets=DURATION_BUCKETS,
+            registry=reg,
+        )
+        self.ttfb = Histogram(
+            "runner_gateway_time_to_first_byte_seconds",
+            "Time from the request line to the first response body byte sent.",
+            ["runner", "route"],
+            buckets=TTFB_BUCKETS,
+            registry=reg,
+        )
+        self.active_streams = Gauge(
+            "runner_gateway_active_streams",
+            "Upstream responses being relayed right now.",
+            ["runner"],
+            registry=reg,
+        )
+        self.aborts = Counter(
+            "runner_gateway_client_aborts",
+            "Requests whose client went away before the response was complete.",
+            ["runner", "route"],
+            registry=reg,
+        )
+        self.auth_failures = Counter(
+            "runner_gateway_auth_failures",
+            "Requests refused by the authentication layer, by reason.",
+            ["reason"],
+            registry=reg,
+        )
+        self.upstream_errors = Counter(
+            "runner_gateway_upstream_errors",
+            "Failed exchanges with a runner, by kind.",
+            ["runner", "kind"],
+            registry=reg,
+        )
+        token_labels = ["runner", "model", "type"]
+        if settings.per_subject:
+            token_labels.append("subject")
+        self.tokens = Counter(
+            "runner_gateway_tokens",
+            "Tokens processed, as the runners reported them (type: prompt or completion).",
+            token_labels,
+            registry=reg,
+        )
+        self.subject_requests: Counter | None = None
+        if settings.per_subject:
+            self.subject_requests = Counter(
+                "runner_gateway_subject_requests",
+                "Requests by token subject (metrics.perSubject).",
+                ["subject"],
+                registry=reg,
+            )
+        # Fixed vocabularies start at zero so rate() sees the first failure.
+        for reason in AUTH_FAILURE_REASONS:
+            self.auth_failures.labels(reason=reason)
+
+    # The observer protocol (site.py).
+
+    def response_started(self, ctx: RequestContext) -> None:
+        if _STREAM_KEY in ctx.extra:
+            return  # counted once per request
+        runner = _runner_label(ctx)
+        ctx.extra[_STREAM_KEY] = runner
+        self.active_streams.labels(runner=runner).inc()
+
+    def request_finished(self, ctx: RequestContext) -> None:
+        now = self.clock()
+        runner = _runner_label(ctx)
+        route = self._routes(ctx.route or OTHER)
+        code = str(ctx.status) if ctx.status is not None else NO_STATUS
+
+        streaming = ctx.extra.pop(_STREAM_KEY, None)
+        if streaming is not None:
+            self.active_streams.labels(runner=streaming).dec()
+
+        self.requests.labels(runner=runner, route=route, code=code).inc()
+        self.duration.labels(runner=runner, route=route).observe(max(0.0, now - ctx.started))
+        if ctx.first_byte is not None:
+            ttfb = max(0.0, ctx.first_byte - ctx.started)
+            self.ttfb.labels(runner=runner, route=route).observe(ttfb)
+        if ctx.aborted:
+            self.aborts.labels(runner=runner, route=route).inc()
+        if ctx.auth_failure is not None:
+            reason = ctx.auth_failure if ctx.auth_failure in AUTH_FAILURE_REASONS else OTHER
+            self.auth_failures.labels(reason=reason).inc()
+        if ctx.upstream_error is not None:
+            kind = ctx.upstream_error if ctx.upstream_error in UPSTREAM_ERROR_KINDS else OTHER
+            self.upstream_errors.labels(runner=runner, kind=kind).inc()
+
+        prompt = completion = 0
+        if ctx.usage is not None:
+            prompt, completion = ctx.usage.prompt_tokens, ctx.usage.completion_tokens
+        model = self._models(ctx.model) if ctx.model else None
+        subject = ctx.subject
+        subject_label = self._subjects(subject) if subject is not None else NO_SUBJECT
+        if prompt or completion:
+            labels = {"runner": runner, "model": model or NO_MODEL}
+            if self.settings.per_subject:
+                labels["subject"] = subject_label
+            self.tokens.labels(type="prompt", **labels).inc(prompt)
+            self.tokens.labels(type="completion", **labels).inc(completion)
+        if self.subject_requests is not None and subject is not None:
+            self.subject_requests.labels(subject=subject_label).inc()
+        if subject is not None:
+            self.usage.record(subject, model, prompt, completion, now)
+
+
+def _runner_label(ctx: RequestContext) -> str:
+    return ctx.runner.name if ctx.runner is not None else NO_RUNNER
+
+
+# ----------------------------------------------------------- metrics listener
+
+
+class _Page(Resource):
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return notFound()
+
+
+class _Exposition(_Page):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        accept = request.getHeader("accept") or ""
+        encoder, content_type = choose_encoder(accept)
+        request.setHeader(b"content-type", content_type.encode())
+        request.setHeader(b"cache-control", b"no-store")
+        return encoder(self.registry)
+
+
+class _UsageJson(_Page):
+    def __init__(self, table: UsageTable) -> None:
+        super().__init__()
+        self.table = table
+
+    def render_GET(self, request: Request) -> bytes:
+        wanted = (request.args or {}).get(b"sub")
+        subject = wanted[0].decode("utf-8", "replace") if wanted else None
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(self.table.snapshot(subject), separators=(",", ":")).encode() + b"\n"
+
+
+class _Index(_Page):
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"runner-gateway metrics listener: /metrics (Prometheus), /usage (JSON)\n"
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return self if path == b"" else notFound()
+
+
+def metrics_resource(metrics: Metrics) -> IResource:
+    """``/metrics`` and ``/usage``, for the metrics listener only."""
+    root = _Index()
+    root.putChild(b"metrics", _Exposition(metrics.registry))
+    root.putChild(b"usage", _UsageJson(metrics.usage))
+    return root

@@ -1,0 +1,245 @@
+"""End to end: the real twistd process, the stand-in runner, loopback sockets."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import time
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import GatewaySettings, StandIn
+from tests.gateway_process import GatewayProcess, run_twistd, start_gateway
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def runners_yaml(standin: StandIn, *paths: str) -> str:
+    lines = ["runners:"]
+    for i, path in enumerate(paths):
+        lines += [f"  - name: r{i}", f"    host: {standin.address}", f"    path: {path}"]
+    return "\n".join(lines) + "\nserver:\n  address: 127.0.0.1:0\n"
+
+
+def request(
+    gw: GatewayProcess,
+    method: str,
+    path: str,
+    token: str | None = None,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    parts = urlsplit(gw.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    all_headers = dict(headers or {})
+    if token:
+        all_headers["Authorization"] = f"Bearer {token}"
+    conn.request(method, path, body=body, headers=all_headers)
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+
+
+@pytest.fixture
+def two_runners(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn
+) -> GatewaySettings:
+    return make_settings(
+        "logging:\n  level: trace\n  format: json\n" + runners_yaml(standin, "/", "/corp")
+    )
+
+
+def test_routes_auth_health_and_access_log(two_runners: GatewaySettings) -> None:
+    token = two_runners.token()
+    with start_gateway(two_runners.directory) as gw:
+        status, headers, body = request(gw, "GET", "/corp/api/tags", token)
+        assert status == 200, body
+        assert "llama3.2:1b" in {m["name"] for m in json.loads(body)["models"]}
+        assert len(headers["x-request-id"]) >= 16
+
+        status, headers, body = request(
+            gw, "GET", "/api/version", token, headers={"X-Request-Id": "trace-me-123"}
+        )
+        assert (status, headers["x-request-id"]) == (200, "trace-me-123")
+
+        status, headers, body = request(gw, "GET", "/corp/api/tags")
+        assert status == 401
+        assert headers["www-authenticate"] == 'Bearer realm="runner-gateway"'
+        assert json.loads(body)["error"]
+
+        # The gateway's own endpoints need no token and win over the "/" runner.
+        assert request(gw, "GET", "/healthz")[0] == 200
+        status, _, body = request(gw, "GET", "/readyz")
+        assert (status, json.loads(body)["status"]) == (200, "ready")
+
+        line = gw.wait_for(r'"request_id": "trace-me-123"')
+        record = json.loads(line)
+        assert record["method"] == "GET"
+        assert record["path"] == "/api/version"
+        assert record["runner"] == "r0"
+        assert record["status"] == 200
+        assert record["sub"] == "tester"
+        assert record["duration_ms"] >= 0
+        assert record["ttfb_ms"] is not None
+        gw.wait_for(r'"status": 401')
+    # Trace level, JSON format: still no token anywhere in the output.
+    assert token not in gw.output
+    assert token[-20:] not in gw.output
+
+
+def test_no_runner_matches_gives_json_404(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn
+) -> None:
+    settings = make_settings(runners_yaml(standin, "/corp"))
+    with start_gateway(settings.directory) as gw:
+        status, _, body = request(gw, "GET", "/corporate/api/tags", settings.token())
+        assert status == 404
+        assert "error" in json.loads(body)
+
+
+def test_chat_streams_through_the_gateway(two_runners: GatewaySettings) -> None:
+    """Each NDJSON line arrives when the runner writes it (150 ms apart), not at the end."""
+    token = two_runners.token()
+    with start_gateway(two_runners.directory) as gw:
+        parts = urlsplit(gw.url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        body = json.dumps(
+            {"model": "llama3.2:1b", "messages": [{"role": "user", "content": "one two three"}]}
+        )
+        start = time.monotonic()
+        conn.request("POST", "/corp/api/chat", body=body, headers={"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.getheader("content-type", "").startswith("application/x-ndjson")
+        arrivals = []
+        lines = []
+        while True:
+            line = response.readline()
+            if not line:
+                break
+            arrivals.append(time.monotonic() - start)
+            lines.append(json.loads(line))
+        conn.close()
+    assert lines[-1]["done"] is True
+    assert len(lines) >= 4  # 3 chunks and the final summary
+    # Buffering would make every line arrive together at the end.
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    assert arrivals[-1] - arrivals[0] >= 0.3
+    assert sum(1 for gap in gaps if gap >= 0.1) >= 2, arrivals
+
+
+def test_sigterm_lets_a_stream_in_flight_finish(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn
+) -> None:
+    settings = make_settings(runners_yaml(standin, "/") + "  drainTimeout: 10s\n")
+    token = settings.token()
+    with start_gateway(settings.directory) as gw:
+        parts = urlsplit(gw.url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        body = json.dumps({"model": "llama3.2:1b", "prompt": "a b c", "stream": True})
+        conn.request("POST", "/api/generate", body=body, headers={"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        first = response.readline()
+        assert json.loads(first)["done"] is False
+        gw.signal(signal.SIGTERM)
+        rest = response.read()  # completes normally: not cut by the shutdown
+        assert json.loads(rest.splitlines()[-1])["done"] is True
+        # twistd exits by re-raising the signal it stopped on (systemd counts that as clean).
+        assert gw.proc.wait(timeout=15) in (0, -signal.SIGTERM)
+        gw.wait_for("Server Shut Down")
+        # New connections are refused once draining began.
+        with pytest.raises(OSError):
+            http.client.HTTPConnection(parts.hostname, parts.port, timeout=2).request("GET", "/")
+
+
+def test_sighup_reloads_good_settings_and_keeps_running_on_bad(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn
+) -> None:
+    settings = make_settings(runners_yaml(standin, "/a"))
+    token = settings.token()
+    with start_gateway(settings.directory) as gw:
+        assert request(gw, "GET", "/a/api/tags", token)[0] == 200
+        assert request(gw, "GET", "/b/api/tags", token)[0] == 404
+        original = (settings.directory / "settings.yaml").read_text()
+        settings.write("settings.yaml", original.replace("path: /a", "path: /b"))
+        gw.signal(signal.SIGHUP)
+        gw.wait_for("settings reloaded")
+        assert request(gw, "GET", "/b/api/tags", token)[0] == 200
+        assert request(gw, "GET", "/a/api/tags", token)[0] == 404
+
+        settings.write("settings.yaml", original + "bogus: 1\n")
+        gw.signal(signal.SIGHUP)
+        gw.wait_for("settings reload refused.*bogus")
+        assert request(gw, "GET", "/b/api/tags", token)[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("overlay", "expected"),
+    [
+        (None, "broken.yaml: file not found"),
+        ("logging:\n  level: [info\n", "broken.yaml: invalid YAML"),
+        ("server:\n  adress: :1\n", "broken.yaml: server.adress: unknown key"),
+        ("server:\n  address: nowhere\n", "broken.yaml: server.address: invalid address"),
+        ("paseto:\n  expiration: 1y\n", "broken.yaml: paseto.expiration: invalid duration"),
+        (
+            "runners:\n  - {name: a, host: 'h:1', path: /x}\n  - {name: b, host: 'h:2', path: /x}\n",
+            "broken.yaml: runners[1].path: duplicate path",
+        ),
+        ("paseto:\n  secretKey: notakey\n", "paseto.secretKey"),
+    ],
+)
+def test_bad_start_is_one_line_and_non_zero(
+    make_settings: Callable[[str], GatewaySettings],
+    standin: StandIn,
+    overlay: str | None,
+    expected: str,
+) -> None:
+    settings = make_settings(runners_yaml(standin, "/"))
+    if overlay is not None:
+        settings.write("broken.yaml", overlay)
+    result = run_twistd(settings.directory, "--env", "broken")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    message = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(message) == 1, result.stderr
+    assert message[0].startswith("runner-gateway: cannot start: ")
+    assert expected in message[0]
+
+
+def test_go_env_selects_the_overlay(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn
+) -> None:
+    settings = make_settings(runners_yaml(standin, "/"))
+    settings.write("my-domain.yaml", "server:\n  adress: typo\n")
+    result = run_twistd(settings.directory, env={"GO_ENV": "my-domain"})
+    assert result.returncode != 0
+    assert "my-domain.yaml: server.adress: unknown key" in result.stderr
+
+
+def test_no_verification_key_refuses_to_start(tmp_path, standin: StandIn) -> None:
+    directory = tmp_path / "settings"
+    directory.mkdir()
+    (directory / "settings.yaml").write_text(
+        f"paseto:\n  publicPath: {directory}/missing.pub\n" + runners_yaml(standin, "/")
+    )
+    result = run_twistd(directory)
+    assert result.returncode != 0
+    assert "no verification key" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_port_in_use_is_a_clean_failure(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn
+) -> None:
+    settings = make_settings(runners_yaml(standin, "/"))
+    with start_gateway(settings.directory) as gw:
+        port = urlsplit(gw.url).port
+        settings.write("same.yaml", f"server:\n  address: 127.0.0.1:{port}\n")
+        result = run_twistd(settings.directory, "--env", "same")
+    assert result.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
