@@ -208,7 +208,8 @@ class GatewayService(MultiService):
             if settings.server.redirect_address is not None:
                 from runner_gateway.tls import RedirectResource
 
-                redirect = _QuietSite(RedirectResource(settings.server.address.port))
+                port = settings.server.public_port or settings.server.address.port
+                redirect = _QuietSite(RedirectResource(port))
                 self._listen(_endpoint(self.reactor, settings.server.redirect_address), redirect)
             if self.metrics is not None and settings.metrics.address is not None:
                 from runner_gateway.metrics import metrics_resource
@@ -280,7 +281,7 @@ class GatewayService(MultiService):
         try:
             settings = self.load()
             generation = self._build(settings)
-        except SettingsError as exc:
+        except (SettingsError, ValueError) as exc:  # ValueError: TLSConfigError, key errors
             _log.error(
                 "settings reload refused, keeping the running settings: {error}", error=str(exc)
             )
@@ -435,5 +436,5 @@ def make_service(options: Options | dict[str, Any], reactor: Any = None) -> Mult
 
             return Supervisor(options, settings, reactor, observer=control)  # type: ignore[arg-type]
         return GatewayService(load, reactor, observer=control)  # type: ignore[arg-type]
-    except SettingsError as exc:
+    except (SettingsError, ValueError) as exc:  # ValueError: TLSConfigError, key errors
         raise StartupError(str(exc)) from None

@@ -152,6 +152,7 @@ class ServerSettings:
     client_ca_path: str = ""
     certificate_reload_interval: float = 60.0
     redirect_address: Address | None = None
+    public_port: int = 0  # port clients reach TLS on, for redirects (0: the listening port)
     header_timeout: float = 30.0
     keep_alive_timeout: float = 75.0
     drain_timeout: float = 30.0
@@ -331,6 +332,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "clientCAPath": ("client_ca_path", "str"),
         "certificateReloadInterval": ("certificate_reload_interval", "duration"),
         "redirectAddress": ("redirect_address", "optaddress"),
+        "publicPort": ("public_port", "port"),
         "headerTimeout": ("header_timeout", "duration"),
         "keepAliveTimeout": ("keep_alive_timeout", "duration"),
         "drainTimeout": ("drain_timeout", "duration"),
@@ -449,6 +451,11 @@ def _convert(kind: str, value: object) -> Any:
         if value in (None, ""):
             return None
         return _convert("address", value)
+    if kind == "port":
+        n = _expect(value, int, "a port number")
+        if not 0 <= n <= 65535:
+            raise ValueError("must be a port number (0 to 65535)")
+        return n
     if kind == "workers":
         if value == "auto":
             return os.cpu_count() or 1
