@@ -1,0 +1,754 @@
+"""ReverseProxyResource: one runner prefix, relayed over HTTP/1.1 with keep-alive.
+
+Twisted's own ``twisted.web.proxy.ReverseProxyResource`` speaks HTTP/1.0, opens a
+connection per request and cannot do https; this one is built on
+``twisted.web.client.Agent`` with a persistent ``HTTPConnectionPool``.
+
+Every request becomes an :class:`_Exchange`, which owns the upstream Deferred,
+the timers and the body relay. The body is written to the client chunk by
+chunk as the runner sends it (NDJSON and SSE stream); the upstream transport
+is registered as the request's streaming producer, so a slow client pauses
+reads from the runner and memory stays bounded.
+
+See docs/proxy.md for the headers passed and dropped, timeouts and statuses.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+from collections.abc import Callable, Iterable
+from typing import IO, Any
+
+from OpenSSL import SSL
+from twisted.internet import error as net_error
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource
+from twisted.web._newclient import ParseError, RequestNotSent, ResponseDone
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IPolicyForHTTPS, IResponse
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from runner_gateway.context import RequestContext, context_of
+from runner_gateway.errors import send_error
+from runner_gateway.settings import RunnerSettings
+
+__all__ = [
+    "HOP_BY_HOP",
+    "ReverseProxyResource",
+    "response_headers",
+    "upstream_headers",
+]
+
+log = Logger(namespace="runner_gateway.proxy")
+
+# RFC 9110 section 7.6.1 plus the historical ones; any ``Proxy-*`` header is
+# dropped as well (see _hop_by_hop).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Request headers the gateway never forwards: credentials are for the gateway
+# (never the runner), Ollama answers 403 to a foreign Origin (the gateway does
+# CORS), framing is the body producer's business, and the X-Forwarded-* /
+# X-Request-Id values are the gateway's own, not the client's claims.
+_REQUEST_DROP = frozenset(
+    {
+        b"authorization",
+        b"origin",
+        b"host",
+        b"content-length",
+        b"expect",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-request-id",
+    }
+)
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+_CHUNK = 64 * 1024
+# A transformed body (a model listing) is buffered; beyond this it is refused.
+_TRANSFORM_LIMIT = 16 * 1024 * 1024
+# After cutting a client stream short, give the kernel this long to flush
+# what was already written before the connection is aborted outright.
+_CLIENT_ABORT_GRACE = 5.0
+
+
+def _hop_by_hop(name: bytes, connection_tokens: Iterable[bytes] = ()) -> bool:
+    return name in HOP_BY_HOP or name.startswith(b"proxy-") or name in connection_tokens
+
+
+def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(tokens)
+
+
+def upstream_headers(
+    incoming: Headers,
+    *,
+    netloc: str,
+    client_ip: str | None,
+    secure: bool,
+    request_id: str,
+    identity: bool = False,
+) -> Headers:
+    """The headers sent to the runner for a client request's headers.
+
+    ``identity`` strips Accept-Encoding so the runner answers uncompressed
+    (used when the gateway must rewrite the body).
+    """
+    tokens = _connection_tokens(incoming)
+    out = Headers()
+    forwarded_for: list[bytes] = []
+    for raw_name, values in incoming.getAllRawHeaders():
+        name = raw_name.lower()
+        if _hop_by_hop(name, tokens) or name in _REQUEST_DROP:
+            continue
+        if name == b"x-forwarded-for":
+            forwarded_for.extend(v.strip() for v in values if v.strip())
+            continue
+        if identity and name == b"accept-encoding":
+            continue
+        out.setRawHeaders(raw_name, list(values))
+    if client_ip:
+        forwarded_for.append(client_ip.encode("ascii", "replace"))
+    if forwarded_for:
+        out.setRawHeaders(b"X-Forwarded-For", [b", ".join(forwarded_for)])
+    out.setRawHeaders(b"X-Forwarded-Proto", [b"https" if secure else b"http"])
+    client_host = incoming.getRawHeaders(b"host")
+    if client_host:
+        out.setRawHeaders(b"X-Forwarded-Host", [client_host[0]])
+    out.setRawHeaders(b"X-Request-Id", [request_id.encode("ascii", "replace")])
+    out.setRawHeaders(b"Host", [netloc.encode("ascii")])  # settings allow ASCII hosts only
+    return out
+
+
+def response_headers(upstream: Headers, target: Headers, head: bool) -> None:
+    """Copy the runner's end-to-end response headers onto the client response.
+
+    Twisted's client parser already keeps Content-Length (except for HEAD),
+    Transfer-Encoding and Connection out of ``upstream``; the caller sets the
+    length. ``setRawHeaders`` replaces, so the runner's Date and Server take the
+    place of the ones Twisted's server put there (no duplicates). CORS headers
+    are the gateway's to answer (tree.py), so the runner's are dropped.
+    """
+    tokens = _connection_tokens(upstream)
+    for raw_name, values in upstream.getAllRawHeaders():
+        name = raw_name.lower()
+        if _hop_by_hop(name, tokens) or name.startswith(b"access-control-"):
+            continue
+        if name == b"content-length" and not head:
+            continue
+        target.setRawHeaders(raw_name, list(values))
+
+
+def _tls_policy(runner: RunnerSettings) -> IPolicyForHTTPS:
+    """The runner's TLS policy from tls.py, or system CAs until that module exists."""
+    if runner.scheme != "https":
+        return BrowserLikePolicyForHTTPS()
+    try:
+        module = importlib.import_module("runner_gateway.tls")
+    except ImportError:
+        return BrowserLikePolicyForHTTPS()
+    factory: Callable[[RunnerSettings], IPolicyForHTTPS] | None = getattr(
+        module, "upstream_tls_policy", None
+    )
+    if factory is None:
+        return BrowserLikePolicyForHTTPS()
+    return factory(runner)
+
+
+def _reasons(failure: Failure) -> list[Failure]:
+    """A failure and, recursively, the failures a ResponseFailed & co. wrap."""
+    found = [failure]
+    inner = getattr(failure.value, "reasons", None)
+    if isinstance(inner, list):
+        for reason in inner:
+            if isinstance(reason, Failure):
+                found.extend(_reasons(reason))
+    return found
+
+
+def classify(failure: Failure) -> tuple[str, int, str]:
+    """(ctx.upstream_error, status, message) for a failed upstream request.
+
+    Messages are fixed texts: exception strings could carry addresses or
+    worse, and clients print these bodies verbatim.
+    """
+    reasons = _reasons(failure)
+    if any(r.check(net_error.TimeoutError) for r in reasons):
+        return "timeout", 504, "the runner did not accept the connection in time"
+    if any(r.check(net_error.DNSLookupError) for r in reasons):
+        return "connect", 502, "the runner's host name could not be resolved"
+    if any(r.check(SSL.Error) for r in reasons) or any(
+        type(r.value).__module__.startswith("service_identity") for r in reasons
+    ):
+        return "tls", 502, "the TLS handshake with the runner failed"
+    if any(r.check(net_error.ConnectError) for r in reasons):
+        return "connect", 502, "the runner is unreachable"
+    if any(r.check(ParseError) for r in reasons):
+        return "protocol", 502, "the runner sent an invalid response"
+    if any(r.check(net_error.ConnectionLost, net_error.ConnectionDone) for r in reasons):
+        return "reset", 502, "the runner closed the connection without answering"
+    return "protocol", 502, "the request to the runner failed"
+
+
+@implementer(IBodyProducer)
+class _ContentProducer:
+    """Streams ``request.content`` (BytesIO or a temp file) in 64 KiB chunks.
+
+    A push producer driven by the transport's pause/resume, unlike
+    FileBodyProducer it needs no Cooperator: small bodies go out at once.
+    """
+
+    def __init__(self, content: IO[bytes], length: int) -> None:
+        self.length = length
+        self._content = content
+        self._consumer: IConsumer | None = None
+        self._done: Deferred[None] | None = None
+        self._paused = False
+        self._pumping = False
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self._content.seek(0)
+        self._consumer = consumer
+        done: Deferred[None] = Deferred()
+        self._done = done
+        self._pump()  # small bodies are written, and ``done`` fired, right here
+        return done
+
+    def _pump(self) -> None:
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while not self._paused and self._done is not None and self._consumer is not None:
+                data = self._content.read(_CHUNK)
+                if not data:
+                    finished: Deferred[None] = self._done
+                    self._done = None
+                    finished.callback(None)
+                    return
+                self._consumer.write(data)
+        except Exception:
+            done, self._done = self._done, None
+            if done is not None:
+                done.errback()
+        finally:
+            self._pumping = False
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        # IBodyProducer: after stopProducing the Deferred must never fire.
+        self._done = None
+        self._consumer = None
+
+
+@implementer(IPushProducer)
+class _UpstreamProducer:
+    """Registered on the client request: relays the client's flow control to the runner."""
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self._exchange = exchange
+
+    def pauseProducing(self) -> None:
+        self._exchange.client_paused(True)
+
+    def resumeProducing(self) -> None:
+        self._exchange.client_paused(False)
+
+    def stopProducing(self) -> None:
+        self._exchange.client_lost(None)
+
+
+class _BodyRelay(Protocol):
+    def __init__(self, exchange: _Exchange) -> None:
+        self._exchange = exchange
+
+    def connectionMade(self) -> None:
+        self._exchange.body_transport = self.transport  # type: ignore[assignment]
+
+    def dataReceived(self, data: bytes) -> None:
+        self._exchange.upstream_data(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
+        self._exchange.upstream_done(reason)
+
+
+def _request_length(content: IO[bytes] | None) -> int:
+    if content is None:
+        return 0
+    content.seek(0, io.SEEK_END)
+    length = content.tell()
+    content.seek(0)
+    return length
+
+
+class _Exchange:
+    """One client request relayed to the runner."""
+
+    def __init__(
+        self, agent: Agent, runner: RunnerSettings, reactor: IReactorTime, request: Request
+    ) -> None:
+        self.agent = agent
+        self.runner = runner
+        self.reactor = reactor
+        self.request = request
+        self.ctx: RequestContext = context_of(request)
+        self.body_transport: IPushProducer | None = None
+        self._d: Deferred[IResponse] | None = None
+        self._timers: dict[str, IDelayedCall] = {}
+        self._done = False  # no more writes to the client from us
+        self._timed_out: str | None = None
+        self._buffer: list[bytes] | None = None  # set while buffering for a transform
+        self._buffered = 0
+        self._paused = False
+        self._producer: _UpstreamProducer | None = None
+        self._headers_at: float | None = None
+        self._retried = False
+        self._body: _ContentProducer | None = None
+        self._method = request.method
+        self._url = b""
+        self._headers = Headers()
+        self._response: IResponse | None = None
+
+    # ------------------------------------------------------------ start
+
+    def start(self) -> bytes | int:
+        request, ctx, runner = self.request, self.ctx, self.runner
+        content: IO[bytes] | None = request.content
+        length = _request_length(content)
+        if length > runner.max_body_size:
+            ctx.status = 413
+            return send_error(
+                request,
+                413,
+                f"request body too large: {length} bytes, at most "
+                f"{runner.max_body_size} allowed (runner {runner.name})",
+            )
+        if length and content is not None:
+            self._body = _ContentProducer(content, length)
+        client = request.getClientAddress()
+        self._headers = upstream_headers(
+            request.requestHeaders,
+            netloc=runner.netloc,
+            client_ip=getattr(client, "host", None),
+            secure=request.isSecure(),
+            request_id=ctx.request_id,
+            identity=ctx.response_transform is not None,
+        )
+        path = ctx.upstream_path or b"/"
+        if not path.startswith(b"/"):
+            path = b"/" + path
+        self._url = runner.base_url.encode("ascii") + path
+        request.notifyFinish().addErrback(self.client_lost)
+        if runner.first_byte_timeout > 0:
+            self._arm("first_byte", runner.first_byte_timeout, self._first_byte_timeout)
+        if runner.total_timeout > 0:
+            self._arm("total", runner.total_timeout, self._total_timeout)
+        self._send()
+        return NOT_DONE_YET
+
+    def _send(self) -> None:
+        d = self.agent.request(self._method, self._url, self._headers, self._body)
+        self._d = d
+        d.addCallbacks(self._got_response, self._request_failed)
+        d.addErrback(self._bug)
+
+    # ------------------------------------------------------------ timers
+
+    def _arm(self, name: str, seconds: float, action: Callable[[], None]) -> None:
+        self._disarm(name)
+        self._timers[name] = self.reactor.callLater(seconds, self._fire, name, action)
+
+    def _fire(self, name: str, action: Callable[[], None]) -> None:
+        self._timers.pop(name, None)
+        action()
+
+    def _disarm(self, name: str) -> None:
+        call = self._timers.pop(name, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _disarm_all(self) -> None:
+        for name in list(self._timers):
+            self._disarm(name)
+
+    def _first_byte_timeout(self) -> None:
+        self._cancel_pending(
+            f"the runner did not answer within {self.runner.first_byte_timeout:g}s"
+        )
+
+    def _total_timeout(self) -> None:
+        limit = f"{self.runner.total_timeout:g}s"
+        if self._d is not None:
+            self._cancel_pending(f"the runner did not answer within the {limit} limit")
+        else:
+            self._abort("timeout", f"total timeout {limit}", 504, f"the {limit} limit ran out")
+
+    def _idle_timeout(self) -> None:
+        idle = f"{self.runner.idle_timeout:g}s"
+        self._abort("timeout", f"idle for {idle}", 504, f"the runner was silent for {idle}")
+
+    def _cancel_pending(self, message: str) -> None:
+        if self._d is None or self._done:
+            return
+        self._timed_out = message
+        self._d.cancel()
+
+    # ------------------------------------------------------------ upstream answers
+
+    def _got_response(self, response: IResponse) -> None:
+        self._d = None
+        self._disarm("first_byte")
+        if self._done:  # cannot happen (client_lost cancels), but never write twice
+            _discard(response)
+            return
+        request, ctx = self.request, self.ctx
+        head = self._method == b"HEAD"
+        ctx.status = response.code
+        if ctx.response_transform is not None and response.code == 200 and not head:
+            encoding = response.headers.getRawHeaders(b"content-encoding", [b"identity"])
+            if any(v.strip().lower() != b"identity" for v in encoding):
+                _discard(response)
+                self._error("protocol", 502, "the runner sent an encoded listing")
+                return
+            self._response = response
+            self._buffer = []
+            content_type = response.headers.getRawHeaders(b"content-type")
+            ctx.response_started(content_type[0].decode("latin-1") if content_type else None)
+            self._arm_idle()
+            response.deliverBody(_BodyRelay(self))
+            return
+        request.setResponseCode(response.code, response.phrase)
+        response_headers(response.headers, request.responseHeaders, head)
+        if (
+            not head
+            and response.code not in NO_BODY_CODES
+            and response.length is not UNKNOWN_LENGTH
+        ):
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
+        if ctx.response_transform is not None and head:
+            # The unfiltered listing's length would be wrong for the filtered one.
+            request.responseHeaders.removeHeader(b"content-length")
+        content_type = response.headers.getRawHeaders(b"content-type")
+        if not content_type:
+            request.defaultContentType = None
+        ctx.response_started(content_type[0].decode("latin-1") if content_type else None)
+        request.write(b"")  # headers go out now: clients wait on them to start streaming
+        self._headers_at = self.reactor.seconds()
+        self._producer = _UpstreamProducer(self)
+        request.registerProducer(self._producer, True)
+        self._arm_idle()
+        response.deliverBody(_BodyRelay(self))
+
+    def _arm_idle(self) -> None:
+        if self.runner.idle_timeout > 0 and not self._paused and not self._done:
+            call = self._timers.get("idle")
+            if call is not None and call.active():
+                call.reset(self.runner.idle_timeout)  # per chunk: cheaper than a new call
+            else:
+                self._arm("idle", self.runner.idle_timeout, self._idle_timeout)
+
+    def upstream_data(self, data: bytes) -> None:
+        if self._done:
+            return
+        self._arm_idle()
+        if self._buffer is not None:
+            self._buffer.append(data)
+            self._buffered += len(data)
+            if self._buffered > _TRANSFORM_LIMIT:
+                self._abort(
+                    "protocol", "listing too large", 502, "the runner's listing is too large"
+                )
+            return
+        if not data:
+            return
+        self.request.write(data)
+        self.ctx.bytes_sent += len(data)
+        if self.ctx.first_byte is None:
+            self.ctx.first_byte = self.reactor.seconds()
+        self.ctx.response_chunk(data)
+
+    def upstream_done(self, reason: Failure) -> None:
+        self.body_transport = None
+        if self._done:
+            return
+        # PotentialDataLoss: a body framed by connection close, whose end
+        # looks exactly like this; chunked and Content-Length bodies that
+        # end early arrive as ResponseFailed instead.
+        if reason.check(ResponseDone, PotentialDataLoss):
+            if self._buffer is not None:
+                self._send_transformed()
+            else:
+                self._finish()
+            return
+        kind = "protocol" if any(r.check(ParseError) for r in _reasons(reason)) else "reset"
+        self._abort(
+            kind, "the runner ended the stream early", 502, "the runner ended the response early"
+        )
+
+    def _send_transformed(self) -> None:
+        assert self._buffer is not None and self.ctx.response_transform is not None
+        assert self._response is not None
+        body = b"".join(self._buffer)
+        self._buffer = None
+        try:
+            body = self.ctx.response_transform(body)
+        except Exception:
+            log.warn(
+                "runner {runner} sent a listing that could not be filtered (request {request_id})",
+                runner=self.runner.name,
+                request_id=self.ctx.request_id,
+            )
+            self._error("protocol", 502, "the runner sent an unreadable listing")
+            return
+        request, response = self.request, self._response
+        request.setResponseCode(response.code, response.phrase)
+        response_headers(response.headers, request.responseHeaders, False)
+        request.responseHeaders.removeHeader(b"content-encoding")
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        if not response.headers.hasHeader(b"content-type"):
+            request.defaultContentType = None
+        request.write(b"")
+        self._headers_at = self.reactor.seconds()
+        if body:
+            request.write(body)
+            self.ctx.bytes_sent += len(body)
+            self.ctx.first_byte = self.reactor.seconds()
+            self.ctx.response_chunk(body)
+        self._finish()
+
+    def _request_failed(self, failure: Failure) -> None:
+        self._d = None
+        if self._done:
+            return  # the client went away and we cancelled: nothing to answer
+        if self._timed_out is not None:
+            self._error("timeout", 504, self._timed_out)
+            return
+        if failure.check(RequestNotSent) and not self._retried:
+            # The pooled connection died before a byte of this request went
+            # out (the runner closed an idle connection): safe for any method.
+            self._retried = True
+            self._send()
+            return
+        kind, status, message = classify(failure)
+        log.warn(
+            "runner {runner} request {request_id} failed ({kind}: {error})",
+            runner=self.runner.name,
+            request_id=self.ctx.request_id,
+            kind=kind,
+            error=", ".join(sorted({type(r.value).__name__ for r in _reasons(failure)})),
+        )
+        self._error(kind, status, message)
+
+    def _bug(self, failure: Failure) -> None:
+        log.failure("proxy bug (request {request_id})", failure, request_id=self.ctx.request_id)
+        if not self._done:
+            if self.request.startedWriting:
+                self._abort("protocol", "internal error", 502, "internal error")
+            else:
+                self._error("protocol", 502, "internal error in the gateway")
+
+    # ------------------------------------------------------------ endings
+
+    def _error(self, kind: str, status: int, message: str) -> None:
+        """Answer with an error body (nothing was written to the client yet)."""
+        self.ctx.upstream_error = kind
+        self.ctx.status = status
+        self._done = True
+        self._disarm_all()
+        request = self.request
+        body = send_error(request, status, f"{message} (runner {self.runner.name})")
+        if body:
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        request.write(body)
+        now = self.reactor.seconds()
+        self.ctx.first_byte = now
+        self.ctx.bytes_sent += len(body)
+        request.finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._disarm_all()
+        self._unregister()
+        if self.ctx.first_byte is None:
+            self.ctx.first_byte = self._headers_at
+        self.request.finish()
+
+    def _abort(self, kind: str, what: str, status: int, message: str) -> None:
+        """Something went wrong after the request was sent: stop both sides."""
+        if self._done:
+            return
+        if not self.request.startedWriting:
+            # Still buffering a listing: nothing went out, a clean error is possible.
+            self._stop_upstream()
+            self._error(kind, status, message)
+            return
+        self._done = True
+        self.ctx.aborted = True
+        self.ctx.upstream_error = kind
+        self._disarm_all()
+        self._unregister()
+        self._stop_upstream()
+        log.warn(
+            "runner {runner}: {what}; client stream aborted (request {request_id})",
+            runner=self.runner.name,
+            what=what,
+            request_id=self.ctx.request_id,
+        )
+        # No request.finish(): that would write the last chunk and make a cut
+        # stream look complete. Closing without it is what tells the client.
+        transport: Any = self.request.transport
+        if transport is not None:
+            transport.loseConnection()
+            if hasattr(transport, "abortConnection"):
+                self._arm_abort_client(transport)
+
+    def _arm_abort_client(self, transport: Any) -> None:
+        def abort() -> None:
+            transport.abortConnection()
+
+        self._timers["client_abort"] = self.reactor.callLater(_CLIENT_ABORT_GRACE, abort)
+
+    def client_lost(self, reason: Failure | None) -> None:
+        """The client connection is gone: free the runner as soon as possible."""
+        self._disarm("client_abort")
+        if self._done:
+            return
+        self._done = True
+        self.ctx.aborted = True
+        self._disarm_all()
+        self._producer = None  # the request's channel is gone with the connection
+        if self._d is not None:
+            d, self._d = self._d, None
+            d.cancel()
+        self._stop_upstream()
+
+    def client_paused(self, paused: bool) -> None:
+        self._paused = paused
+        transport = self.body_transport
+        if paused:
+            self._disarm("idle")  # our pause, not the runner's silence
+            if transport is not None:
+                transport.pauseProducing()
+        else:
+            self._arm_idle()
+            if transport is not None:
+                transport.resumeProducing()
+
+    def _stop_upstream(self) -> None:
+        transport, self.body_transport = self.body_transport, None
+        if transport is None:
+            return
+        # Abort (RST) rather than a graceful close: the runner notices at once
+        # even over TLS, where a close would wait on the close_notify exchange.
+        inner = getattr(transport, "_producer", None)
+        abort = getattr(inner, "abortConnection", None)
+        if callable(abort):
+            abort()
+        else:
+            transport.stopProducing()
+
+    def _unregister(self) -> None:
+        if self._producer is not None:
+            self._producer = None
+            if self.request.channel is not None:
+                self.request.unregisterProducer()
+
+
+def _discard(response: IResponse) -> None:
+    """Read nothing more of a response we will not relay, closing its connection."""
+
+    class _Drop(Protocol):
+        def connectionMade(self) -> None:
+            producer: Any = self.transport
+            producer.stopProducing()
+
+    response.deliverBody(_Drop())
+
+
+class _TaggedPool:
+    """A view of a shared pool whose keys carry a tag of their own.
+
+    Agent keys pooled connections by (scheme, host, port) alone; an https
+    runner's connections are only interchangeable under the same TLS policy
+    (CA, client certificate), so each https resource keeps its own.
+    """
+
+    def __init__(self, pool: HTTPConnectionPool, tag: object) -> None:
+        self._pool = pool
+        self._tag = tag
+        self.persistent = pool.persistent
+
+    def getConnection(self, key: Any, endpoint: Any) -> Deferred[Any]:
+        connection: Deferred[Any] = self._pool.getConnection((self._tag, key), endpoint)
+        return connection
+
+
+class ReverseProxyResource(resource.Resource):
+    """Relays every request below a runner prefix to that runner.
+
+    ``render`` expects the request to carry a RequestContext with ``runner``
+    and ``upstream_path`` set (tree.py does this). Without a ``pool`` the
+    resource makes its own persistent pool; call :meth:`close` when replacing
+    it (settings reload) to drop the cached connections.
+    """
+
+    isLeaf = True
+    max_persistent_per_host = 32
+    cached_connection_timeout = 60
+
+    def __init__(
+        self, runner: RunnerSettings, reactor: Any, pool: HTTPConnectionPool | None = None
+    ) -> None:
+        super().__init__()
+        self.runner = runner
+        self.reactor = reactor
+        self._own_pool = pool is None
+        if pool is None:
+            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool.maxPersistentPerHost = self.max_persistent_per_host
+            pool.cachedConnectionTimeout = self.cached_connection_timeout
+        self.pool = pool
+        agent_pool: Any = pool if runner.scheme != "https" else _TaggedPool(pool, object())
+        self.agent = Agent(
+            reactor,
+            contextFactory=_tls_policy(runner),
+            connectTimeout=runner.connect_timeout if runner.connect_timeout > 0 else None,
+            pool=agent_pool,
+        )
+
+    def render(self, request: Request) -> bytes | int:
+        return _Exchange(self.agent, self.runner, self.reactor, request).start()
+
+    def close(self) -> Deferred[None]:
+        """Close the cached connections of the pool this resource made."""
+        if self._own_pool:
+            closed: Deferred[None] = self.pool.closeCachedConnections()
+            return closed
+        return succeed(None)
