@@ -93,7 +93,9 @@ def test_openai_client_bad_token_is_a_clean_401(
     gateway: tuple[GatewayProcess, GatewaySettings],
 ) -> None:
     gw, _ = gateway
-    client = openai.OpenAI(base_url=f"{gw.url}/corp/v1", api_key="v4.public.nonsense", max_retries=0)
+    client = openai.OpenAI(
+        base_url=f"{gw.url}/corp/v1", api_key="v4.public.nonsense", max_retries=0
+    )
     with pytest.raises(openai.AuthenticationError) as info:
         client.models.list()
     assert info.value.status_code == 401

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import signal
 import time
@@ -33,7 +34,7 @@ def request(
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     parts = urlsplit(gw.url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
     all_headers = dict(headers or {})
     if token:
         all_headers["Authorization"] = f"Bearer {token}"
@@ -106,12 +107,14 @@ def test_chat_streams_through_the_gateway(two_runners: GatewaySettings) -> None:
     token = two_runners.token()
     with start_gateway(two_runners.directory) as gw:
         parts = urlsplit(gw.url)
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
         body = json.dumps(
             {"model": "llama3.2:1b", "messages": [{"role": "user", "content": "one two three"}]}
         )
         start = time.monotonic()
-        conn.request("POST", "/corp/api/chat", body=body, headers={"Authorization": f"Bearer {token}"})
+        conn.request(
+            "POST", "/corp/api/chat", body=body, headers={"Authorization": f"Bearer {token}"}
+        )
         response = conn.getresponse()
         assert response.status == 200
         assert response.getheader("content-type", "").startswith("application/x-ndjson")
@@ -127,7 +130,7 @@ def test_chat_streams_through_the_gateway(two_runners: GatewaySettings) -> None:
     assert lines[-1]["done"] is True
     assert len(lines) >= 4  # 3 chunks and the final summary
     # Buffering would make every line arrive together at the end.
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert arrivals[-1] - arrivals[0] >= 0.3
     assert sum(1 for gap in gaps if gap >= 0.1) >= 2, arrivals
 
@@ -139,9 +142,11 @@ def test_sigterm_lets_a_stream_in_flight_finish(
     token = settings.token()
     with start_gateway(settings.directory) as gw:
         parts = urlsplit(gw.url)
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
         body = json.dumps({"model": "llama3.2:1b", "prompt": "a b c", "stream": True})
-        conn.request("POST", "/api/generate", body=body, headers={"Authorization": f"Bearer {token}"})
+        conn.request(
+            "POST", "/api/generate", body=body, headers={"Authorization": f"Bearer {token}"}
+        )
         response = conn.getresponse()
         first = response.readline()
         assert json.loads(first)["done"] is False
@@ -153,7 +158,9 @@ def test_sigterm_lets_a_stream_in_flight_finish(
         gw.wait_for("Server Shut Down")
         # New connections are refused once draining began.
         with pytest.raises(OSError):
-            http.client.HTTPConnection(parts.hostname, parts.port, timeout=2).request("GET", "/")
+            http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=2).request(
+                "GET", "/"
+            )
 
 
 def test_sighup_reloads_good_settings_and_keeps_running_on_bad(
@@ -186,7 +193,8 @@ def test_sighup_reloads_good_settings_and_keeps_running_on_bad(
         ("server:\n  address: nowhere\n", "broken.yaml: server.address: invalid address"),
         ("paseto:\n  expiration: 1y\n", "broken.yaml: paseto.expiration: invalid duration"),
         (
-            "runners:\n  - {name: a, host: 'h:1', path: /x}\n  - {name: b, host: 'h:2', path: /x}\n",
+            "runners:\n  - {name: a, host: 'h:1', path: /x}\n"
+            "  - {name: b, host: 'h:2', path: /x}\n",
             "broken.yaml: runners[1].path: duplicate path",
         ),
         ("paseto:\n  secretKey: notakey\n", "paseto.secretKey"),

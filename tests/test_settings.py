@@ -90,7 +90,9 @@ runners:
         ({}, "info"),
     ],
 )
-def test_env_name_falls_back_to_variables(sdir: Path, environ: dict[str, str], expected: str) -> None:
+def test_env_name_falls_back_to_variables(
+    sdir: Path, environ: dict[str, str], expected: str
+) -> None:
     write(sdir, "a.yaml", "logging: {level: debug}\n")
     write(sdir, "b.yaml", "logging: {level: warn}\n")
     assert load_settings(sdir, environ=environ).logging.level == expected
@@ -129,7 +131,11 @@ def test_command_line_level_wins(sdir: Path) -> None:
     [
         ("paseto: {secretkey: x}\n", "paseto.secretkey", "unknown key"),
         ("pasteo: {}\n", "pasteo", "unknown key"),
-        ("runners: [{name: a, host: 'h:1', path: /, shceme: http}]\n", "runners[0].shceme", "unknown"),
+        (
+            "runners: [{name: a, host: 'h:1', path: /, shceme: http}]\n",
+            "runners[0].shceme",
+            "unknown",
+        ),
         ("logging: {level: loud}\n", "logging.level", "unknown level"),
         ("paseto: {version: v3}\n", "paseto.version", "unsupported PASETO version"),
         ("paseto: {expiration: 1year}\n", "paseto.expiration", "invalid duration"),
@@ -187,7 +193,8 @@ def test_env_name_cannot_escape_the_directory(sdir: Path) -> None:
 
 
 def test_error_from_environment_variable_names_it(sdir: Path) -> None:
-    with pytest.raises(SettingsError, match="environment variable SERVER_ADDRESS: server.address"):
+    expected = r"environment variable SERVER_ADDRESS: server\.address"
+    with pytest.raises(SettingsError, match=expected):
         load_settings(sdir, environ={"SERVER_ADDRESS": "nonsense"})
 
 
