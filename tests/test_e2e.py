@@ -6,6 +6,7 @@ import http.client
 import itertools
 import json
 import signal
+import socket
 import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -251,3 +252,116 @@ def test_port_in_use_is_a_clean_failure(
     assert result.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_access_line_carries_model_and_token_usage(two_runners: GatewaySettings) -> None:
+    token = two_runners.token()
+    with start_gateway(two_runners.directory) as gw:
+        body = json.dumps(
+            {"model": "llama3.2:1b", "messages": [{"role": "user", "content": "one two three"}]}
+        ).encode()
+        status, headers, _ = request(
+            gw, "POST", "/corp/api/chat", token, body, headers={"X-Request-Id": "usage-1"}
+        )
+        assert status == 200
+        record = json.loads(gw.wait_for(r'"request_id": "usage-1"'))
+    # The stand-in counts prompt words and emits one token per chunk (3 chunks).
+    assert record["model"] == "llama3.2:1b"
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (3, 3)
+    assert record["aborted"] is False
+
+
+def test_client_leaving_mid_stream_is_logged_as_aborted(two_runners: GatewaySettings) -> None:
+    token = two_runners.token()
+    with start_gateway(two_runners.directory) as gw:
+        parts = urlsplit(gw.url)
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
+        body = json.dumps({"model": "llama3.2:1b", "prompt": "a b", "stream": True})
+        conn.request(
+            "POST",
+            "/api/generate",
+            body=body,
+            headers={"Authorization": f"Bearer {token}", "X-Request-Id": "gone-1"},
+        )
+        response = conn.getresponse()
+        response.readline()
+        conn.sock.close()
+        conn.close()
+        record = json.loads(gw.wait_for(r'"request_id": "gone-1"'))
+    assert record["aborted"] is True
+    assert record["status"] == 200
+
+
+def test_cors_is_answered_by_the_gateway(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn
+) -> None:
+    settings = make_settings(
+        runners_yaml(standin, "/") + "  corsOrigins: [https://app.example.com]\n"
+    )
+    token = settings.token()
+    with start_gateway(settings.directory) as gw:
+        status, headers, _ = request(
+            gw,
+            "OPTIONS",
+            "/api/chat",
+            headers={
+                "Origin": "https://app.example.com",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
+        assert status == 204  # a preflight carries no token and needs none
+        assert headers["access-control-allow-origin"] == "https://app.example.com"
+        assert "Authorization" in headers["access-control-allow-headers"]
+
+        # The stand-in answers 403 to a foreign Origin, as Ollama does: a 200
+        # here shows the gateway did not forward it.
+        status, headers, _ = request(
+            gw, "GET", "/api/tags", token, headers={"Origin": "https://app.example.com"}
+        )
+        assert status == 200
+        assert headers["access-control-allow-origin"] == "https://app.example.com"
+
+        status, headers, _ = request(
+            gw, "GET", "/api/tags", token, headers={"Origin": "https://evil.example.com"}
+        )
+        assert status == 403
+        assert "access-control-allow-origin" not in headers
+
+
+def test_slow_request_headers_are_cut_off(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn
+) -> None:
+    settings = make_settings(runners_yaml(standin, "/") + "  headerTimeout: 1s\n")
+    with start_gateway(settings.directory) as gw:
+        parts = urlsplit(gw.url)
+        with socket.create_connection((parts.hostname or "", parts.port or 0), timeout=10) as sock:
+            sock.sendall(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n")  # never finishes
+            start = time.monotonic()
+            try:
+                assert sock.recv(1024) == b""  # closed by the gateway...
+            except ConnectionResetError:
+                pass  # ...or aborted outright
+            waited = time.monotonic() - start
+    assert 0.5 <= waited < 5
+
+
+def test_stream_in_flight_keeps_its_settings_across_reload(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn
+) -> None:
+    settings = make_settings(runners_yaml(standin, "/a"))
+    token = settings.token()
+    with start_gateway(settings.directory) as gw:
+        parts = urlsplit(gw.url)
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
+        body = json.dumps({"model": "llama3.2:1b", "prompt": "a b c", "stream": True})
+        conn.request("POST", "/a/api/generate", body, {"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        response.readline()
+        original = (settings.directory / "settings.yaml").read_text()
+        settings.write("settings.yaml", original.replace("path: /a", "path: /b"))
+        gw.signal(signal.SIGHUP)
+        gw.wait_for("settings reloaded")
+        rest = response.read()
+        assert json.loads(rest.splitlines()[-1])["done"] is True
+        assert request(gw, "GET", "/a/api/tags", token)[0] == 404
