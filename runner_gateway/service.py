@@ -153,6 +153,7 @@ class GatewayService(MultiService):
             header_timeout=settings.server.header_timeout,
             keep_alive_timeout=settings.server.keep_alive_timeout,
             observers=self.observers,
+            trace=settings.logging.level == "trace",
         )
         if settings.server.tls:
             from runner_gateway.tls import ReloadingServerTLS, TLSConfigError
@@ -292,6 +293,7 @@ class GatewayService(MultiService):
         self.generation = generation
         self.site.resource = generation.root
         self.site.max_body_size = max(r.max_body_size for r in settings.runners)
+        self.site.trace = settings.logging.level == "trace"
         if isinstance(self.observer, _LevelControl):
             self.observer.set_level(settings.logging.level)
         _log.info("settings reloaded: {n} runner(s)", n=len(settings.runners))
@@ -333,10 +335,12 @@ def probe_runner(reactor: Any, runner: RunnerSettings) -> defer.Deferred[bool]:
         from runner_gateway.tls import upstream_tls_policy
 
         policy = upstream_tls_policy(runner)
+    pool = _QuietPool(reactor, persistent=False)
+    timeout = min(runner.connect_timeout, 5)
     agent = (
-        Agent(reactor, contextFactory=policy, connectTimeout=min(runner.connect_timeout, 5))
+        Agent(reactor, contextFactory=policy, connectTimeout=timeout, pool=pool)
         if policy is not None
-        else Agent(reactor, connectTimeout=min(runner.connect_timeout, 5))
+        else Agent(reactor, connectTimeout=timeout, pool=pool)
     )
     d = agent.request(
         b"GET", runner.base_url.encode() + b"/", Headers({b"host": [runner.netloc.encode()]})

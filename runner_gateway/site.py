@@ -26,6 +26,10 @@ from runner_gateway.logs import ACCESS_NAMESPACE
 __all__ = ["GatewayRequest", "GatewaySite", "RequestObserver"]
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+# Header values never written to a log, whatever the level.
+_SECRET_HEADERS = frozenset(
+    {b"authorization", b"proxy-authorization", b"cookie", b"x-api-key", b"api-key"}
+)
 _access = Logger(namespace=ACCESS_NAMESPACE)
 _log = Logger()
 
@@ -112,6 +116,14 @@ class GatewayRequest(Request):
         else:
             ctx.request_id = secrets.token_hex(16)
         self.notifyFinish().addBoth(self._finished)
+        if self._gateway_site.trace:
+            _log.debug(
+                "request {request_id}: {method} {uri} headers {headers}",
+                request_id=ctx.request_id,
+                method=self.method.decode("ascii", "replace"),
+                uri=self.uri.decode("utf-8", "replace")[:512],
+                headers=redacted_headers(self),
+            )
         super().process()
         # Twisted's own Server header would sit beside the runner's.
         self.responseHeaders.setRawHeaders(b"server", [b"runner-gateway"])
@@ -148,11 +160,13 @@ class GatewaySite(Site):
         header_timeout: float = 30.0,
         keep_alive_timeout: float = 75.0,
         observers: list[RequestObserver] | None = None,
+        trace: bool = False,
     ) -> None:
         super().__init__(resource, timeout=keep_alive_timeout, reactor=reactor)
         self.reactor = reactor
         self.max_body_size = max_body_size
         self.header_timeout = header_timeout
+        self.trace = trace  # logging.level trace: a detail line per request
         # Kept, not copied: the service adds observers (metrics) to this list.
         self.observers: list[RequestObserver] = [] if observers is None else observers
         self.inflight: set[GatewayRequest] = set()
@@ -210,6 +224,20 @@ class GatewaySite(Site):
             request.gateway_context.aborted = True
             if request.channel is not None:
                 request.channel.forceAbortClient()
+
+
+def redacted_headers(request: Request) -> dict[str, str]:
+    """Request headers for a trace line, with credentials replaced."""
+    shown = {}
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        key = name.lower()
+        if key in _SECRET_HEADERS:
+            shown[key.decode("ascii", "replace")] = "[redacted]"
+        else:
+            shown[key.decode("ascii", "replace")] = b", ".join(values).decode("utf-8", "replace")[
+                :256
+            ]
+    return shown
 
 
 def access_fields(request: Request, ctx: RequestContext, now: float) -> dict[str, Any]:

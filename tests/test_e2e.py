@@ -88,6 +88,10 @@ def test_routes_auth_health_and_access_log(two_runners: GatewaySettings) -> None
         assert record["duration_ms"] >= 0
         assert record["ttfb_ms"] is not None
         gw.wait_for(r'"status": 401')
+        # Trace shows each request's headers, credentials replaced.
+        gw.wait_for(
+            r"request trace-me-123: GET /api/version headers .*'authorization': '\[redacted\]'"
+        )
     # Trace level, JSON format: still no token anywhere in the output.
     assert token not in gw.output
     assert token[-20:] not in gw.output
