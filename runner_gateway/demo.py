@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from runner_gateway.paseto import V4SecretKey, issue, public_key_pem, rfc3339, secret_key_pem
-from runner_gateway.testing.process import start_standin
+from runner_gateway.testing.process import start_standin, stop_process
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
@@ -162,12 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 0
         finally:
-            if gateway.poll() is None:
-                gateway.send_signal(signal.SIGTERM)
-                try:
-                    gateway.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    gateway.kill()
+            stop_process(gateway)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -13,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from runner_gateway.testing.process import stop_process
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 _LISTENING = re.compile(r"listening on (https?)://([0-9.]+):(\d+)")
@@ -101,11 +102,5 @@ def start_gateway(
             raise AssertionError(f"gateway did not start:\n{gateway.output}")
         yield gateway
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, timeout=15)
         pump.join(timeout=5)

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from runner_gateway.settings import ServerSettings
+from runner_gateway.testing.process import stop_process
 from tests import certs
 
 pytestmark = pytest.mark.timeout(60)
@@ -354,14 +355,7 @@ def entrypoint(dockerfile: list[Instruction], tmp_path: Path) -> Iterator[Runnin
             time.sleep(0.2)
         yield running
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
+        assert stop_process(proc, timeout=20), "the gateway did not stop on SIGTERM"
 
 
 def test_entrypoint_runs_from_workdir_with_go_env(

@@ -17,9 +17,9 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["StandInStartError", "start_standin"]
+__all__ = ["StandInStartError", "start_standin", "stop_process"]
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -39,6 +39,20 @@ def _read_first_line(proc: subprocess.Popen[str], timeout: float) -> str:
             if proc.poll() is not None:
                 break
     return ""
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> bool:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL; True when it stopped on SIGTERM."""
+    if proc.poll() is not None:
+        return True
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+        return False
 
 
 @contextmanager
@@ -80,12 +94,6 @@ def start_standin(
         host, _, port = address.rpartition(":")
         yield host.strip("[]"), int(port), proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_process(proc, timeout=5)
         if proc.stdout is not None:
             proc.stdout.close()
