@@ -9,6 +9,12 @@ equivalent that gives the same result for less work:
   lookup. A POST's Content-Type is almost always one of a few values, so the
   parsed media type is cached by the raw header value (bounded; the function
   is pure: bytes in, bytes out).
+* ``agent-endpoint``: ``twisted.web.client.Agent`` builds a new
+  ``HostnameEndpoint`` (IDNA-encoding the host each time) for every request,
+  even when the pool then hands out a kept-alive connection. Endpoints are
+  reusable descriptions of where to connect, so each Agent keeps the one it
+  built per (scheme, host, port). A new settings generation builds new
+  Agents, so upstream TLS settings changes still take effect.
 
 ``RUNNER_GATEWAY_FASTPATH=off`` (or a comma-separated list of fix names to
 leave out) keeps Twisted's own code: the benchmark suite uses it to measure
@@ -20,6 +26,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["FIXES", "install", "installed"]
 
@@ -32,10 +39,39 @@ def _content_type() -> None:
     original: Callable[[bytes], bytes] = http._parseContentType
     if getattr(original, "cache_info", None) is not None:
         return
-    http._parseContentType = functools.lru_cache(maxsize=256)(original)  # type: ignore[assignment]
+    http._parseContentType = functools.lru_cache(maxsize=256)(original)
 
 
-FIXES: dict[str, Callable[[], None]] = {"content-type": _content_type}
+_ENDPOINTS_MAX = 64  # per Agent; one runner needs one
+
+
+def _agent_endpoint() -> None:
+    from twisted.web.client import Agent
+
+    original = Agent._getEndpoint
+    if getattr(original, "_runner_gateway_cached", False):
+        return
+
+    def _getEndpoint(self: Agent, uri: Any) -> Any:
+        cache: dict[tuple[bytes, bytes, int], Any] = self.__dict__.setdefault(
+            "_runner_gateway_endpoints", {}
+        )
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = cache.get(key)
+        if endpoint is None:
+            if len(cache) >= _ENDPOINTS_MAX:
+                cache.clear()
+            endpoint = cache[key] = original(self, uri)
+        return endpoint
+
+    _getEndpoint._runner_gateway_cached = True  # type: ignore[attr-defined]
+    Agent._getEndpoint = _getEndpoint  # type: ignore[method-assign]
+
+
+FIXES: dict[str, Callable[[], None]] = {
+    "content-type": _content_type,
+    "agent-endpoint": _agent_endpoint,
+}
 
 
 def installed() -> frozenset[str]:
@@ -49,6 +85,11 @@ def install(environ: dict[str, str] | None = None) -> frozenset[str]:
     skip = set(FIXES) if setting == "off" else {s.strip() for s in setting.split(",") if s}
     for name, fix in FIXES.items():
         if name not in skip and name not in _installed:
-            fix()
+            try:
+                fix()
+            except AttributeError:
+                # A Twisted release without the internal this fix wraps:
+                # keep Twisted's own code rather than fail to start.
+                continue
             _installed.add(name)
     return installed()

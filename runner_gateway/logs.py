@@ -8,6 +8,7 @@ log call slips one in: the rule is never to log them at all.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -48,14 +49,33 @@ def twisted_level(level: str) -> LogLevel:
 
 def scrub(text: str) -> str:
     """Mask token-, bearer- and secret-key-shaped substrings."""
-    data = text.encode("utf-8", "surrogateescape")
-    if b"." not in data and b"earer" not in data and b"EARER" not in data:
+    # Each pattern needs ".local.", ".public.", ".secret." or "bearer" (any
+    # case): lines without them (nearly all, access lines included) skip the
+    # regular expression, which costs ~20 us on an access line.
+    if (
+        ".local." not in text
+        and ".public." not in text
+        and ".secret." not in text
+        and "bearer" not in text.lower()
+    ):
         return text
+    data = text.encode("utf-8", "surrogateescape")
     return _SECRETS.sub(b"[redacted]", data).decode("utf-8", "surrogateescape")
 
 
+def _message(event: dict[str, Any]) -> str:
+    """formatEvent, faster: str.format_map gives the same text for formats without
+    Twisted's "{callable()}" syntax (formatEvent costs ~25 us on an access line)."""
+    fmt = event.get("log_format")
+    if type(fmt) is str and "(" not in fmt:
+        # On any error formatEvent says "Unable to format event" its own way.
+        with contextlib.suppress(Exception):
+            return fmt.format_map(event)
+    return formatEvent(event)
+
+
 def _text_line(event: dict[str, Any]) -> str | None:
-    message = formatEvent(event)
+    message = _message(event)
     if not message and "log_failure" not in event:
         return None
     when = datetime.fromtimestamp(event.get("log_time", 0), UTC).isoformat(timespec="milliseconds")
@@ -74,7 +94,7 @@ def _json_line(event: dict[str, Any]) -> str | None:
         .replace("+00:00", "Z"),
         "level": event.get("log_level", LogLevel.info).name,
         "logger": event.get("log_namespace", "-"),
-        "message": formatEvent(event),
+        "message": _message(event),
     }
     fields = event.get("fields")
     if isinstance(fields, dict):

@@ -157,7 +157,8 @@ class ServerSettings:
     keep_alive_timeout: float = 75.0
     drain_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
-    workers: int = 1
+    # One worker process per CPU (workers.py); 1 serves from the twistd process itself.
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property
     def tls(self) -> bool:

@@ -163,6 +163,9 @@ class GatewaySite(Site):
         trace: bool = False,
     ) -> None:
         super().__init__(resource, timeout=keep_alive_timeout, reactor=reactor)
+        from runner_gateway.fastpath import install as install_fastpath
+
+        install_fastpath()  # hot-path fixes found by profiling (fastpath.py)
         self.reactor = reactor
         self.max_body_size = max_body_size
         self.header_timeout = header_timeout

@@ -24,7 +24,9 @@ def runners_yaml(standin: StandIn, *paths: str) -> str:
     lines = ["runners:"]
     for i, path in enumerate(paths):
         lines += [f"  - name: r{i}", f"    host: {standin.address}", f"    path: {path}"]
-    return "\n".join(lines) + "\nserver:\n  address: 127.0.0.1:0\n"
+    # One process: these tests look at one process's logs and reloads
+    # (tests/test_workers.py covers server.workers > 1).
+    return "\n".join(lines) + "\nserver:\n  address: 127.0.0.1:0\n  workers: 1\n"
 
 
 def request(

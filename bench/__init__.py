@@ -1,0 +1,1 @@
+"""The benchmark suite: ``python -m bench.run`` (``--smoke`` for the CI check)."""

@@ -1,0 +1,119 @@
+"""Hot-path fixes (fastpath.py, logs.py): same results as the code they replace."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent
+from twisted.web import http
+from twisted.web.client import URI, Agent
+
+from runner_gateway import fastpath
+from runner_gateway.logs import _message, scrub
+
+_PROBE = (
+    "from runner_gateway import fastpath; from twisted.web import http; "
+    "print(sorted(fastpath.install()), hasattr(http._parseContentType, 'cache_info'))"
+)
+
+
+@pytest.mark.parametrize(
+    ("switch", "expected"),
+    [
+        ("off", "[] False"),
+        ("content-type", "['agent-endpoint'] False"),
+        ("agent-endpoint", "['content-type'] True"),
+        ("", "['agent-endpoint', 'content-type'] True"),
+    ],
+)
+def test_switch_leaves_fixes_out(switch: str, expected: str) -> None:
+    """In a fresh interpreter: what RUNNER_GATEWAY_FASTPATH names is not installed."""
+    env = {**os.environ, "RUNNER_GATEWAY_FASTPATH": switch}
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == expected
+
+
+def test_install_is_idempotent() -> None:
+    installed = fastpath.install({})
+    assert installed == frozenset(fastpath.FIXES)
+    assert fastpath.install({}) == installed  # a second call patches nothing twice
+    assert hasattr(http._parseContentType, "cache_info")
+
+
+@pytest.mark.parametrize(
+    ("raw", "media_type"),
+    [
+        (b"application/json", b"application/json"),
+        (b"Application/JSON; charset=utf-8", b"application/json"),
+        (b"multipart/form-data; boundary=xyz", b"multipart/form-data"),
+        (b"application/x-www-form-urlencoded", b"application/x-www-form-urlencoded"),
+        (b"nonsense", b"text/plain"),
+    ],
+)
+def test_cached_content_type_parses_like_twisted(raw: bytes, media_type: bytes) -> None:
+    fastpath.install({})
+    original = http._parseContentType.__wrapped__  # type: ignore[attr-defined]
+    assert http._parseContentType(raw) == original(raw) == media_type
+    assert http._parseContentType(raw) == media_type  # and from the cache
+
+
+def test_agent_reuses_its_endpoint_per_origin() -> None:
+    fastpath.install({})
+    agent = Agent(MemoryReactorClock())
+    a1 = agent._getEndpoint(URI.fromBytes(b"http://127.0.0.1:8080/api/chat"))
+    a2 = agent._getEndpoint(URI.fromBytes(b"http://127.0.0.1:8080/api/tags"))
+    b = agent._getEndpoint(URI.fromBytes(b"http://127.0.0.1:8081/"))
+    c = agent._getEndpoint(URI.fromBytes(b"https://127.0.0.1:8080/"))
+    assert a1 is a2
+    assert len({id(a1), id(b), id(c)}) == 3
+    # Another Agent (a new settings generation) builds its own.
+    other = Agent(MemoryReactorClock())
+    assert other._getEndpoint(URI.fromBytes(b"http://127.0.0.1:8080/")) is not a1
+
+
+def _event(fmt: Any, **fields: Any) -> dict[str, Any]:
+    return {
+        "log_format": fmt,
+        "log_level": LogLevel.info,
+        "log_namespace": "t",
+        "log_time": time.time(),
+        **fields,
+    }
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        _event("{method} {path} {status} {bytes}B", method="POST", path="/x", status=200, bytes=3),
+        _event("{a!r} {b:>5} {c[0]} {d.real}", a="q", b="r", c=[1], d=2),
+        _event("n={n} ({n} runner(s))", n=2),  # "(": Twisted's own code path
+        _event("{missing}"),
+        _event(None),
+        _event("{{literal}} {x}", x=b"\xff"),
+    ],
+)
+def test_message_matches_format_event(event: dict[str, Any]) -> None:
+    assert _message(event) == formatEvent(event)
+
+
+@pytest.mark.parametrize(
+    ("text", "scrubbed"),
+    [
+        ("GET /api/tags 200 17B 0.5ms runner=r0 sub=alice", None),
+        ("Authorization: Bearer abcdefgh12345678", "Authorization: [redacted]"),
+        ("BeArEr abcdefgh12345678", "[redacted]"),  # no "." anywhere: was missed before
+        ("token v4.public.eyJzdWIiOiJib2IifQ rest", "token [redacted] rest"),
+        ("k4.secret.AAAAAAAAAAAAAAAAAAAA", "[redacted]"),
+        ("k4.local.AAAAAAAAAAAAAAAAAAAA", "[redacted]"),
+    ],
+)
+def test_scrub(text: str, scrubbed: str | None) -> None:
+    assert scrub(text) == (text if scrubbed is None else scrubbed)
