@@ -1,10 +1,12 @@
 """ReverseProxyResource: one runner prefix, relayed over HTTP/1.1 with keep-alive.
 
 Twisted's own ``twisted.web.proxy.ReverseProxyResource`` speaks HTTP/1.0, opens a
-connection per request and cannot do https; this one is built on
-``twisted.web.client.Agent`` with a persistent ``HTTPConnectionPool``.
+connection per request and cannot do https; this one is built on the lean
+HTTP/1.1 client of :mod:`runner_gateway.upstream` with its keep-alive
+:class:`~runner_gateway.upstream.UpstreamPool` (``Agent`` cost a third of the
+gateway's CPU per request, docs/benchmarks.md).
 
-Every request becomes an :class:`_Exchange`, which owns the upstream Deferred,
+Every request becomes an :class:`_Exchange`, which owns the upstream call,
 the timers and the body relay. The body is written to the client chunk by
 chunk as the runner sends it (NDJSON and SSE stream); the upstream transport
 is registered as the request's streaming producer, so a slow client pauses
@@ -17,28 +19,34 @@ from __future__ import annotations
 
 import importlib
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 from OpenSSL import SSL
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource
-from twisted.web._newclient import ParseError, RequestNotSent, ResponseDone
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
+from twisted.web._newclient import ParseError
+from twisted.web.client import BrowserLikePolicyForHTTPS
+from twisted.web.http import NO_BODY_CODES
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from runner_gateway.context import RequestContext, context_of
 from runner_gateway.errors import send_error
 from runner_gateway.settings import RunnerSettings
+from runner_gateway.upstream import (
+    UpstreamCall,
+    UpstreamClient,
+    UpstreamPool,
+    UpstreamProtocolError,
+    request_head,
+)
 
 __all__ = [
     "HOP_BY_HOP",
@@ -94,11 +102,60 @@ def _hop_by_hop(name: bytes, connection_tokens: Iterable[bytes] = ()) -> bool:
     return name in HOP_BY_HOP or name.startswith(b"proxy-") or name in connection_tokens
 
 
-def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+def _tokens(values: Iterable[bytes]) -> frozenset[bytes]:
     tokens: set[bytes] = set()
-    for value in headers.getRawHeaders(b"connection", []):
+    for value in values:
         tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return frozenset(tokens)
+
+
+def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+    return _tokens(headers.getRawHeaders(b"connection", []))
+
+
+def _upstream_header_list(
+    incoming: Headers,
+    *,
+    netloc: bytes,
+    client_ip: str | None,
+    secure: bool,
+    request_id: str,
+    identity: bool,
+) -> list[tuple[bytes, bytes]]:
+    """The runner's request headers as (name, value) lines, in the order they are sent."""
+    out: list[tuple[bytes, bytes]] = []
+    forwarded_for: list[bytes] = []
+    client_host: bytes | None = None
+    connection: list[bytes] | None = None
+    raw = list(incoming.getAllRawHeaders())
+    for raw_name, values in raw:
+        if raw_name.lower() == b"connection":
+            connection = list(values)
+    tokens = _tokens(connection) if connection else frozenset()
+    for raw_name, values in raw:
+        name = raw_name.lower()
+        if name in _REQUEST_DROP:
+            if name == b"host" and values and client_host is None:
+                client_host = values[0]
+            continue
+        if _hop_by_hop(name, tokens):
+            continue
+        if name == b"x-forwarded-for":
+            forwarded_for.extend(v.strip() for v in values if v.strip())
+            continue
+        if identity and name == b"accept-encoding":
+            continue
+        out.extend((raw_name, v) for v in values)
+    if client_ip:
+        forwarded_for.append(client_ip.encode("ascii", "replace"))
+    if forwarded_for:
+        out.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
+    out.append((b"X-Forwarded-Proto", b"https" if secure else b"http"))
+    if client_host is not None:
+        out.append((b"X-Forwarded-Host", client_host))
+    out.append((b"X-Request-Id", request_id.encode("ascii", "replace")))
+    out.append((b"Host", netloc))
+    return out
 
 
 def upstream_headers(
@@ -115,49 +172,57 @@ def upstream_headers(
     ``identity`` strips Accept-Encoding so the runner answers uncompressed
     (used when the gateway must rewrite the body).
     """
-    tokens = _connection_tokens(incoming)
     out = Headers()
-    forwarded_for: list[bytes] = []
-    for raw_name, values in incoming.getAllRawHeaders():
-        name = raw_name.lower()
-        if _hop_by_hop(name, tokens) or name in _REQUEST_DROP:
-            continue
-        if name == b"x-forwarded-for":
-            forwarded_for.extend(v.strip() for v in values if v.strip())
-            continue
-        if identity and name == b"accept-encoding":
-            continue
-        out.setRawHeaders(raw_name, list(values))
-    if client_ip:
-        forwarded_for.append(client_ip.encode("ascii", "replace"))
-    if forwarded_for:
-        out.setRawHeaders(b"X-Forwarded-For", [b", ".join(forwarded_for)])
-    out.setRawHeaders(b"X-Forwarded-Proto", [b"https" if secure else b"http"])
-    client_host = incoming.getRawHeaders(b"host")
-    if client_host:
-        out.setRawHeaders(b"X-Forwarded-Host", [client_host[0]])
-    out.setRawHeaders(b"X-Request-Id", [request_id.encode("ascii", "replace")])
-    out.setRawHeaders(b"Host", [netloc.encode("ascii")])  # settings allow ASCII hosts only
+    for name, value in _upstream_header_list(
+        incoming,
+        netloc=netloc.encode("ascii"),  # settings allow ASCII hosts only
+        client_ip=client_ip,
+        secure=secure,
+        request_id=request_id,
+        identity=identity,
+    ):
+        out.addRawHeader(name, value)
     return out
 
 
-def response_headers(upstream: Headers, target: Headers, head: bool) -> None:
-    """Copy the runner's end-to-end response headers onto the client response.
+def _grouped(lines: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, list[bytes]]]:
+    groups: dict[bytes, tuple[bytes, list[bytes]]] = {}
+    for name, value in lines:
+        group = groups.get(name.lower())
+        if group is None:
+            groups[name.lower()] = (name, [value])
+        else:
+            group[1].append(value)
+    return iter(groups.values())
 
-    Twisted's client parser already keeps Content-Length (except for HEAD),
-    Transfer-Encoding and Connection out of ``upstream``; the caller sets the
-    length. ``setRawHeaders`` replaces, so the runner's Date and Server take the
-    place of the ones Twisted's server put there (no duplicates). CORS headers
-    are the gateway's to answer (tree.py), so the runner's are dropped.
-    """
-    tokens = _connection_tokens(upstream)
-    for raw_name, values in upstream.getAllRawHeaders():
+
+def _copy_response_headers(
+    upstream: list[tuple[bytes, list[bytes]]], target: Headers, head: bool
+) -> None:
+    tokens = _tokens(
+        v for name, values in upstream if name.lower() == b"connection" for v in values
+    )
+    for raw_name, values in upstream:
         name = raw_name.lower()
         if _hop_by_hop(name, tokens) or name.startswith(b"access-control-"):
             continue
         if name == b"content-length" and not head:
             continue
-        target.setRawHeaders(raw_name, list(values))
+        target.setRawHeaders(raw_name, values)
+
+
+def response_headers(upstream: Headers, target: Headers, head: bool) -> None:
+    """Copy the runner's end-to-end response headers onto the client response.
+
+    Hop-by-hop headers (Connection, Transfer-Encoding, ...) and, except for
+    HEAD, Content-Length are left out; the caller sets the length.
+    ``setRawHeaders`` replaces, so the runner's Date and Server take the
+    place of the ones Twisted's server put there (no duplicates). CORS headers
+    are the gateway's to answer (tree.py), so the runner's are dropped.
+    """
+    _copy_response_headers(
+        [(name, list(values)) for name, values in upstream.getAllRawHeaders()], target, head
+    )
 
 
 def _tls_policy(runner: RunnerSettings) -> IPolicyForHTTPS:
@@ -211,63 +276,6 @@ def classify(failure: Failure) -> tuple[str, int, str]:
     return "protocol", 502, "the request to the runner failed"
 
 
-@implementer(IBodyProducer)
-class _ContentProducer:
-    """Streams ``request.content`` (BytesIO or a temp file) in 64 KiB chunks.
-
-    A push producer driven by the transport's pause/resume, unlike
-    FileBodyProducer it needs no Cooperator: small bodies go out at once.
-    """
-
-    def __init__(self, content: IO[bytes], length: int) -> None:
-        self.length = length
-        self._content = content
-        self._consumer: IConsumer | None = None
-        self._done: Deferred[None] | None = None
-        self._paused = False
-        self._pumping = False
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        self._content.seek(0)
-        self._consumer = consumer
-        done: Deferred[None] = Deferred()
-        self._done = done
-        self._pump()  # small bodies are written, and ``done`` fired, right here
-        return done
-
-    def _pump(self) -> None:
-        if self._pumping:
-            return
-        self._pumping = True
-        try:
-            while not self._paused and self._done is not None and self._consumer is not None:
-                data = self._content.read(_CHUNK)
-                if not data:
-                    finished: Deferred[None] = self._done
-                    self._done = None
-                    finished.callback(None)
-                    return
-                self._consumer.write(data)
-        except Exception:
-            done, self._done = self._done, None
-            if done is not None:
-                done.errback()
-        finally:
-            self._pumping = False
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._pump()
-
-    def stopProducing(self) -> None:
-        # IBodyProducer: after stopProducing the Deferred must never fire.
-        self._done = None
-        self._consumer = None
-
-
 @implementer(IPushProducer)
 class _UpstreamProducer:
     """Registered on the client request: relays the client's flow control to the runner."""
@@ -285,20 +293,6 @@ class _UpstreamProducer:
         self._exchange.client_lost(None)
 
 
-class _BodyRelay(Protocol):
-    def __init__(self, exchange: _Exchange) -> None:
-        self._exchange = exchange
-
-    def connectionMade(self) -> None:
-        self._exchange.body_transport = self.transport  # type: ignore[assignment]
-
-    def dataReceived(self, data: bytes) -> None:
-        self._exchange.upstream_data(data)
-
-    def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
-        self._exchange.upstream_done(reason)
-
-
 def _request_length(content: IO[bytes] | None) -> int:
     if content is None:
         return 0
@@ -308,33 +302,36 @@ def _request_length(content: IO[bytes] | None) -> int:
     return length
 
 
-class _Exchange:
-    """One client request relayed to the runner."""
+def _first(headers: list[tuple[bytes, list[bytes]]], name: bytes) -> list[bytes] | None:
+    for raw_name, values in headers:
+        if raw_name.lower() == name:
+            return values
+    return None
 
-    def __init__(
-        self, agent: Agent, runner: RunnerSettings, reactor: IReactorTime, request: Request
-    ) -> None:
-        self.agent = agent
-        self.runner = runner
-        self.reactor = reactor
+
+class _Exchange:
+    """One client request relayed to the runner (the upstream client's ResponseHandler)."""
+
+    def __init__(self, proxy: ReverseProxyResource, request: Request) -> None:
+        self.client = proxy.client
+        self.netloc = proxy.netloc
+        self.runner: RunnerSettings = proxy.runner
+        self.reactor: IReactorTime = proxy.reactor
         self.request = request
         self.ctx: RequestContext = context_of(request)
-        self.body_transport: IPushProducer | None = None
-        self._d: Deferred[IResponse] | None = None
+        self.call: UpstreamCall | None = None
+        self._pending = False  # sent, no response head yet
         self._timers: dict[str, IDelayedCall] = {}
         self._done = False  # no more writes to the client from us
-        self._timed_out: str | None = None
         self._buffer: list[bytes] | None = None  # set while buffering for a transform
         self._buffered = 0
         self._paused = False
         self._producer: _UpstreamProducer | None = None
         self._headers_at: float | None = None
-        self._retried = False
-        self._body: _ContentProducer | None = None
         self._method = request.method
-        self._url = b""
-        self._headers = Headers()
-        self._response: IResponse | None = None
+        self._code = 0
+        self._phrase = b""
+        self._headers: list[tuple[bytes, list[bytes]]] = []
 
     # ------------------------------------------------------------ start
 
@@ -350,12 +347,10 @@ class _Exchange:
                 f"request body too large: {length} bytes, at most "
                 f"{runner.max_body_size} allowed (runner {runner.name})",
             )
-        if length and content is not None:
-            self._body = _ContentProducer(content, length)
         client = request.getClientAddress()
-        self._headers = upstream_headers(
+        headers = _upstream_header_list(
             request.requestHeaders,
-            netloc=runner.netloc,
+            netloc=self.netloc,
             client_ip=getattr(client, "host", None),
             secure=request.isSecure(),
             request_id=ctx.request_id,
@@ -364,20 +359,24 @@ class _Exchange:
         path = ctx.upstream_path or b"/"
         if not path.startswith(b"/"):
             path = b"/" + path
-        self._url = runner.base_url.encode("ascii") + path
+        try:
+            head = request_head(self._method, path, headers, length)
+        except ValueError:
+            ctx.status = 400
+            return send_error(request, 400, "invalid request target")
         request.notifyFinish().addErrback(self.client_lost)
         if runner.first_byte_timeout > 0:
             self._arm("first_byte", runner.first_byte_timeout, self._first_byte_timeout)
         if runner.total_timeout > 0:
             self._arm("total", runner.total_timeout, self._total_timeout)
-        self._send()
+        self._pending = True
+        try:
+            self.call = self.client.request(
+                head, content if length else None, length, self._method == b"HEAD", self
+            )
+        except Exception:
+            self._bug(Failure())
         return NOT_DONE_YET
-
-    def _send(self) -> None:
-        d = self.agent.request(self._method, self._url, self._headers, self._body)
-        self._d = d
-        d.addCallbacks(self._got_response, self._request_failed)
-        d.addErrback(self._bug)
 
     # ------------------------------------------------------------ timers
 
@@ -405,7 +404,7 @@ class _Exchange:
 
     def _total_timeout(self) -> None:
         limit = f"{self.runner.total_timeout:g}s"
-        if self._d is not None:
+        if self._pending:
             self._cancel_pending(f"the runner did not answer within the {limit} limit")
         else:
             self._abort("timeout", f"total timeout {limit}", 504, f"the {limit} limit ran out")
@@ -415,47 +414,45 @@ class _Exchange:
         self._abort("timeout", f"idle for {idle}", 504, f"the runner was silent for {idle}")
 
     def _cancel_pending(self, message: str) -> None:
-        if self._d is None or self._done:
+        if not self._pending or self._done:
             return
-        self._timed_out = message
-        self._d.cancel()
+        self._pending = False
+        self._stop_upstream()
+        self._error("timeout", 504, message)
 
     # ------------------------------------------------------------ upstream answers
 
-    def _got_response(self, response: IResponse) -> None:
-        self._d = None
+    def response_head(
+        self, code: int, phrase: bytes, lines: list[tuple[bytes, bytes]], length: int | None
+    ) -> None:
+        self._pending = False
         self._disarm("first_byte")
-        if self._done:  # cannot happen (client_lost cancels), but never write twice
-            _discard(response)
+        if self._done:  # cannot happen (client_lost aborts), but never write twice
+            self._stop_upstream()
             return
         request, ctx = self.request, self.ctx
+        headers = self._headers = list(_grouped(lines))
         head = self._method == b"HEAD"
-        ctx.status = response.code
-        if ctx.response_transform is not None and response.code == 200 and not head:
-            encoding = response.headers.getRawHeaders(b"content-encoding", [b"identity"])
+        ctx.status = code
+        content_type = _first(headers, b"content-type")
+        if ctx.response_transform is not None and code == 200 and not head:
+            encoding = _first(headers, b"content-encoding") or [b"identity"]
             if any(v.strip().lower() != b"identity" for v in encoding):
-                _discard(response)
+                self._stop_upstream()
                 self._error("protocol", 502, "the runner sent an encoded listing")
                 return
-            self._response = response
+            self._code, self._phrase = code, phrase
             self._buffer = []
-            content_type = response.headers.getRawHeaders(b"content-type")
             ctx.response_started(content_type[0].decode("latin-1") if content_type else None)
             self._arm_idle()
-            response.deliverBody(_BodyRelay(self))
             return
-        request.setResponseCode(response.code, response.phrase)
-        response_headers(response.headers, request.responseHeaders, head)
-        if (
-            not head
-            and response.code not in NO_BODY_CODES
-            and response.length is not UNKNOWN_LENGTH
-        ):
-            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
+        request.setResponseCode(code, phrase)
+        _copy_response_headers(headers, request.responseHeaders, head)
+        if not head and code not in NO_BODY_CODES and length is not None:
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % length])
         if ctx.response_transform is not None and head:
             # The unfiltered listing's length would be wrong for the filtered one.
             request.responseHeaders.removeHeader(b"content-length")
-        content_type = response.headers.getRawHeaders(b"content-type")
         if not content_type:
             request.defaultContentType = None
         ctx.response_started(content_type[0].decode("latin-1") if content_type else None)
@@ -464,7 +461,6 @@ class _Exchange:
         self._producer = _UpstreamProducer(self)
         request.registerProducer(self._producer, True)
         self._arm_idle()
-        response.deliverBody(_BodyRelay(self))
 
     def _arm_idle(self) -> None:
         if self.runner.idle_timeout > 0 and not self._paused and not self._done:
@@ -474,7 +470,7 @@ class _Exchange:
             else:
                 self._arm("idle", self.runner.idle_timeout, self._idle_timeout)
 
-    def upstream_data(self, data: bytes) -> None:
+    def response_body(self, data: bytes) -> None:
         if self._done:
             return
         self._arm_idle()
@@ -489,32 +485,29 @@ class _Exchange:
         if not data:
             return
         self.request.write(data)
-        self.ctx.bytes_sent += len(data)
-        if self.ctx.first_byte is None:
-            self.ctx.first_byte = self.reactor.seconds()
-        self.ctx.response_chunk(data)
+        ctx = self.ctx
+        ctx.bytes_sent += len(data)
+        if ctx.first_byte is None:
+            ctx.first_byte = self.reactor.seconds()
+        ctx.response_chunk(data)
 
-    def upstream_done(self, reason: Failure) -> None:
-        self.body_transport = None
+    def response_end(self, reason: Failure | None) -> None:
+        self.call = None
         if self._done:
             return
-        # PotentialDataLoss: a body framed by connection close, whose end
-        # looks exactly like this; chunked and Content-Length bodies that
-        # end early arrive as ResponseFailed instead.
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if reason is None:
             if self._buffer is not None:
                 self._send_transformed()
             else:
                 self._finish()
             return
-        kind = "protocol" if any(r.check(ParseError) for r in _reasons(reason)) else "reset"
+        kind = "protocol" if _is_protocol_error(reason) else "reset"
         self._abort(
             kind, "the runner ended the stream early", 502, "the runner ended the response early"
         )
 
     def _send_transformed(self) -> None:
         assert self._buffer is not None and self.ctx.response_transform is not None
-        assert self._response is not None
         body = b"".join(self._buffer)
         self._buffer = None
         try:
@@ -527,12 +520,12 @@ class _Exchange:
             )
             self._error("protocol", 502, "the runner sent an unreadable listing")
             return
-        request, response = self.request, self._response
-        request.setResponseCode(response.code, response.phrase)
-        response_headers(response.headers, request.responseHeaders, False)
+        request = self.request
+        request.setResponseCode(self._code, self._phrase)
+        _copy_response_headers(self._headers, request.responseHeaders, False)
         request.responseHeaders.removeHeader(b"content-encoding")
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-        if not response.headers.hasHeader(b"content-type"):
+        if _first(self._headers, b"content-type") is None:
             request.defaultContentType = None
         request.write(b"")
         self._headers_at = self.reactor.seconds()
@@ -543,19 +536,11 @@ class _Exchange:
             self.ctx.response_chunk(body)
         self._finish()
 
-    def _request_failed(self, failure: Failure) -> None:
-        self._d = None
+    def request_failed(self, failure: Failure) -> None:
+        self._pending = False
+        self.call = None
         if self._done:
-            return  # the client went away and we cancelled: nothing to answer
-        if self._timed_out is not None:
-            self._error("timeout", 504, self._timed_out)
-            return
-        if failure.check(RequestNotSent) and not self._retried:
-            # The pooled connection died before a byte of this request went
-            # out (the runner closed an idle connection): safe for any method.
-            self._retried = True
-            self._send()
-            return
+            return  # the client went away or a timeout answered: nothing more to say
         kind, status, message = classify(failure)
         log.warn(
             "runner {runner} request {request_id} failed ({kind}: {error})",
@@ -568,6 +553,7 @@ class _Exchange:
 
     def _bug(self, failure: Failure) -> None:
         log.failure("proxy bug (request {request_id})", failure, request_id=self.ctx.request_id)
+        self._stop_upstream()
         if not self._done:
             if self.request.startedWriting:
                 self._abort("protocol", "internal error", 502, "internal error")
@@ -644,35 +630,27 @@ class _Exchange:
         self.ctx.aborted = True
         self._disarm_all()
         self._producer = None  # the request's channel is gone with the connection
-        if self._d is not None:
-            d, self._d = self._d, None
-            d.cancel()
         self._stop_upstream()
 
     def client_paused(self, paused: bool) -> None:
         self._paused = paused
-        transport = self.body_transport
+        call = self.call
         if paused:
             self._disarm("idle")  # our pause, not the runner's silence
-            if transport is not None:
-                transport.pauseProducing()
+            if call is not None:
+                call.pause()
         else:
             self._arm_idle()
-            if transport is not None:
-                transport.resumeProducing()
+            if call is not None:
+                call.resume()
 
     def _stop_upstream(self) -> None:
-        transport, self.body_transport = self.body_transport, None
-        if transport is None:
-            return
         # Abort (RST) rather than a graceful close: the runner notices at once
         # even over TLS, where a close would wait on the close_notify exchange.
-        inner = getattr(transport, "_producer", None)
-        abort = getattr(inner, "abortConnection", None)
-        if callable(abort):
-            abort()
-        else:
-            transport.stopProducing()
+        call, self.call = self.call, None
+        self._pending = False
+        if call is not None:
+            call.abort()
 
     def _unregister(self) -> None:
         if self._producer is not None:
@@ -681,33 +659,8 @@ class _Exchange:
                 self.request.unregisterProducer()
 
 
-def _discard(response: IResponse) -> None:
-    """Read nothing more of a response we will not relay, closing its connection."""
-
-    class _Drop(Protocol):
-        def connectionMade(self) -> None:
-            producer: Any = self.transport
-            producer.stopProducing()
-
-    response.deliverBody(_Drop())
-
-
-class _TaggedPool:
-    """A view of a shared pool whose keys carry a tag of their own.
-
-    Agent keys pooled connections by (scheme, host, port) alone; an https
-    runner's connections are only interchangeable under the same TLS policy
-    (CA, client certificate), so each https resource keeps its own.
-    """
-
-    def __init__(self, pool: HTTPConnectionPool, tag: object) -> None:
-        self._pool = pool
-        self._tag = tag
-        self.persistent = pool.persistent
-
-    def getConnection(self, key: Any, endpoint: Any) -> Deferred[Any]:
-        connection: Deferred[Any] = self._pool.getConnection((self._tag, key), endpoint)
-        return connection
+def _is_protocol_error(failure: Failure) -> bool:
+    return any(r.check(ParseError, UpstreamProtocolError) for r in _reasons(failure))
 
 
 class ReverseProxyResource(resource.Resource):
@@ -715,8 +668,11 @@ class ReverseProxyResource(resource.Resource):
 
     ``render`` expects the request to carry a RequestContext with ``runner``
     and ``upstream_path`` set (tree.py does this). Without a ``pool`` the
-    resource makes its own persistent pool; call :meth:`close` when replacing
-    it (settings reload) to drop the cached connections.
+    resource makes its own :class:`UpstreamPool`; call :meth:`close` when
+    replacing it (settings reload) to drop the cached connections. With a
+    shared pool, plain-http runners share connections to the same host and
+    port; each https runner keeps its own, because its TLS policy (CA, client
+    certificate) is part of the connection.
     """
 
     isLeaf = True
@@ -724,31 +680,37 @@ class ReverseProxyResource(resource.Resource):
     cached_connection_timeout = 60
 
     def __init__(
-        self, runner: RunnerSettings, reactor: Any, pool: HTTPConnectionPool | None = None
+        self, runner: RunnerSettings, reactor: Any, pool: UpstreamPool | None = None
     ) -> None:
         super().__init__()
         self.runner = runner
         self.reactor = reactor
         self._own_pool = pool is None
         if pool is None:
-            pool = HTTPConnectionPool(reactor, persistent=True)
-            pool.maxPersistentPerHost = self.max_persistent_per_host
-            pool.cachedConnectionTimeout = self.cached_connection_timeout
+            pool = UpstreamPool(
+                reactor,
+                max_idle_per_key=self.max_persistent_per_host,
+                idle_timeout=self.cached_connection_timeout,
+            )
         self.pool = pool
-        agent_pool: Any = pool if runner.scheme != "https" else _TaggedPool(pool, object())
-        self.agent = Agent(
+        https = runner.scheme == "https"
+        self.netloc = runner.netloc.encode("ascii")  # settings allow ASCII hosts only
+        self.client = UpstreamClient(
             reactor,
-            contextFactory=_tls_policy(runner),
-            connectTimeout=runner.connect_timeout if runner.connect_timeout > 0 else None,
-            pool=agent_pool,
+            pool,
+            scheme=runner.scheme,
+            host=runner.host,
+            port=runner.port,
+            connect_timeout=runner.connect_timeout,
+            tls_policy=_tls_policy(runner) if https else None,
+            tag=object() if https else None,
         )
 
     def render(self, request: Request) -> bytes | int:
-        return _Exchange(self.agent, self.runner, self.reactor, request).start()
+        return _Exchange(self, request).start()
 
     def close(self) -> Deferred[None]:
         """Close the cached connections of the pool this resource made."""
         if self._own_pool:
-            closed: Deferred[None] = self.pool.closeCachedConnections()
-            return closed
+            return self.pool.closeCachedConnections()
         return succeed(None)

@@ -44,6 +44,7 @@ from runner_gateway.settings import (
 )
 from runner_gateway.site import GatewaySite, RequestObserver
 from runner_gateway.tree import CorsPolicy, GatewayRoot, Route
+from runner_gateway.upstream import UpstreamPool
 
 __all__ = ["GatewayService", "Options", "build_root", "make_service"]
 
@@ -94,7 +95,7 @@ class _Generation:
 def build_root(
     settings: Settings,
     reactor: Any,
-    pool: HTTPConnectionPool,
+    pool: UpstreamPool,
     readiness: Callable[[], list[str]],
 ) -> GatewayRoot:
     """The resource tree for one settings generation; raises SettingsError on bad keys."""
@@ -136,9 +137,7 @@ class GatewayService(MultiService):
         self.load = load
         self.reactor = reactor
         self.observer = observer
-        self.pool = _QuietPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 32
-        self.pool.cachedConnectionTimeout = 60
+        self.pool = UpstreamPool(reactor, max_idle_per_key=32, idle_timeout=60)
         self.ports: list[IListeningPort] = []
         self.listening = False
         self.tls: Any = None
@@ -321,7 +320,7 @@ class GatewayService(MultiService):
             if self.site.inflight:
                 _log.warn("drain timeout: cutting {n} request(s)", n=len(self.site.inflight))
                 self.site.abort_inflight()
-            return self.pool.closeCachedConnections()  # type: ignore[no-any-return]
+            return self.pool.closeCachedConnections()
 
         return idle.addBoth(done)
 

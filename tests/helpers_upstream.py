@@ -43,7 +43,6 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import ILogObserver, LogLevel, globalLogBeginner, textFileLogObserver
 from twisted.web import resource, server
-from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
@@ -52,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from runner_gateway.context import RequestContext
 from runner_gateway.proxy import ReverseProxyResource
 from runner_gateway.settings import RunnerSettings
+from runner_gateway.upstream import UpstreamPool
 
 reactor: Any = _reactor
 EVENTS: dict[str, dict[str, float]] = {}
@@ -302,10 +302,10 @@ def main() -> None:
         tls_port = tls_listener.getHost().port
         ca_path = str(pem / "ca.cer")
 
-    shared = HTTPConnectionPool(reactor, persistent=True)
+    shared = UpstreamPool(reactor)
 
     def runner(
-        name: str, port: int = up, pool: HTTPConnectionPool | None = None, **kwargs: Any
+        name: str, port: int = up, pool: UpstreamPool | None = None, **kwargs: Any
     ) -> ReverseProxyResource:
         settings = RunnerSettings(name=name, host="127.0.0.1", port=port, path=f"/{name}", **kwargs)
         return ReverseProxyResource(settings, reactor, pool)
