@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -74,24 +75,48 @@ def _message(event: dict[str, Any]) -> str:
     return formatEvent(event)
 
 
+# The whole-second part of the last timestamp formatted: consecutive lines
+# (an access line per request) nearly always fall in the same second.
+_last_second: list[Any] = [None, ""]
+
+
+def _when(timestamp: float) -> str:
+    """``datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")`` with
+    "Z" for "+00:00", without building a datetime for every line (~2 us)."""
+    # Split and round to microseconds as datetime.fromtimestamp does (half even).
+    frac, whole = math.modf(timestamp)
+    micros = round(frac * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    elif micros < 0:
+        whole, micros = whole - 1, micros + 1_000_000
+    cached = _last_second
+    if cached[0] != whole:
+        text = datetime.fromtimestamp(whole, UTC).isoformat(timespec="seconds")
+        cached[0], cached[1] = whole, text.replace("+00:00", "")
+    return f"{cached[1]}.{micros // 1000:03d}Z"
+
+
 def _text_line(event: dict[str, Any]) -> str | None:
     message = _message(event)
     if not message and "log_failure" not in event:
         return None
-    when = datetime.fromtimestamp(event.get("log_time", 0), UTC).isoformat(timespec="milliseconds")
+    when = _when(event.get("log_time", 0))
     level = event.get("log_level", LogLevel.info).name
-    line = f"{when.replace('+00:00', 'Z')} [{level}] {event.get('log_namespace', '-')}: {message}"
+    line = f"{when} [{level}] {event.get('log_namespace', '-')}: {message}"
     failure = event.get("log_failure")
     if failure is not None:
         line += "\n" + failure.getTraceback()
     return line
 
 
+# Built once: json.dumps with options makes a new encoder on every call.
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
+
+
 def _json_line(event: dict[str, Any]) -> str | None:
     record: dict[str, Any] = {
-        "time": datetime.fromtimestamp(event.get("log_time", 0), UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z"),
+        "time": _when(event.get("log_time", 0)),
         "level": event.get("log_level", LogLevel.info).name,
         "logger": event.get("log_namespace", "-"),
         "message": _message(event),
@@ -103,7 +128,7 @@ def _json_line(event: dict[str, Any]) -> str | None:
     if failure is not None:
         record["error"] = failure.getErrorMessage()
         record["traceback"] = failure.getTraceback()
-    return json.dumps(record, default=str, ensure_ascii=False)
+    return _ENCODER.encode(record)
 
 
 def make_observer(
@@ -124,5 +149,22 @@ def make_observer(
         except (OSError, ValueError):
             pass  # stdout gone (closed pipe): logging must never take the process down
 
-    predicate = LogLevelFilterPredicate(defaultLogLevel=twisted_level(level))
-    return FilteringLogObserver(write, [predicate])
+    return _LevelFilter(write, twisted_level(level))
+
+
+class _LevelFilter(FilteringLogObserver):
+    """FilteringLogObserver with one LogLevelFilterPredicate(defaultLogLevel=level),
+    decided by a set lookup: the predicate compares LogLevel constants (slow in
+    ``constantly``) and splits the namespace on every event (~5 us a line)."""
+
+    def __init__(self, observer: ILogObserver, level: LogLevel) -> None:
+        super().__init__(observer, [LogLevelFilterPredicate(defaultLogLevel=level)])
+        self._write = observer
+        self._levels = frozenset(lv for lv in LogLevel.iterconstants() if lv >= level)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        # As the predicate: no level or no namespace, or a lower level: dropped.
+        if event.get("log_level") in self._levels and event.get("log_namespace"):
+            if "log_trace" in event:
+                event["log_trace"].append((self, self._write))
+            self._write(event)

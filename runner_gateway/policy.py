@@ -192,6 +192,17 @@ class Endpoint:
 
 _UNKNOWN = Endpoint(ADMIN, "other", ModelSource.UNKNOWN, _ALL_MODEL_KEYS, _ALL_OPAQUE_KEYS)
 
+# The exact rows by (method, path), first row wins as in _builtin: one dict
+# lookup instead of a scan and a new Endpoint (frozen, so shared) per request.
+_EXACT_ENDPOINTS: dict[tuple[str, str], Endpoint] = {}
+for _r in ROUTES:
+    if not _r.path.endswith("}"):
+        for _m in _r.methods:
+            _EXACT_ENDPOINTS.setdefault(
+                (_m, _r.path),
+                Endpoint(_r.scope, _r.path, _r.models, _r.keys, _r.opaque, _r.listing),
+            )
+
 
 def _text(value: bytes | str) -> str | None:
     """Method or path as text; None when not plain ASCII (never in the table)."""
@@ -231,6 +242,9 @@ def _path_param(segment: str, route: Route) -> str | None:
 
 
 def _builtin(method: str, path: str) -> Endpoint | None:
+    exact = _EXACT_ENDPOINTS.get((method, path))
+    if exact is not None:
+        return exact
     for route in _EXACT.get(path, ()):
         if method in route.methods:
             return Endpoint(
@@ -426,6 +440,8 @@ def go_fold(key: str) -> str:
     mapping is ASCII (Kelvin sign, long s, dotted and dotless i) fold onto
     it, as Go's ``unicode.ToUpper(unicode.ToLower(r))`` does.
     """
+    if key.isascii():
+        return key.upper()  # the usual case: same as the loop below, at C speed
     out = []
     for ch in key:
         if ch.isascii():
@@ -451,6 +467,10 @@ def _no_constants(name: str) -> Any:
     raise BadRequest(f"invalid JSON body: {name} is not JSON")
 
 
+# Built once: json.loads with hooks makes a new decoder on every call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_no_constants)
+
+
 def parse_body(body: bytes) -> Any:
     """Parse strictly: UTF-8, no NaN/Infinity, no key repeated in any object.
 
@@ -462,7 +482,7 @@ def parse_body(body: bytes) -> Any:
     except UnicodeDecodeError:
         raise BadRequest("invalid JSON body: not UTF-8") from None
     try:
-        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_no_constants)
+        value = _DECODER.decode(text)
     except BadRequest:
         raise
     except RecursionError:

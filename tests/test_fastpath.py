@@ -6,16 +6,25 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, formatEvent
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+)
 from twisted.web import http
 from twisted.web.client import URI, Agent
 
 from runner_gateway import fastpath
-from runner_gateway.logs import _message, scrub
+from runner_gateway.logs import _LevelFilter, _message, _when, scrub, twisted_level
 
 _PROBE = (
     "from runner_gateway import fastpath; from twisted.web import http; "
@@ -117,3 +126,44 @@ def test_message_matches_format_event(event: dict[str, Any]) -> None:
 )
 def test_scrub(text: str, scrubbed: str | None) -> None:
     assert scrub(text) == (text if scrubbed is None else scrubbed)
+
+
+@pytest.mark.parametrize(
+    "when",
+    [0.0, 0.0005, 0.9999995, 0.9999994999, 1.9999999, 1764149000.9999996, 1764149000.123, -0.5],
+)
+def test_timestamp_matches_datetime(when: float) -> None:
+    expected = datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")
+    assert _when(when) == expected.replace("+00:00", "Z")
+    assert _when(when + 0.25) == (
+        datetime.fromtimestamp(when + 0.25, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+@given(st.floats(min_value=0, max_value=4e9))
+def test_timestamp_matches_datetime_anywhere(when: float) -> None:
+    expected = datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")
+    assert _when(when) == expected.replace("+00:00", "Z")
+
+
+@pytest.mark.parametrize("level", ["trace", "debug", "info", "warn", "error"])
+def test_level_filter_passes_what_twisted_filter_passes(level: str) -> None:
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    fast = _LevelFilter(cast(ILogObserver, ours.append), twisted_level(level))
+    reference = FilteringLogObserver(
+        cast(ILogObserver, theirs.append),
+        [LogLevelFilterPredicate(defaultLogLevel=twisted_level(level))],
+    )
+    events: list[dict[str, Any]] = [
+        {"log_level": lv, "log_namespace": ns}
+        for lv in [*LogLevel.iterconstants(), None]
+        for ns in ("runner_gateway.access", "x", "", None)
+    ]
+    for event in events:
+        fast(dict(event))
+        reference(dict(event))
+    assert ours == theirs
+    assert ours  # every level passes something

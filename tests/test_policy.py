@@ -706,3 +706,38 @@ def test_listing_filter_never_leaks(patterns: list[str], name: str) -> None:
     out: Callable[[bytes], bytes] = filter_listing(Listing.OLLAMA, grant)
     kept = json.loads(out(body))["models"]
     assert (kept != []) == grant.allows_model(name)
+
+
+@given(st.text(max_size=24))
+def test_go_fold_ascii_shortcut_matches_the_general_fold(key: str) -> None:
+    # go_fold takes str.upper() for ASCII keys; the per-character rule must agree.
+    general = "".join(
+        ch.upper()
+        if ch.isascii()
+        else {"\u212a": "K", "\u017f": "S", "\u0130": "I", "\u0131": "I"}.get(
+            ch, ch.lower().upper() if len(ch.lower().upper()) == 1 else ch
+        )
+        for ch in key
+    )
+    assert go_fold(key) == general
+
+
+def test_exact_lookup_matches_a_table_scan() -> None:
+    # classify's (method, path) dict must give what scanning ROUTES in order gives.
+    methods = {m for r in ROUTES for m in r.methods} | {"PATCH", "OPTIONS", "get"}
+    for path in {r.path for r in ROUTES if not r.path.endswith("}")}:
+        for method in methods:
+            first = next((r for r in ROUTES if r.path == path and method in r.methods), None)
+            got = classify(method, path)
+            if first is None:
+                assert got.route == "other" and got.scope == "admin"
+            else:
+                assert (got.scope, got.route, got.models, got.keys, got.opaque, got.listing) == (
+                    first.scope,
+                    first.path,
+                    first.models,
+                    first.keys,
+                    first.opaque,
+                    first.listing,
+                )
+                assert got.path_model is None
