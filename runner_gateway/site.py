@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import re
 import secrets
-import time
 from typing import IO, Any, Protocol, cast
-from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web import resource as _resource
 from twisted.web.resource import IResource
-from twisted.web.server import Request, Site, version
+from twisted.web.server import Request, Site
 
 from runner_gateway.context import RequestContext
 from runner_gateway.logs import ACCESS_NAMESPACE
@@ -35,17 +32,6 @@ _SECRET_HEADERS = frozenset(
 )
 _access = Logger(namespace=ACCESS_NAMESPACE)
 _log = Logger()
-# The last Date header made, by whole second (http.datetimeToString costs
-# ~1.3 us, and most requests fall in the same second as the one before).
-_date_cache: list[Any] = [-1, b""]
-
-
-def _http_date() -> bytes:
-    second = int(time.time())
-    if _date_cache[0] != second:
-        _date_cache[0], _date_cache[1] = second, http.datetimeToString(second)
-    date: bytes = _date_cache[1]
-    return date
 
 
 class RequestObserver(Protocol):
@@ -138,30 +124,10 @@ class GatewayRequest(Request):
                 uri=self.uri.decode("utf-8", "replace")[:512],
                 headers=redacted_headers(self),
             )
-        self._process()
+        super().process()
         # Twisted's own Server header would sit beside the runner's.
         self.responseHeaders.setRawHeaders(b"server", [b"runner-gateway"])
         self.responseHeaders.setRawHeaders(b"x-request-id", [ctx.request_id.encode()])
-
-    def _process(self) -> None:
-        """twisted.web.server.Request.process, with the Date string cached per second."""
-        if self.path == b"*":
-            super().process()  # Twisted's own answer to "OPTIONS *"
-            return
-        self.site = self._gateway_site
-        self.setHeader(b"Server", version)
-        self.setHeader(b"Date", _http_date())
-        self.prepath = []
-        self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
-        try:
-            resrc = self.site.getResourceFor(self)
-            if _resource._IEncodingResource.providedBy(resrc):
-                encoder = resrc.getEncoder(self)
-                if encoder is not None:
-                    self._encoder = encoder
-            self.render(resrc)
-        except BaseException:
-            self.processingFailed(Failure())
 
     def _finished(self, result: object) -> None:
         if self._ended:
