@@ -186,7 +186,8 @@ class GatewayService(MultiService):
         if not self.listening:
             found.append("not listening")
         if self.tls is not None and self.tls.error:
-            found.append(f"tls: {self.tls.error}")
+            # /readyz is public: say what is wrong, the log says where (file paths).
+            found.append("tls: the certificate files changed but could not be loaded (see the log)")
         return found
 
     # -- twistd hooks

@@ -8,12 +8,14 @@ import itertools
 import json
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import pytest
 
+from tests import certs
 from tests.conftest import GatewaySettings, StandIn
 from tests.gateway_process import GatewayProcess, run_twistd, start_gateway
 
@@ -370,3 +372,41 @@ def test_stream_in_flight_keeps_its_settings_across_reload(
         rest = response.read()
         assert json.loads(rest.splitlines()[-1])["done"] is True
         assert request(gw, "GET", "/a/api/tags", token)[0] == 404
+
+
+def test_readyz_reports_broken_certificate_files_without_paths(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn, tmp_path
+) -> None:
+    root = certs.make_ca()
+    files = certs.write_server_files(tmp_path / "tls", certs.make_leaf(root), root=root)
+    settings = make_settings(
+        runners_yaml(standin, "/")
+        + f"  certificatePath: {files.fullchain}\n  keyPath: {files.key}\n"
+    )
+    context = ssl.create_default_context(cafile=str(files.root))
+
+    def readyz() -> tuple[int, dict[str, object]]:
+        port = urlsplit(gw.url).port
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+        conn.request("GET", "/readyz")
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+
+    with start_gateway(settings.directory) as gw:
+        assert gw.url.startswith("https://")
+        assert readyz() == (200, {"status": "ready"})
+        good = files.fullchain.read_bytes()
+        certs.write(files.fullchain, good[: len(good) // 2])  # a half-written renewal
+        gw.signal(signal.SIGHUP)
+        gw.wait_for("settings reloaded")
+        status, body = readyz()  # the old pair still serves this handshake
+        assert status == 503
+        assert "tls" in str(body["problems"])
+        assert str(tmp_path) not in json.dumps(body)  # /readyz is public: no file paths
+        certs.write(files.fullchain, good)
+        gw.signal(signal.SIGHUP)
+        gw.wait_for("settings reloaded", timeout=10)
+        deadline = time.monotonic() + 10
+        while readyz()[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
