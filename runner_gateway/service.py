@@ -15,7 +15,7 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -89,7 +89,6 @@ class _Generation:
 
     settings: Settings
     root: GatewayRoot
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def build_root(

@@ -31,6 +31,24 @@ def runners_yaml(standin: StandIn, *paths: str) -> str:
     return "\n".join(lines) + "\nserver:\n  address: 127.0.0.1:0\n  workers: 1\n"
 
 
+def send(
+    gw: GatewayProcess,
+    method: str,
+    path: str,
+    token: str | None = None,
+    body: bytes | str | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """Send a request; the caller reads the response (as it streams, if it likes)."""
+    parts = urlsplit(gw.url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
+    all_headers = dict(headers or {})
+    if token:
+        all_headers["Authorization"] = f"Bearer {token}"
+    conn.request(method, path, body=body, headers=all_headers)
+    return conn, conn.getresponse()
+
+
 def request(
     gw: GatewayProcess,
     method: str,
@@ -39,13 +57,7 @@ def request(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    parts = urlsplit(gw.url)
-    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
-    all_headers = dict(headers or {})
-    if token:
-        all_headers["Authorization"] = f"Bearer {token}"
-    conn.request(method, path, body=body, headers=all_headers)
-    response = conn.getresponse()
+    conn, response = send(gw, method, path, token, body, headers)
     data = response.read()
     conn.close()
     return response.status, {k.lower(): v for k, v in response.getheaders()}, data
@@ -116,16 +128,11 @@ def test_chat_streams_through_the_gateway(two_runners: GatewaySettings) -> None:
     """Each NDJSON line arrives when the runner writes it (150 ms apart), not at the end."""
     token = two_runners.token()
     with start_gateway(two_runners.directory) as gw:
-        parts = urlsplit(gw.url)
-        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
         body = json.dumps(
             {"model": "llama3.2:1b", "messages": [{"role": "user", "content": "one two three"}]}
         )
         start = time.monotonic()
-        conn.request(
-            "POST", "/corp/api/chat", body=body, headers={"Authorization": f"Bearer {token}"}
-        )
-        response = conn.getresponse()
+        conn, response = send(gw, "POST", "/corp/api/chat", token, body)
         assert response.status == 200
         assert response.getheader("content-type", "").startswith("application/x-ndjson")
         arrivals = []
@@ -152,12 +159,8 @@ def test_sigterm_lets_a_stream_in_flight_finish(
     token = settings.token()
     with start_gateway(settings.directory) as gw:
         parts = urlsplit(gw.url)
-        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
         body = json.dumps({"model": "llama3.2:1b", "prompt": "a b c", "stream": True})
-        conn.request(
-            "POST", "/api/generate", body=body, headers={"Authorization": f"Bearer {token}"}
-        )
-        response = conn.getresponse()
+        _, response = send(gw, "POST", "/api/generate", token, body)
         first = response.readline()
         assert json.loads(first)["done"] is False
         gw.signal(signal.SIGTERM)
@@ -283,16 +286,10 @@ def test_access_line_carries_model_and_token_usage(two_runners: GatewaySettings)
 def test_client_leaving_mid_stream_is_logged_as_aborted(two_runners: GatewaySettings) -> None:
     token = two_runners.token()
     with start_gateway(two_runners.directory) as gw:
-        parts = urlsplit(gw.url)
-        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
         body = json.dumps({"model": "llama3.2:1b", "prompt": "a b", "stream": True})
-        conn.request(
-            "POST",
-            "/api/generate",
-            body=body,
-            headers={"Authorization": f"Bearer {token}", "X-Request-Id": "gone-1"},
+        conn, response = send(
+            gw, "POST", "/api/generate", token, body, headers={"X-Request-Id": "gone-1"}
         )
-        response = conn.getresponse()
         response.readline()
         conn.sock.close()
         conn.close()
@@ -359,11 +356,8 @@ def test_stream_in_flight_keeps_its_settings_across_reload(
     settings = make_settings(runners_yaml(standin, "/a"))
     token = settings.token()
     with start_gateway(settings.directory) as gw:
-        parts = urlsplit(gw.url)
-        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
         body = json.dumps({"model": "llama3.2:1b", "prompt": "a b c", "stream": True})
-        conn.request("POST", "/a/api/generate", body, {"Authorization": f"Bearer {token}"})
-        response = conn.getresponse()
+        _, response = send(gw, "POST", "/a/api/generate", token, body)
         response.readline()
         original = (settings.directory / "settings.yaml").read_text()
         settings.write("settings.yaml", original.replace("path: /a", "path: /b"))
