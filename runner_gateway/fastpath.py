@@ -15,6 +15,14 @@ equivalent that gives the same result for less work:
   reusable descriptions of where to connect, so each Agent keeps the one it
   built per (scheme, host, port). A new settings generation builds new
   Agents, so upstream TLS settings changes still take effect.
+* ``send-now``: a write to a Twisted TCP transport is only queued; the
+  ``send()`` happens on the reactor's next turn, after an epoll call to
+  watch for writability and before another to stop. :func:`write_now` hands
+  the bytes to the kernel at once when nothing is queued on a plain (not
+  TLS) TCP connection, as asyncio's transports do; what the kernel does not
+  take, and every other transport, goes through ``transport.write``, so
+  ordering and flow control are Twisted's. The proxy uses it for the request
+  to the runner and for each batch of response bytes to the client.
 
 ``RUNNER_GATEWAY_FASTPATH=off`` (or a comma-separated list of fix names to
 leave out) keeps Twisted's own code: the benchmark suite uses it to measure
@@ -28,7 +36,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FIXES", "install", "installed"]
+__all__ = ["FIXES", "install", "installed", "write_now"]
 
 _installed: set[str] = set()
 
@@ -68,7 +76,44 @@ def _agent_endpoint() -> None:
     Agent._getEndpoint = _getEndpoint  # type: ignore[method-assign]
 
 
+_TCP_TRANSPORTS: tuple[type, ...] = ()  # empty until send-now is installed
+
+
+def _send_now() -> None:
+    global _TCP_TRANSPORTS
+    from twisted.internet import abstract, tcp
+
+    # write_now reads these; a Twisted without them raises AttributeError here
+    # (install() then keeps plain transport.write).
+    probe = abstract.FileDescriptor(reactor=object())  # type: ignore[arg-type]
+    _ = (probe._tempDataBuffer, probe._writeDisconnected, probe.dataBuffer, tcp.Server.TLS)
+    _TCP_TRANSPORTS = (tcp.Server, tcp.Client)
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, sent at once when the transport has nothing queued."""
+    if (
+        type(transport) in _TCP_TRANSPORTS
+        and not transport.TLS  # startTLS() on a TCP transport: bytes must go through TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+        and data
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0  # EAGAIN, or an error transport.write's own send will meet and report
+        if sent >= len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
 FIXES: dict[str, Callable[[], None]] = {
+    "send-now": _send_now,
     "content-type": _content_type,
     "agent-endpoint": _agent_endpoint,
 }

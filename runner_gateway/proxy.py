@@ -318,6 +318,7 @@ class _Exchange:
         self.runner: RunnerSettings = proxy.runner
         self.reactor: IReactorTime = proxy.reactor
         self.request = request
+        self._channel = request.channel  # Twisted drops request.channel when it finishes
         self.ctx: RequestContext = context_of(request)
         self.call: UpstreamCall | None = None
         self._pending = False  # sent, no response head yet
@@ -490,6 +491,18 @@ class _Exchange:
         if ctx.first_byte is None:
             ctx.first_byte = self.reactor.seconds()
         ctx.response_chunk(data)
+
+    def hold(self) -> None:
+        """A read from the runner begins: keep what goes to the client until :meth:`release`."""
+        hold = getattr(self._channel, "hold", None)
+        if hold is not None and not self._done:
+            hold()
+
+    def release(self) -> None:
+        """The read is handled: send what it produced for the client in one piece."""
+        release = getattr(self._channel, "release", None)
+        if release is not None:
+            release()
 
     def response_end(self, reason: Failure | None) -> None:
         self.call = None

@@ -17,13 +17,15 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from runner_gateway.context import RequestContext
+from runner_gateway.fastpath import write_now
 from runner_gateway.logs import ACCESS_NAMESPACE
 
-__all__ = ["GatewayRequest", "GatewaySite", "RequestObserver"]
+__all__ = ["GatewayChannel", "GatewayRequest", "GatewaySite", "RequestObserver"]
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 # Header values never written to a log, whatever the level.
@@ -56,6 +58,57 @@ class _Discard:
         pass
 
 
+class GatewayChannel(http.HTTPChannel):
+    """An HTTPChannel that can hold what a request writes and send it as one piece.
+
+    Between :meth:`hold` and :meth:`release` (the proxy brackets each read
+    from the runner with them) the response's head, body pieces and closing
+    chunk are kept, then handed over with :func:`~runner_gateway.fastpath.write_now`:
+    one ``send()`` at once instead of several queued writes sent on the
+    reactor's next turn. Outside that bracket it is Twisted's HTTPChannel.
+    """
+
+    _held: list[bytes] | None = None
+
+    def hold(self) -> None:
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held and self.transport is not None:
+            write_now(self.transport, b"".join(held))
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        held = self._held
+        if held is None or not isinstance(headers, Headers):
+            self.release()
+            super().writeHeaders(version, code, reason, headers)
+            return
+        # As Twisted's writeHeaders, into the held pieces.
+        held.extend((version, b" ", code, b" ", reason, b"\r\n"))
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                held.extend((name, b": ", value, b"\r\n"))
+        held.append(b"\r\n")
+
+    def write(self, data: bytes) -> None:
+        if self._held is None:
+            super().write(data)
+        else:
+            self._held.append(data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        if self._held is None:
+            super().writeSequence(iovec)
+        else:
+            self._held.extend(iovec)
+
+    def loseConnection(self) -> None:
+        self.release()  # a non-persistent request's last bytes go before the close
+        super().loseConnection()
+
+
 class GatewayRequest(Request):
     gateway_context: RequestContext
     site: GatewaySite
@@ -65,6 +118,7 @@ class GatewayRequest(Request):
         super().__init__(channel)
         site = cast(GatewaySite, channel.site)  # type: ignore[attr-defined]
         self._gateway_site = site
+        self._gateway_channel = channel  # Twisted drops self.channel when the request ends
         self.gateway_context = RequestContext(request_id="", started=site.reactor.seconds())
         self._body_received = 0
         self._ended = False
@@ -140,6 +194,9 @@ class GatewayRequest(Request):
             ctx.status = self.code
         if not ctx.bytes_sent:
             ctx.bytes_sent = self.sentLength
+        release = getattr(self._gateway_channel, "release", None)
+        if release is not None:
+            release()  # the client gets its last bytes before the access log is written
         self._gateway_site.request_ended(self)
 
     def connectionLost(self, reason: Failure) -> None:
@@ -165,6 +222,9 @@ class GatewaySite(Site):
     """A Site that tracks its requests so they can be logged, observed and drained."""
 
     requestFactory = GatewayRequest  # type: ignore[assignment]
+    # HTTP/1.1 only (tls.py offers no h2 either): Twisted's default wraps the
+    # channel in a proxy that could switch to HTTP/2, one more call per read.
+    protocol = GatewayChannel  # type: ignore[assignment]
 
     def __init__(
         self,

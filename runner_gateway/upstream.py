@@ -41,6 +41,8 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from runner_gateway.fastpath import write_now
+
 __all__ = [
     "ResponseHandler",
     "UpstreamCall",
@@ -83,6 +85,12 @@ class ResponseHandler(TypingProtocol):
     def response_end(self, reason: Failure | None) -> None: ...
 
     def request_failed(self, reason: Failure) -> None: ...
+
+    def hold(self) -> None:
+        """A read from the runner is about to be parsed (its callbacks follow)."""
+
+    def release(self) -> None:
+        """The read is parsed: flush what the callbacks produced."""
 
 
 # Parser states.
@@ -215,13 +223,13 @@ class _Connection(Protocol):
         transport: Any = self.transport
         if content is None or length == 0:
             self._body = None
-            transport.write(head)
+            write_now(transport, head)
             return
         content.seek(0)
         first = content.read(CHUNK)
         if len(first) >= length:
             self._body = None
-            transport.write(head + first)
+            write_now(transport, head + first)
             return
         # Registered before the first write, so a full buffer pauses it at once.
         writer = self._body = _BodyWriter(self, content, length - len(first))
@@ -279,10 +287,14 @@ class _Connection(Protocol):
             return
         buf = self._buf + data if self._buf else data
         self._buf = b""
+        handler = self.handler
+        handler.hold()
         try:
             self._parse(buf)
         except UpstreamProtocolError:
             self._fail(Failure())
+        finally:
+            handler.release()
 
     def _parse(self, buf: bytes) -> None:
         while buf and self.handler is not None:

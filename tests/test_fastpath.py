@@ -36,9 +36,10 @@ _PROBE = (
     ("switch", "expected"),
     [
         ("off", "[] False"),
-        ("content-type", "['agent-endpoint'] False"),
-        ("agent-endpoint", "['content-type'] True"),
-        ("", "['agent-endpoint', 'content-type'] True"),
+        ("content-type", "['agent-endpoint', 'send-now'] False"),
+        ("agent-endpoint", "['content-type', 'send-now'] True"),
+        ("send-now", "['agent-endpoint', 'content-type'] True"),
+        ("", "['agent-endpoint', 'content-type', 'send-now'] True"),
     ],
 )
 def test_switch_leaves_fixes_out(switch: str, expected: str) -> None:

@@ -35,19 +35,29 @@ class Handler:
         self.body: list[bytes] = []
         self.ended: list[Failure | None] = []
         self.failed: list[Failure] = []
+        self.calls: list[str] = []
+
+    def hold(self) -> None:
+        self.calls.append("hold")
+
+    def release(self) -> None:
+        self.calls.append("release")
 
     def response_head(
         self, code: int, phrase: bytes, headers: list[tuple[bytes, bytes]], length: int | None
     ) -> None:
         self.head = (code, phrase, headers, length)
+        self.calls.append("head")
 
     def response_body(self, data: bytes) -> None:
         assert self.head is not None and not self.ended
         self.body.append(data)
+        self.calls.append("body")
 
     def response_end(self, reason: Failure | None) -> None:
         assert self.head is not None and not self.ended
         self.ended.append(reason)
+        self.calls.append("end")
 
     def request_failed(self, reason: Failure) -> None:
         assert self.head is None and not self.failed
@@ -101,6 +111,13 @@ def test_chunked_split_at_every_byte_boundary() -> None:
         assert b"".join(handler.body) == b'{"a":1}\n0123456789'
         assert handler.ended == [None]
         assert pool.idle_count(KEY) == 1 and not transport.disconnecting
+
+
+def test_each_read_is_bracketed_by_hold_and_release() -> None:
+    """The proxy sends what one read from the runner produced in one piece."""
+    cut = CHUNKED.index(b"A;ext")
+    handler, _, _ = _exchange([CHUNKED[:cut], CHUNKED[cut:]])
+    assert handler.calls == ["hold", "head", "body", "release", "hold", "body", "end", "release"]
 
 
 def test_chunks_are_delivered_as_they_arrive() -> None:
