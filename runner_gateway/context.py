@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from runner_gateway.site import RequestObserver
     from runner_gateway.usage import UsageParser
 
+from runner_gateway.usage import parser_for
+
 __all__ = ["RequestContext", "context_of"]
 
 
@@ -58,8 +60,6 @@ class RequestContext:
 
     def response_started(self, content_type: str | None) -> None:
         """Called by the proxy once upstream headers are in."""
-        from runner_gateway.usage import parser_for
-
         self.usage = parser_for(content_type, self.upstream_path)
         for observer in self.observers:
             observer.response_started(self)

@@ -185,26 +185,27 @@ def upstream_headers(
     return out
 
 
-def _grouped(lines: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, list[bytes]]]:
-    groups: dict[bytes, tuple[bytes, list[bytes]]] = {}
+# The runner's response headers by lower-cased name: (name as sent, values), in order.
+_Grouped = dict[bytes, tuple[bytes, list[bytes]]]
+
+
+def _grouped(lines: Iterable[tuple[bytes, bytes]]) -> _Grouped:
+    groups: _Grouped = {}
     for name, value in lines:
-        group = groups.get(name.lower())
+        lower = name.lower()
+        group = groups.get(lower)
         if group is None:
-            groups[name.lower()] = (name, [value])
+            groups[lower] = (name, [value])
         else:
             group[1].append(value)
-    return iter(groups.values())
+    return groups
 
 
-def _copy_response_headers(
-    upstream: list[tuple[bytes, list[bytes]]], target: Headers, head: bool
-) -> None:
-    tokens = _tokens(
-        v for name, values in upstream if name.lower() == b"connection" for v in values
-    )
-    for raw_name, values in upstream:
-        name = raw_name.lower()
-        if _hop_by_hop(name, tokens) or name.startswith(b"access-control-"):
+def _copy_response_headers(upstream: _Grouped, target: Headers, head: bool) -> None:
+    connection = upstream.get(b"connection")
+    tokens = _tokens(connection[1]) if connection is not None else frozenset()
+    for name, (raw_name, values) in upstream.items():
+        if name in HOP_BY_HOP or name in tokens or name.startswith((b"proxy-", b"access-control-")):
             continue
         if name == b"content-length" and not head:
             continue
@@ -220,9 +221,7 @@ def response_headers(upstream: Headers, target: Headers, head: bool) -> None:
     place of the ones Twisted's server put there (no duplicates). CORS headers
     are the gateway's to answer (tree.py), so the runner's are dropped.
     """
-    _copy_response_headers(
-        [(name, list(values)) for name, values in upstream.getAllRawHeaders()], target, head
-    )
+    _copy_response_headers(_grouped(_lines(upstream)), target, head)
 
 
 def _tls_policy(runner: RunnerSettings) -> IPolicyForHTTPS:
@@ -302,11 +301,15 @@ def _request_length(content: IO[bytes] | None) -> int:
     return length
 
 
-def _first(headers: list[tuple[bytes, list[bytes]]], name: bytes) -> list[bytes] | None:
-    for raw_name, values in headers:
-        if raw_name.lower() == name:
-            return values
-    return None
+def _lines(headers: Headers) -> Iterator[tuple[bytes, bytes]]:
+    for name, values in headers.getAllRawHeaders():
+        for value in values:
+            yield name, value
+
+
+def _first(headers: _Grouped, name: bytes) -> list[bytes] | None:
+    group = headers.get(name)
+    return group[1] if group is not None else None
 
 
 class _Exchange:
@@ -332,7 +335,7 @@ class _Exchange:
         self._method = request.method
         self._code = 0
         self._phrase = b""
-        self._headers: list[tuple[bytes, list[bytes]]] = []
+        self._headers: _Grouped = {}
 
     # ------------------------------------------------------------ start
 
@@ -432,7 +435,7 @@ class _Exchange:
             self._stop_upstream()
             return
         request, ctx = self.request, self.ctx
-        headers = self._headers = list(_grouped(lines))
+        headers = self._headers = _grouped(lines)
         head = self._method == b"HEAD"
         ctx.status = code
         content_type = _first(headers, b"content-type")

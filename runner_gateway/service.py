@@ -12,8 +12,10 @@ and SIGINT stop accepting, let requests in flight finish for up to
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +36,13 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from runner_gateway import __version__
-from runner_gateway.logs import make_observer
+from runner_gateway.logs import (
+    ACCESS_NAMESPACE,
+    access_line,
+    logs_access,
+    make_observer,
+    write_line,
+)
 from runner_gateway.settings import (
     Address,
     RunnerSettings,
@@ -153,6 +161,8 @@ class GatewayService(MultiService):
             observers=self.observers,
             trace=settings.logging.level == "trace",
         )
+        if isinstance(observer, _LevelControl):
+            self.site.access_log = observer.access
         if settings.server.tls:
             from runner_gateway.tls import ReloadingServerTLS, TLSConfigError
 
@@ -270,6 +280,7 @@ class GatewayService(MultiService):
             probe_runner(self.reactor, runner)
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, self._on_sighup)
+        _settle_gc()
 
     def _on_sighup(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self.reload)
@@ -391,6 +402,18 @@ class _Discard(Protocol):
         pass
 
 
+def _settle_gc() -> None:
+    """Keep the start-up objects (modules, settings, the resource tree) out of
+    the collector's way: frozen, they are never scanned again. Requests make
+    few reference cycles, so young collections can wait longer as well."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_GC_YOUNG, *gc.get_threshold()[1:])
+
+
+_GC_YOUNG = 10_000  # Python's default is 700 allocations
+
+
 class _LevelControl:
     """The log observer, with a level that a settings reload can change."""
 
@@ -403,10 +426,17 @@ class _LevelControl:
 
     def set_level(self, level: str) -> None:
         self.level = level
+        self.access_on = logs_access(level)
         self.observer = make_observer(level, self.fmt, self.stream)
 
     def __call__(self, event: dict[str, Any]) -> None:
         self.observer(event)
+
+    def access(self, fields: dict[str, Any], namespace: str = ACCESS_NAMESPACE) -> None:
+        """One access line, straight to the stream: the same line an info event
+        would give, for a third of the cost of twisted.logger's event path."""
+        if self.access_on:
+            write_line(self.stream, access_line(self.fmt, time.time(), namespace, fields))
 
 
 def make_service(options: Options | dict[str, Any], reactor: Any = None) -> MultiService:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Callable
 from typing import IO, Any, Protocol, cast
 
 from twisted.internet.defer import Deferred
@@ -23,7 +24,7 @@ from twisted.web.server import Request, Site
 
 from runner_gateway.context import RequestContext
 from runner_gateway.fastpath import write_now
-from runner_gateway.logs import ACCESS_NAMESPACE
+from runner_gateway.logs import ACCESS_FORMAT, ACCESS_NAMESPACE
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewaySite", "RequestObserver"]
 
@@ -222,6 +223,9 @@ class GatewaySite(Site):
     """A Site that tracks its requests so they can be logged, observed and drained."""
 
     requestFactory = GatewayRequest  # type: ignore[assignment]
+    # The service's direct access-line writer (logs.py); without one, access
+    # lines are twisted.logger events in ACCESS_NAMESPACE.
+    access_log: Callable[[dict[str, Any]], None] | None = None
     # HTTP/1.1 only (tls.py offers no h2 either): Twisted's default wraps the
     # channel in a proxy that could switch to HTTP/2, one more call per read.
     protocol = GatewayChannel  # type: ignore[assignment]
@@ -270,13 +274,15 @@ class GatewaySite(Site):
             close()  # a non-stream JSON body is parsed once it is complete
         now = self.reactor.seconds()
         fields = access_fields(request, ctx, now)
-        _access.info(
-            "{method} {path} {status} {bytes}B {duration_ms}ms"
-            " runner={runner} sub={sub} id={request_id}{aborted_note}",
-            fields=fields,
-            aborted_note=" aborted" if ctx.aborted else "",
-            **fields,
-        )
+        if self.access_log is not None:
+            self.access_log(fields)
+        else:
+            _access.info(
+                ACCESS_FORMAT,
+                fields=fields,
+                aborted_note=" aborted" if ctx.aborted else "",
+                **fields,
+            )
         for observer in self.observers:
             try:
                 observer.request_finished(ctx)

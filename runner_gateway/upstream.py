@@ -697,7 +697,19 @@ class UpstreamClient:
             call.connection = connection
             connection.send(head, content, length, method_head, handler)
             return call
+        self._connect(call, head, content, length, method_head, handler)
+        return call
 
+    def _connect(
+        self,
+        call: UpstreamCall,
+        head: bytes,
+        content: IO[bytes] | None,
+        length: int,
+        method_head: bool,
+        handler: ResponseHandler,
+    ) -> None:
+        # Apart from request(): its closures would be built for every pooled request too.
         def connected(connection: _Connection) -> None:
             call._connecting = None
             if call.cancelled:
@@ -714,7 +726,6 @@ class UpstreamClient:
         d = self.endpoint.connect(self._factory)
         call._connecting = d
         d.addCallbacks(connected, failed)
-        return call
 
 
 def request_head(

@@ -60,6 +60,7 @@ from twisted.web.resource import IResource, NoResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import directlyProvides, implementer
 
+from runner_gateway.logs import ACCESS_NAMESPACE
 from runner_gateway.service import (
     GatewayService,
     StartupError,
@@ -266,6 +267,9 @@ class _WorkerLogControl(_LevelControl):
         tagged["fields"] = {**fields, **self.tag} if isinstance(fields, dict) else self.tag
         tagged["log_namespace"] = f"{event.get('log_namespace', '-')}{self.suffix}"
         super().__call__(tagged)
+
+    def access(self, fields: dict[str, Any], namespace: str = ACCESS_NAMESPACE) -> None:
+        super().access({**fields, **self.tag}, namespace + self.suffix)
 
 
 class WorkerService(GatewayService):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +26,20 @@ from twisted.web import http
 from twisted.web.client import URI, Agent
 
 from runner_gateway import fastpath
-from runner_gateway.logs import _LevelFilter, _message, _when, scrub, twisted_level
+from runner_gateway.logs import (
+    ACCESS_FORMAT,
+    ACCESS_NAMESPACE,
+    _json_line,
+    _LevelFilter,
+    _message,
+    _text_line,
+    _when,
+    access_line,
+    scrub,
+    twisted_level,
+)
+from runner_gateway.service import _LevelControl
+from runner_gateway.workers import _WorkerLogControl
 
 _PROBE = (
     "from runner_gateway import fastpath; from twisted.web import http; "
@@ -168,3 +183,77 @@ def test_level_filter_passes_what_twisted_filter_passes(level: str) -> None:
         reference(dict(event))
     assert ours == theirs
     assert ours  # every level passes something
+
+
+_FIELD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 10**12), st.floats(0, 1e6), st.text(max_size=20)
+)
+
+
+@given(
+    fields=st.fixed_dictionaries(
+        {
+            "request_id": st.text(max_size=40),
+            "method": st.sampled_from(["GET", "POST", "-"]),
+            "path": st.text(max_size=30),
+            "runner": _FIELD_VALUES,
+            "status": _FIELD_VALUES,
+            "bytes": st.integers(0, 10**9),
+            "duration_ms": st.floats(0, 1e6),
+            "ttfb_ms": _FIELD_VALUES,
+            "sub": _FIELD_VALUES,
+            "model": _FIELD_VALUES,
+            "aborted": st.booleans(),
+        },
+        optional={"upstream_error": st.text(max_size=10), "auth_failure": st.text(max_size=10)},
+    ),
+    fmt=st.sampled_from(["json", "text"]),
+)
+def test_direct_access_line_is_the_event_line(fields: dict[str, Any], fmt: str) -> None:
+    """The Site's direct access line is byte for byte what the logger event gave."""
+    event = _event(
+        ACCESS_FORMAT,
+        fields=fields,
+        aborted_note=" aborted" if fields["aborted"] else "",
+        **fields,
+    )
+    event["log_namespace"] = ACCESS_NAMESPACE
+    render = _json_line if fmt == "json" else _text_line
+    assert access_line(fmt, event["log_time"], ACCESS_NAMESPACE, fields) == render(event)
+
+
+@pytest.mark.parametrize("worker", [False, True])
+@pytest.mark.parametrize("level", ["info", "warn"])
+def test_access_writer_matches_the_observer(worker: bool, level: str) -> None:
+    """_LevelControl.access writes what the observer writes for the same event (workers'
+    tags included), and nothing when the level hides info lines."""
+    direct, via_event = io.StringIO(), io.StringIO()
+    controls = []
+    for stream in (direct, via_event):
+        control = _WorkerLogControl(level, "json", 1) if worker else _LevelControl(level, "json")
+        control.stream = stream
+        control.set_level(level)
+        controls.append(control)
+    fields = {
+        "request_id": "r1",
+        "method": "POST",
+        "path": "/api/chat",
+        "runner": "ollama",
+        "status": 200,
+        "bytes": 10,
+        "duration_ms": 1.5,
+        "sub": "alice",
+        "aborted": False,
+    }
+    controls[0].access(dict(fields))
+    event = _event(ACCESS_FORMAT, fields=dict(fields), aborted_note="", **fields)
+    event["log_namespace"] = ACCESS_NAMESPACE
+    controls[1](event)
+    # The timestamps differ (written a moment apart); the rest must not.
+    got, want = (json.loads(s.getvalue() or "{}") for s in (direct, via_event))
+    got.pop("time", None)
+    want.pop("time", None)
+    assert got == want
+    assert bool(got) == (level == "info")
+    if worker and got:
+        assert got["logger"] == "runner_gateway.access/w1" and got["worker"] == 1
