@@ -12,9 +12,12 @@ One run, one machine, one fast upstream (nginx answering a fixed Ollama
   a fixed interval;
 * capacity: the gateway's resident memory with 1,000 and 10,000 open streams;
 * auth: a cached token check, uncached v4.public and v4.local verification
-  and a bare PyNaCl Ed25519 verification.
+  and a bare PyNaCl Ed25519 verification;
+* instructions: CPU instructions per request (callgrind) of a 1-worker
+  gateway, with each hot-path fix switched off in turn: unlike CPU time,
+  the count does not move with the machine's load.
 
-The full run installs what it misses (apt: nginx caddy wrk; a separate venv
+The full run installs what it misses (apt: nginx caddy wrk valgrind; a separate venv
 bench/.venv-litellm for ``litellm[proxy]``; matplotlib into this venv) and
 writes bench/results/latest.json, docs/benchmarks.md (between the results
 markers) and docs/benchmarks.png. ``--smoke`` runs every stage with tiny
@@ -215,8 +218,8 @@ def have(tool: str) -> bool:
 
 
 def install_missing(run: Run) -> None:
-    """Full run only: bring in nginx, Caddy, wrk, LiteLLM (own venv) and matplotlib."""
-    apt = [t for t in ("nginx", "caddy", "wrk") if not have(t)]
+    """Full run only: bring in nginx, Caddy, wrk, valgrind, LiteLLM (own venv), matplotlib."""
+    apt = [t for t in ("nginx", "caddy", "wrk", "valgrind") if not have(t)]
     if apt:
         run.note(f"installing {' '.join(apt)} with apt-get")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -385,7 +388,9 @@ def mint(key: Any, lifetime: float = 7200) -> str:
     return str(issue(key, claims))
 
 
-def start_gateway(run: Run, name: str, upstream: int, workers: int) -> Gateway:
+def start_gateway(
+    run: Run, name: str, upstream: int, workers: int, start_timeout: float = 60
+) -> Gateway:
     directory = run.work / name / "settings"
     key = make_keys(directory)
     port = free_port()
@@ -409,13 +414,15 @@ server:
     argv = [TWISTD, "-n", "--pidfile=", "runner-gateway", "--settings", str(directory)]
     proc = run.start(name, argv)
     if workers > 1:
-        lines = proc.wait_log(r'"worker (\d+) \(pid (\d+)\) serving', count=workers)
+        lines = proc.wait_log(
+            r'"worker (\d+) \(pid (\d+)\) serving', count=workers, timeout=start_timeout
+        )
         pids = [int(pid) for _, pid in lines]
     else:
         if os.environ.get("LOGGING_LEVEL") not in ("warn", "error"):  # quieter: no such line
-            proc.wait_log("listening on")
+            proc.wait_log("listening on", timeout=start_timeout)
         pids = [proc.popen.pid]
-    wait_port(port)
+    wait_port(port, start_timeout)
     return Gateway(port, mint(key), proc, pids)
 
 
@@ -550,7 +557,7 @@ def http_stage(run: Run) -> dict[str, Any]:
 VARIANTS = {
     "all fixes off": "off",
     "without content-type cache": "content-type",
-    "without agent-endpoint cache": "agent-endpoint",
+    "without send-now": "send-now",
     "all fixes on": "",
 }
 
@@ -609,6 +616,84 @@ def ratios(targets: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
             if direct:
                 entry["p50_added_ms"] = round(r["p50_ms"] - direct["p50_ms"], 3)
             out[name][c] = entry
+    return out
+
+
+# ------------------------------------------------------ instructions stage
+
+
+def _instructions(run: Run, label: str, upstream: int, fastpath: str, requests: int) -> float:
+    """Instructions per request of a 1-worker gateway run under callgrind.
+
+    Counting starts after a warm-up (``--instr-atstart=no``, then
+    ``callgrind_control -i on``) and covers ``requests`` keep-alive POSTs sent
+    one after another. Instruction counts do not depend on what else the
+    machine is doing, so small differences between variants show.
+    """
+    real_start = run.start
+
+    def under_callgrind(name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        out = f"--callgrind-out-file={run.work}/{name}.callgrind.%p"
+        return real_start(
+            name, ["valgrind", "--tool=callgrind", "--instr-atstart=no", out, *argv], env
+        )
+
+    run.start = under_callgrind  # type: ignore[method-assign]
+    os.environ["RUNNER_GATEWAY_FASTPATH"] = fastpath
+    try:
+        gw = start_gateway(run, f"instructions-{label}", upstream, 1, start_timeout=300)
+    finally:
+        del os.environ["RUNNER_GATEWAY_FASTPATH"]
+        run.start = real_start  # type: ignore[method-assign]
+    pid = gw.worker_pids[0]
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=120)
+    headers = {"Authorization": f"Bearer {gw.token}", "Content-Type": "application/json"}
+
+    def send(count: int) -> None:
+        for _ in range(count):
+            conn.request("POST", "/api/chat", body=CHAT_BODY, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"instructions stage: HTTP {response.status}")
+
+    send(max(5, requests // 10))
+    subprocess.run(["callgrind_control", "-i", "on", str(pid)], capture_output=True, check=True)
+    send(requests)
+    subprocess.run(["callgrind_control", "-i", "off", str(pid)], capture_output=True, check=True)
+    subprocess.run(["callgrind_control", "-d", str(pid)], capture_output=True, check=True)
+    conn.close()
+    total = 0
+    deadline = time.monotonic() + 60
+    while not total and time.monotonic() < deadline:  # the dump is written asynchronously
+        time.sleep(0.2)
+        for dump in run.work.glob(f"instructions-{label}.callgrind.{pid}.*"):
+            total += max(
+                (
+                    int(line.split()[1])
+                    for line in dump.read_text(errors="replace").splitlines()
+                    if line.startswith(("summary:", "totals:"))
+                ),
+                default=0,
+            )
+    stop(gw.proc.popen)
+    if not total:
+        raise RuntimeError(f"instructions stage: no callgrind totals for {label}")
+    return total / requests
+
+
+def instructions_stage(run: Run) -> dict[str, Any]:
+    missing = [t for t in ("nginx", "valgrind", "callgrind_control") if not have(t)]
+    if missing:
+        run.note(f"instructions stage skipped: {', '.join(missing)} not installed")
+        return {"skipped": f"missing {', '.join(missing)}"}
+    upstream = start_upstream(run)
+    requests = 20 if run.plan.smoke else 1500
+    variants = {"all fixes on": ""} if run.plan.smoke else VARIANTS
+    out: dict[str, Any] = {"requests": requests, "variants": {}}
+    for number, (label, value) in enumerate(variants.items()):
+        per_request = _instructions(run, str(number), upstream, value, requests)
+        out["variants"][label] = round(per_request)
     return out
 
 
@@ -965,6 +1050,21 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
             f"| {r['cpu_us_per_request_min']} |"
             for label, r in opt.items()
         ]
+    ins = results.get("instructions", {})
+    if "variants" in ins:
+        off = ins["variants"].get("all fixes off")
+        lines += [
+            "",
+            f"### Instructions per request, same run (callgrind, 1 worker, {ins['requests']} "
+            "keep-alive POSTs one after another)",
+            "",
+            "| variant | instructions/request | vs all fixes off |",
+            "| --- | --- | --- |",
+        ]
+        lines += [
+            f"| {label} | {count:,} | {f'{(count - off) / off:+.1%}' if off else '-'} |"
+            for label, count in ins["variants"].items()
+        ]
     s = results.get("streaming", {})
     if "direct" in s:
         lines += [
@@ -1074,6 +1174,7 @@ STAGES: dict[str, Callable[[Run], dict[str, Any]]] = {
     "streaming": streaming_stage,
     "capacity": capacity_stage,
     "auth": auth_stage,
+    "instructions": instructions_stage,
 }
 
 

@@ -35,6 +35,7 @@ False.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -97,15 +98,22 @@ def parser_for(content_type: str | None, path: bytes) -> UsageParser | None:
     """The parser for a response, or None when it cannot carry usage."""
     if not content_type:
         return None
+    kind = _parser_kind(content_type, path)
+    return kind() if kind is not None else None
+
+
+@functools.lru_cache(maxsize=512)
+def _parser_kind(content_type: str, path: bytes) -> type[_Base] | None:
+    # Pure, and a runner answers with a few content types on a few paths.
     media = content_type.split(";", 1)[0].strip().lower()
     if media == "text/event-stream":
-        return SseUsageParser()
+        return SseUsageParser
     if media == "application/x-ndjson":
-        return NdjsonUsageParser()
+        return NdjsonUsageParser
     if media == "application/json":
         route = path.split(b"?", 1)[0].rstrip(b"/").decode("latin-1")
         if route in _JSON_PATHS:
-            return JsonUsageParser()
+            return JsonUsageParser
     return None
 
 
@@ -220,9 +228,14 @@ def _from_object(obj: object, whole_body: bool) -> _Found:
     return _Found(model=model, step=not whole_body and _is_step(obj))
 
 
+# One decoder: json.loads(bytes) would also sniff for UTF-16/32 on every call;
+# runners send UTF-8 (a BOM is allowed and skipped).
+_DECODER = json.JSONDecoder()
+
+
 def _decode(text: bytes | bytearray, whole_body: bool) -> _Found:
     try:
-        return _from_object(json.loads(text), whole_body)
+        return _from_object(_DECODER.decode(text.decode("utf-8-sig")), whole_body)
     except (ValueError, RecursionError):  # includes bad UTF-8
         return _NOTHING
 

@@ -51,6 +51,12 @@ def test_smoke_run_reports_every_stage(tmp_path: Path) -> None:
     assert set(levels) == {"20", "50"}
     assert all(level["rss_bytes"] > 0 for level in levels.values())
 
+    instructions = results["instructions"]
+    if shutil.which("nginx") is None or shutil.which("valgrind") is None:
+        assert "skipped" in instructions
+    else:
+        assert instructions["variants"]["all fixes on"] > 100_000  # a request's worth
+
     http = results["http"]
     if shutil.which("nginx") is None or shutil.which("wrk") is None:
         assert "skipped" in http
