@@ -455,12 +455,14 @@ def go_fold(key: str) -> str:
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise BadRequest(f"duplicate key {_quote(key)} in the JSON body")
-        seen.add(key)
-    return dict(pairs)
+    value = dict(pairs)
+    if len(value) != len(pairs):  # a key repeated: name the first one
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise BadRequest(f"duplicate key {_quote(key)} in the JSON body")
+            seen.add(key)
+    return value
 
 
 def _no_constants(name: str) -> Any:

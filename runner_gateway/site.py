@@ -8,6 +8,8 @@ observers (metrics) are told.
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import secrets
 from collections.abc import Callable
@@ -59,6 +61,29 @@ class _Discard:
         pass
 
 
+class _RequestIds:
+    """Fresh request ids: 32 hex digits, a random prefix per process and a counter.
+
+    Unique without a getrandom() call per request; ids name requests in logs
+    and headers and grant nothing, so they need not be unpredictable. A
+    forked child (a worker) draws its own prefix.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._next = itertools.count().__next__
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{self._next():016x}"
+
+
+new_request_id = _RequestIds()
+
+
 class GatewayChannel(http.HTTPChannel):
     """An HTTPChannel that can hold what a request writes and send it as one piece.
 
@@ -70,6 +95,14 @@ class GatewayChannel(http.HTTPChannel):
     """
 
     _held: list[bytes] | None = None
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        # Twisted's Request asks on every request (a getsockname() call and an
+        # address object); a connection's own address never changes.
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def hold(self) -> None:
         if self._held is None:
@@ -169,7 +202,7 @@ class GatewayRequest(Request):
         if given and len(given) == 1 and _REQUEST_ID.match(given[0]):
             ctx.request_id = given[0].decode("ascii")
         else:
-            ctx.request_id = secrets.token_hex(16)
+            ctx.request_id = new_request_id()
         self.notifyFinish().addBoth(self._finished)
         if self._gateway_site.trace:
             _log.debug(

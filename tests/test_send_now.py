@@ -7,6 +7,7 @@ what stays queued for the reactor are both visible.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +23,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from runner_gateway import fastpath
 from runner_gateway.context import RequestContext
 from runner_gateway.fastpath import write_now
-from runner_gateway.site import GatewayChannel, GatewaySite
+from runner_gateway.site import GatewayChannel, GatewaySite, new_request_id
 
 
 @pytest.fixture(autouse=True)
@@ -201,3 +202,46 @@ def test_close_sends_what_is_held_first() -> None:
     channel.loseConnection()
     assert transport.value().endswith(b"a\r\nlast words\r\n")
     assert transport.disconnecting
+
+
+def test_channel_asks_the_transport_for_its_address_once() -> None:
+    class Done(resource.Resource):
+        isLeaf = True
+
+        def render(self, request: Request) -> bytes:
+            hosts.append(request.getHost())
+            return b"ok"
+
+    hosts: list[object] = []
+    site = GatewaySite(Done(), MemoryReactorClock(), max_body_size=1024)
+    channel = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
+    transport = StringTransport()
+    asked: list[object] = []
+    original = transport.getHost
+
+    def get_host() -> object:
+        asked.append(1)
+        return original()
+
+    transport.getHost = get_host  # type: ignore[method-assign]
+    channel.makeConnection(transport)
+    for path in (b"/a", b"/b", b"/c"):
+        channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert len(hosts) == 3 and all(h == original() for h in hosts)
+    assert len(asked) == 1
+
+
+def test_request_ids_are_unique_hex_and_differ_per_process() -> None:
+    ids = {new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker: its own prefix
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert child[:16] != new_request_id()[:16]
