@@ -426,6 +426,17 @@ server:
     return Gateway(port, mint(key), proc, pids)
 
 
+def start_floor(run: Run) -> Target:
+    """Two bare twisted.web processes on one port (bench/floor_server.py): the floor."""
+    reply = run.work / "floor-reply.json"
+    reply.write_text(UPSTREAM_REPLY)
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.floor_server", str(port), str(reply)]
+    procs = [run.start(f"twisted-web-{n}", argv, env={"PYTHONPATH": str(ROOT)}) for n in range(2)]
+    wait_port(port, proc=procs[0])
+    return port, "/api/chat", CHAT_BODY, STATIC_KEY, [p.popen.pid for p in procs]
+
+
 # --------------------------------------------------------------- HTTP stage
 
 _LUA = """wrk.method = "POST"
@@ -529,6 +540,7 @@ def http_stage(run: Run) -> dict[str, Any]:
         )
     else:
         run.note("LiteLLM skipped: bench/.venv-litellm missing")
+    starters["twisted-web-2p"] = lambda: start_floor(run)
     starters["gateway-2w"] = lambda: gateway("gateway-2w", 2)
     starters["gateway-1w"] = lambda: gateway("gateway-1w", 1)
     results: dict[str, Any] = {"targets": {}}

@@ -61,7 +61,7 @@ def test_smoke_run_reports_every_stage(tmp_path: Path) -> None:
     if shutil.which("nginx") is None or shutil.which("wrk") is None:
         assert "skipped" in http
         pytest.skip("nginx or wrk not installed: HTTP stage skipped (the rest ran)")
-    for name in ("direct", "nginx", "gateway-2w", "gateway-1w"):
+    for name in ("direct", "nginx", "twisted-web-2p", "gateway-2w", "gateway-1w"):
         for c in ("1", "4"):
             row = http["targets"][name][c]
             assert row["requests"] > 0 and row["errors"] == 0, (name, c, row)
