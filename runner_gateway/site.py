@@ -213,9 +213,16 @@ class GatewayRequest(Request):
                 headers=redacted_headers(self),
             )
         super().process()
-        # Twisted's own Server header would sit beside the runner's.
-        self.responseHeaders.setRawHeaders(b"server", [b"runner-gateway"])
-        self.responseHeaders.setRawHeaders(b"x-request-id", [ctx.request_id.encode()])
+
+    def render(self, resrc: IResource) -> None:
+        # Twisted's process() has set its defaults (Server: TwistedWeb/<version>)
+        # and calls this before the resource renders: the answers the gateway
+        # writes itself at once (401, 404, /healthz) carry ours too. A proxied
+        # response takes the runner's Server header instead (proxy.py).
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"server", [b"runner-gateway"])
+        headers.setRawHeaders(b"x-request-id", [self.gateway_context.request_id.encode()])
+        super().render(resrc)
 
     def _finished(self, result: object) -> None:
         if self._ended:

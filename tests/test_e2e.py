@@ -87,6 +87,9 @@ def test_routes_auth_health_and_access_log(two_runners: GatewaySettings) -> None
 
         status, headers, body = request(gw, "GET", "/corp/api/tags")
         assert status == 401
+        # Answered by the gateway itself: its own Server header and a request id.
+        assert headers["server"] == "runner-gateway"
+        assert len(headers["x-request-id"]) >= 16
         assert headers["www-authenticate"] == 'Bearer realm="runner-gateway"'
         assert json.loads(body)["error"]
 

@@ -245,3 +245,21 @@ def test_request_ids_are_unique_hex_and_differ_per_process() -> None:
     os.close(read)
     os.close(write)
     assert child[:16] != new_request_id()[:16]
+
+
+def test_answers_the_gateway_writes_itself_carry_its_headers() -> None:
+    class Sync(resource.Resource):
+        isLeaf = True
+
+        def render(self, request: Request) -> bytes:
+            return b"{}"
+
+    site = GatewaySite(Sync(), MemoryReactorClock(), max_body_size=1024)
+    channel = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: gw\r\nX-Request-Id: abc-1\r\n\r\n")
+    head = transport.value().split(b"\r\n\r\n", 1)[0].lower()
+    assert b"\r\nserver: runner-gateway\r\n" in head
+    assert b"twisted" not in head
+    assert b"\r\nx-request-id: abc-1\r\n" in head
