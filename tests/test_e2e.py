@@ -407,3 +407,32 @@ def test_readyz_reports_broken_certificate_files_without_paths(
         while readyz()[0] != 200:
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def test_streams_through_the_tls_listener(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn, tmp_path
+) -> None:
+    """Over TLS every byte goes through the TLS layer (never sent raw by write_now),
+    streamed chunk by chunk, and a kept-alive connection serves the next request."""
+    root = certs.make_ca()
+    files = certs.write_server_files(tmp_path / "tls", certs.make_leaf(root), root=root)
+    settings = make_settings(
+        runners_yaml(standin, "/")
+        + f"  certificatePath: {files.fullchain}\n  keyPath: {files.key}\n"
+    )
+    context = ssl.create_default_context(cafile=str(files.root))
+    token = settings.token()
+    body = json.dumps({"model": "llama3.2:1b", "prompt": "hi"})
+    with start_gateway(settings.directory) as gw:
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", urlsplit(gw.url).port, timeout=10, context=context
+        )
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        for _ in range(2):
+            conn.request("POST", "/api/generate", body=body, headers=headers)
+            response = conn.getresponse()
+            assert response.status == 200
+            lines = [json.loads(line) for line in response.read().splitlines() if line]
+            assert len(lines) > 1 and lines[-1]["done"] is True
+            assert all(line["model"] == "llama3.2:1b" for line in lines)
+        conn.close()
