@@ -36,10 +36,11 @@ False.
 from __future__ import annotations
 
 import functools
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import orjson
 
 __all__ = [
     "BODY_CAP",
@@ -228,15 +229,11 @@ def _from_object(obj: object, whole_body: bool) -> _Found:
     return _Found(model=model, step=not whole_body and _is_step(obj))
 
 
-# One decoder: json.loads(bytes) would also sniff for UTF-16/32 on every call;
-# runners send UTF-8 (a BOM is allowed and skipped).
-_DECODER = json.JSONDecoder()
-
-
 def _decode(text: bytes | bytearray, whole_body: bool) -> _Found:
+    # orjson: a sixth of json.loads's instructions on a small chat reply (callgrind).
     try:
-        return _from_object(_DECODER.decode(text.decode("utf-8-sig")), whole_body)
-    except (ValueError, RecursionError):  # includes bad UTF-8
+        return _from_object(orjson.loads(text), whole_body)
+    except ValueError:  # orjson.JSONDecodeError: bad JSON or UTF-8, nested too deeply
         return _NOTHING
 
 

@@ -29,6 +29,7 @@ from runner_gateway import fastpath
 from runner_gateway.logs import (
     ACCESS_FORMAT,
     ACCESS_NAMESPACE,
+    _encode,
     _json_line,
     _LevelFilter,
     _message,
@@ -257,3 +258,28 @@ def test_access_writer_matches_the_observer(worker: bool, level: str) -> None:
     assert bool(got) == (level == "info")
     if worker and got:
         assert got["logger"] == "runner_gateway.access/w1" and got["worker"] == 1
+
+
+_RECORD_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)  # beyond 64 bits: the stdlib fallback
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(codec=None), max_size=12),  # lone surrogates too
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=10,
+)
+
+
+@given(st.dictionaries(st.text(max_size=10), _RECORD_VALUES, max_size=8))
+def test_log_records_encode_as_the_stdlib_would(record: dict[str, Any]) -> None:
+    """orjson (and its stdlib fallback) write the same JSON value json.dumps does."""
+    line = _encode(record)
+    assert "\n" not in line
+    assert json.loads(line) == json.loads(json.dumps(record, default=str))
+
+
+def test_log_record_fallback_and_other_types() -> None:
+    assert json.loads(_encode({"s": "\ud800", "n": 2**70})) == {"s": "\ud800", "n": 2**70}
+    when = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
+    assert json.loads(_encode({"t": when, "b": b"x"})) == {"t": str(when), "b": "b'x'"}

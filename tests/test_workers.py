@@ -232,7 +232,7 @@ def _get(gw: GatewayProcess, path: str, token: str, request_id: str) -> int:
 
 
 def _served_by(gw: GatewayProcess, request_id: str) -> int:
-    line = gw.wait_for(f'"request_id": "{request_id}"')
+    line = gw.wait_for(f'"request_id": ?"{request_id}"')
     return int(json.loads(line)["pid"])
 
 
