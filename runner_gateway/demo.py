@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -23,6 +24,11 @@ from runner_gateway.paseto import V4SecretKey, issue, public_key_pem, rfc3339, s
 from runner_gateway.testing.process import start_standin, stop_process
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
+
+
+# "listening on http://127.0.0.1:8080 (2 runner(s)..." or, with workers,
+# "... listening on http://127.0.0.1:8080, starting 2 workers".
+_LISTENING = re.compile(r"listening on (https?://[^\s,]+)")
 
 
 def write_settings(root: Path, runner_port: int, port: int) -> Path:
@@ -142,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             url = None
             for line in gateway.stdout:
                 sys.stdout.write(line)
-                if "listening on " in line:
-                    url = line.split("listening on ", 1)[1].split()[0]
+                found = _LISTENING.search(line)
+                if found:
+                    url = found.group(1)
                     break
             if url is None:
                 print("demo: the gateway did not start (see above)", file=sys.stderr)

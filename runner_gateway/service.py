@@ -74,6 +74,7 @@ class Options(usage.Options):
         # Internal (workers.py): set by the supervisor on the worker processes it starts.
         ["worker-fd", None, None, "internal: serve on this inherited listening socket"],
         ["worker-index", None, None, "internal: this worker's number"],
+        ["supervisor-pid", None, None, "internal: the supervisor a worker stops without"],
     ]
 
 

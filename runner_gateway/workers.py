@@ -185,7 +185,8 @@ def worker_argv(options: Any, index: int, executable: str = sys.executable) -> l
         argv += ["--env", options["env"]]
     if options.get("logging-level") is not None:
         argv += ["--logging-level", options["logging-level"]]
-    return [*argv, "--worker-fd", str(WORKER_FD), "--worker-index", str(index)]
+    argv += ["--worker-fd", str(WORKER_FD), "--worker-index", str(index)]
+    return [*argv, "--supervisor-pid", str(os.getpid())]
 
 
 def bind_sockets(address: Address, count: int) -> list[socket.socket]:
@@ -282,11 +283,15 @@ class WorkerService(GatewayService):
         fd: int,
         index: int,
         observer: ILogObserver | None = None,
+        supervisor_pid: int | None = None,
     ) -> None:
         super().__init__(load, reactor, observer)
         self.fd = fd
         self.index = index
-        self.parent_pid = os.getppid()
+        # Given on the command line, not read with getppid() here: a supervisor
+        # that dies while this worker starts up would otherwise leave the
+        # worker adopted by init, watching the wrong parent and serving forever.
+        self.parent_pid = os.getppid() if supervisor_pid is None else supervisor_pid
         self._watch: LoopingCall | None = None
 
     def _main_endpoint(self) -> IStreamServerEndpoint:
@@ -331,7 +336,15 @@ def make_worker(
     def load_worker() -> Settings:
         return worker_settings(load(), index)
 
-    return WorkerService(load_worker, reactor, fd, index, observer=observer)  # type: ignore[arg-type]
+    supervisor = options.get("supervisor-pid")
+    return WorkerService(
+        load_worker,
+        reactor,
+        fd,
+        index,
+        observer=observer,  # type: ignore[arg-type]
+        supervisor_pid=int(supervisor) if supervisor is not None else None,
+    )
 
 
 # ------------------------------------------------------------ the supervisor

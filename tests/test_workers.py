@@ -148,7 +148,8 @@ def test_worker_argv_passes_settings_env_and_fd() -> None:
     assert argv[argv.index("--settings") + 1] == os.path.abspath("settings")
     assert argv[argv.index("--env") + 1] == "prod"
     assert "--logging-level" not in argv
-    assert argv[-4:] == ["--worker-fd", str(WORKER_FD), "--worker-index", "1"]
+    assert argv[-6:-2] == ["--worker-fd", str(WORKER_FD), "--worker-index", "1"]
+    assert argv[-2:] == ["--supervisor-pid", str(os.getpid())]
 
 
 def test_bind_sockets_share_one_port() -> None:
@@ -341,3 +342,40 @@ def test_two_workers_serve_reload_restart_and_drain(
     for pid in (pids[0], replaced):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _workers_of(supervisor: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"--supervisor-pid" in argv and str(supervisor).encode() in argv:
+                found.add(int(entry))
+    return found
+
+
+def test_workers_stop_when_the_supervisor_dies_while_they_start(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn
+) -> None:
+    """Killed (SIGKILL) before its workers serve, the supervisor leaves no orphan
+    holding the port: each worker knows its supervisor's pid from the command line."""
+    settings = make_settings(
+        f"runners:\n  - name: r0\n    host: {standin.address}\n    path: /\n"
+        "server:\n  address: 127.0.0.1:0\n  workers: 2\n"
+    )
+    with start_gateway(settings.directory) as gw:
+        gw.wait_for("listening on")
+        supervisor = gw.proc.pid
+        deadline = time.monotonic() + 10
+        while len(_workers_of(supervisor)) < 2:  # spawned, still starting up
+            assert time.monotonic() < deadline, gw.output
+            time.sleep(0.02)
+        os.kill(supervisor, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while _workers_of(supervisor):
+            assert time.monotonic() < deadline, "workers outlived their supervisor"
+            time.sleep(0.1)
