@@ -649,6 +649,10 @@ class UpstreamCall:
             connection.abort()
 
 
+# _Connection.send's arguments: head, body, length, HEAD request, handler.
+_SendArgs = tuple[bytes, IO[bytes] | None, int, bool, ResponseHandler]
+
+
 class UpstreamClient:
     """Requests to one origin (scheme, host, port and, for https, TLS policy) through a pool."""
 
@@ -692,23 +696,16 @@ class UpstreamClient:
     ) -> UpstreamCall:
         """Send ``head`` (request line, headers) and the body; answers go to ``handler``."""
         call = UpstreamCall(handler)
+        sent: _SendArgs = (head, content, length, method_head, handler)
         connection = self.pool.take(self.key)
         if connection is not None:
             call.connection = connection
-            connection.send(head, content, length, method_head, handler)
-            return call
-        self._connect(call, head, content, length, method_head, handler)
+            connection.send(*sent)
+        else:
+            self._connect(call, sent)
         return call
 
-    def _connect(
-        self,
-        call: UpstreamCall,
-        head: bytes,
-        content: IO[bytes] | None,
-        length: int,
-        method_head: bool,
-        handler: ResponseHandler,
-    ) -> None:
+    def _connect(self, call: UpstreamCall, sent: _SendArgs) -> None:
         # Apart from request(): its closures would be built for every pooled request too.
         def connected(connection: _Connection) -> None:
             call._connecting = None
@@ -716,12 +713,12 @@ class UpstreamClient:
                 connection.abort()
                 return
             call.connection = connection
-            connection.send(head, content, length, method_head, handler)
+            connection.send(*sent)
 
         def failed(reason: Failure) -> None:
             call._connecting = None
             if not call.cancelled:
-                handler.request_failed(reason)
+                call.handler.request_failed(reason)
 
         d = self.endpoint.connect(self._factory)
         call._connecting = d

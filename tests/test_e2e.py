@@ -11,6 +11,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -371,16 +372,23 @@ def test_stream_in_flight_keeps_its_settings_across_reload(
         assert request(gw, "GET", "/a/api/tags", token)[0] == 404
 
 
-def test_readyz_reports_broken_certificate_files_without_paths(
-    make_settings: Callable[[str], GatewaySettings], standin: StandIn, tmp_path
-) -> None:
+def _tls_gateway(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn, tmp_path: Path
+) -> tuple[GatewaySettings, certs.ServerFiles, ssl.SSLContext]:
+    """Settings for a gateway serving TLS with a fresh CA, and a client context trusting it."""
     root = certs.make_ca()
     files = certs.write_server_files(tmp_path / "tls", certs.make_leaf(root), root=root)
     settings = make_settings(
         runners_yaml(standin, "/")
         + f"  certificatePath: {files.fullchain}\n  keyPath: {files.key}\n"
     )
-    context = ssl.create_default_context(cafile=str(files.root))
+    return settings, files, ssl.create_default_context(cafile=str(files.root))
+
+
+def test_readyz_reports_broken_certificate_files_without_paths(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn, tmp_path
+) -> None:
+    settings, files, context = _tls_gateway(make_settings, standin, tmp_path)
 
     def readyz() -> tuple[int, dict[str, object]]:
         port = urlsplit(gw.url).port
@@ -414,13 +422,7 @@ def test_streams_through_the_tls_listener(
 ) -> None:
     """Over TLS every byte goes through the TLS layer (never sent raw by write_now),
     streamed chunk by chunk, and a kept-alive connection serves the next request."""
-    root = certs.make_ca()
-    files = certs.write_server_files(tmp_path / "tls", certs.make_leaf(root), root=root)
-    settings = make_settings(
-        runners_yaml(standin, "/")
-        + f"  certificatePath: {files.fullchain}\n  keyPath: {files.key}\n"
-    )
-    context = ssl.create_default_context(cafile=str(files.root))
+    settings, _, context = _tls_gateway(make_settings, standin, tmp_path)
     token = settings.token()
     body = json.dumps({"model": "llama3.2:1b", "prompt": "hi"})
     with start_gateway(settings.directory) as gw:
