@@ -39,6 +39,16 @@ _access = Logger(namespace=ACCESS_NAMESPACE)
 _log = Logger()
 
 
+def log_access_event(fields: dict[str, Any]) -> None:
+    """An access record as a twisted.logger event (info, ACCESS_NAMESPACE)."""
+    _access.info(
+        ACCESS_FORMAT,
+        fields=fields,
+        aborted_note=" aborted" if fields["aborted"] else "",
+        **fields,
+    )
+
+
 class RequestObserver(Protocol):
     def response_started(self, ctx: RequestContext) -> None: ...
 
@@ -263,9 +273,9 @@ class GatewaySite(Site):
     """A Site that tracks its requests so they can be logged, observed and drained."""
 
     requestFactory = GatewayRequest  # type: ignore[assignment]
-    # The service's direct access-line writer (logs.py); without one, access
-    # lines are twisted.logger events in ACCESS_NAMESPACE.
-    access_log: Callable[[dict[str, Any]], None] | None = None
+    # Where access lines go: twisted.logger events in ACCESS_NAMESPACE, unless
+    # the service sets its direct writer (_LevelControl.access, same lines).
+    access_log: Callable[[dict[str, Any]], None] = staticmethod(log_access_event)
     # HTTP/1.1 only (tls.py offers no h2 either): Twisted's default wraps the
     # channel in a proxy that could switch to HTTP/2, one more call per read.
     protocol = GatewayChannel  # type: ignore[assignment]
@@ -314,15 +324,7 @@ class GatewaySite(Site):
             close()  # a non-stream JSON body is parsed once it is complete
         now = self.reactor.seconds()
         fields = access_fields(request, ctx, now)
-        if self.access_log is not None:
-            self.access_log(fields)
-        else:
-            _access.info(
-                ACCESS_FORMAT,
-                fields=fields,
-                aborted_note=" aborted" if ctx.aborted else "",
-                **fields,
-            )
+        self.access_log(fields)
         for observer in self.observers:
             try:
                 observer.request_finished(ctx)
