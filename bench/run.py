@@ -389,8 +389,16 @@ def mint(key: Any, lifetime: float = 7200) -> str:
 
 
 def start_gateway(
-    run: Run, name: str, upstream: int, workers: int, start_timeout: float = 60
+    run: Run,
+    name: str,
+    upstream: int,
+    workers: int,
+    start_timeout: float = 60,
+    env: dict[str, str] | None = None,
+    prefix: tuple[str, ...] = (),
 ) -> Gateway:
+    """A runner-gateway in front of ``upstream``; ``env`` is added to the environment and
+    ``prefix`` put before the command (valgrind)."""
     directory = run.work / name / "settings"
     key = make_keys(directory)
     port = free_port()
@@ -411,15 +419,16 @@ server:
   drainTimeout: 2s
 """
     )
-    argv = [TWISTD, "-n", "--pidfile=", "runner-gateway", "--settings", str(directory)]
-    proc = run.start(name, argv)
+    argv = [*prefix, TWISTD, "-n", "--pidfile=", "runner-gateway", "--settings", str(directory)]
+    proc = run.start(name, argv, env)
     if workers > 1:
         lines = proc.wait_log(
             r'"worker (\d+) \(pid (\d+)\) serving', count=workers, timeout=start_timeout
         )
         pids = [int(pid) for _, pid in lines]
     else:
-        if os.environ.get("LOGGING_LEVEL") not in ("warn", "error"):  # quieter: no such line
+        level = {**os.environ, **(env or {})}.get("LOGGING_LEVEL")
+        if level not in ("warn", "error"):  # quieter: no such line
             proc.wait_log("listening on", timeout=start_timeout)
         pids = [proc.popen.pid]
     wait_port(port, start_timeout)
@@ -577,11 +586,13 @@ VARIANTS = {
 def optimisations(run: Run, upstream: int) -> dict[str, Any]:
     gateways: dict[str, Gateway] = {}
     for label, value in VARIANTS.items():
-        os.environ["RUNNER_GATEWAY_FASTPATH"] = value
-        try:
-            gateways[label] = start_gateway(run, f"gateway-fastpath-{len(gateways)}", upstream, 1)
-        finally:
-            del os.environ["RUNNER_GATEWAY_FASTPATH"]
+        gateways[label] = start_gateway(
+            run,
+            f"gateway-fastpath-{len(gateways)}",
+            upstream,
+            1,
+            env={"RUNNER_GATEWAY_FASTPATH": value},
+        )
     rounds: dict[str, list[dict[str, Any]]] = {label: [] for label in VARIANTS}
     for turn in range(1 if run.plan.smoke else 5):
         for label, gw in gateways.items():
@@ -642,21 +653,17 @@ def _instructions(run: Run, label: str, upstream: int, fastpath: str, requests: 
     one after another. Instruction counts do not depend on what else the
     machine is doing, so small differences between variants show.
     """
-    real_start = run.start
-
-    def under_callgrind(name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
-        out = f"--callgrind-out-file={run.work}/{name}.callgrind.%p"
-        return real_start(
-            name, ["valgrind", "--tool=callgrind", "--instr-atstart=no", out, *argv], env
-        )
-
-    run.start = under_callgrind  # type: ignore[method-assign]
-    os.environ["RUNNER_GATEWAY_FASTPATH"] = fastpath
-    try:
-        gw = start_gateway(run, f"instructions-{label}", upstream, 1, start_timeout=300)
-    finally:
-        del os.environ["RUNNER_GATEWAY_FASTPATH"]
-        run.start = real_start  # type: ignore[method-assign]
+    name = f"instructions-{label}"
+    out = f"--callgrind-out-file={run.work}/{name}.callgrind.%p"
+    gw = start_gateway(
+        run,
+        name,
+        upstream,
+        1,
+        start_timeout=300,
+        env={"RUNNER_GATEWAY_FASTPATH": fastpath},
+        prefix=("valgrind", "--tool=callgrind", "--instr-atstart=no", out),
+    )
     pid = gw.worker_pids[0]
     conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=120)
     headers = {"Authorization": f"Bearer {gw.token}", "Content-Type": "application/json"}
@@ -679,7 +686,7 @@ def _instructions(run: Run, label: str, upstream: int, fastpath: str, requests: 
     deadline = time.monotonic() + 60
     while not total and time.monotonic() < deadline:  # the dump is written asynchronously
         time.sleep(0.2)
-        for dump in run.work.glob(f"instructions-{label}.callgrind.{pid}.*"):
+        for dump in run.work.glob(f"{name}.callgrind.{pid}.*"):
             total += max(
                 (
                     int(line.split()[1])
