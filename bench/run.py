@@ -579,6 +579,8 @@ VARIANTS = {
     "all fixes off": "off",
     "without content-type cache": "content-type",
     "without send-now": "send-now",
+    "without whole-head": "whole-head",
+    "without dispatch": "dispatch",
     "all fixes on": "",
 }
 

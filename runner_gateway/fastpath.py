@@ -9,12 +9,6 @@ equivalent that gives the same result for less work:
   lookup. A POST's Content-Type is almost always one of a few values, so the
   parsed media type is cached by the raw header value (bounded; the function
   is pure: bytes in, bytes out).
-* ``agent-endpoint``: ``twisted.web.client.Agent`` builds a new
-  ``HostnameEndpoint`` (IDNA-encoding the host each time) for every request,
-  even when the pool then hands out a kept-alive connection. Endpoints are
-  reusable descriptions of where to connect, so each Agent keeps the one it
-  built per (scheme, host, port). A new settings generation builds new
-  Agents, so upstream TLS settings changes still take effect.
 * ``send-now``: a write to a Twisted TCP transport is only queued; the
   ``send()`` happens on the reactor's next turn, after an epoll call to
   watch for writability and before another to stop. :func:`write_now` hands
@@ -23,6 +17,19 @@ equivalent that gives the same result for less work:
   take, and every other transport, goes through ``transport.write``, so
   ordering and flow control are Twisted's. The proxy uses it for the request
   to the runner and for each batch of response bytes to the client.
+* ``whole-head``: Twisted's HTTPChannel parses a request head one line at a
+  time (a LineReceiver pass, ``lineReceived`` and ``headerReceived`` per
+  line). When a read holds the whole head and it is in the plain form (CRLF
+  lines, token names, no folding, under Twisted's size and count limits),
+  ``GatewayChannel`` takes it in one pass with Twisted's own checks and
+  leaves Twisted's parser state as its parser would; every other head goes
+  line by line, as before.
+* ``dispatch`` (:func:`install_dispatch`, on the service's running epoll
+  reactor only): Twisted's ``doPoll`` calls each ready connection through
+  ``log.callWithLogger``, which sets the legacy log "system" context (four
+  calls and a dict per event; our log lines do not show it) and logs what
+  escapes the handler. The replacement calls the handler directly and keeps
+  the catch-and-log.
 
 ``RUNNER_GATEWAY_FASTPATH=off`` (or a comma-separated list of fix names to
 leave out) keeps Twisted's own code: the benchmark suite uses it to measure
@@ -33,10 +40,14 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["FIXES", "install", "installed", "write_now"]
+from twisted.logger import Logger
+
+_dispatch_log = Logger(namespace="runner_gateway.fastpath")
+
+__all__ = ["FIXES", "install", "install_dispatch", "installed", "write_now"]
 
 _installed: set[str] = set()
 
@@ -48,32 +59,6 @@ def _content_type() -> None:
     if getattr(original, "cache_info", None) is not None:
         return
     http._parseContentType = functools.lru_cache(maxsize=256)(original)
-
-
-_ENDPOINTS_MAX = 64  # per Agent; one runner needs one
-
-
-def _agent_endpoint() -> None:
-    from twisted.web.client import Agent
-
-    original = Agent._getEndpoint
-    if getattr(original, "_runner_gateway_cached", False):
-        return
-
-    def _getEndpoint(self: Agent, uri: Any) -> Any:
-        cache: dict[tuple[bytes, bytes, int], Any] = self.__dict__.setdefault(
-            "_runner_gateway_endpoints", {}
-        )
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = cache.get(key)
-        if endpoint is None:
-            if len(cache) >= _ENDPOINTS_MAX:
-                cache.clear()
-            endpoint = cache[key] = original(self, uri)
-        return endpoint
-
-    _getEndpoint._runner_gateway_cached = True  # type: ignore[attr-defined]
-    Agent._getEndpoint = _getEndpoint  # type: ignore[method-assign]
 
 
 _TCP_TRANSPORTS: tuple[type, ...] = ()  # empty until send-now is installed
@@ -112,10 +97,36 @@ def write_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
+def _whole_head() -> None:
+    from twisted.protocols.basic import LineReceiver
+    from twisted.web import http
+    from twisted.web.http_headers import Headers
+
+    from runner_gateway.site import GatewayChannel
+
+    # The parser state GatewayChannel._take_head reads and sets; a Twisted
+    # without one of them raises AttributeError here and keeps its own parser.
+    channel = http.HTTPChannel()
+    _ = (
+        channel._HTTPChannel__first_line,  # type: ignore[attr-defined]
+        channel._receivedHeaderSize,
+        channel._receivedHeaderCount,
+        channel._maybeChooseTransferDecoder,
+        channel._respondToBadRequestAndDisconnect,
+        channel.maxHeaders,
+        channel.totalHeadersSize,
+        Headers()._rawHeaders,
+        http._parseRequestLine,
+        LineReceiver._busyReceiving,
+        LineReceiver._buffer,
+    )
+    GatewayChannel.whole_head = True
+
+
 FIXES: dict[str, Callable[[], None]] = {
     "send-now": _send_now,
+    "whole-head": _whole_head,
     "content-type": _content_type,
-    "agent-endpoint": _agent_endpoint,
 }
 
 
@@ -123,11 +134,17 @@ def installed() -> frozenset[str]:
     return frozenset(_installed)
 
 
-def install(environ: dict[str, str] | None = None) -> frozenset[str]:
-    """Install every fix not switched off by RUNNER_GATEWAY_FASTPATH; idempotent."""
+def _skipped(environ: Mapping[str, str] | None) -> set[str]:
     env = os.environ if environ is None else environ
     setting = env.get("RUNNER_GATEWAY_FASTPATH", "").strip().lower()
-    skip = set(FIXES) if setting == "off" else {s.strip() for s in setting.split(",") if s}
+    if setting == "off":
+        return {*FIXES, "dispatch"}
+    return {s.strip() for s in setting.split(",") if s}
+
+
+def install(environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    """Install every fix not switched off by RUNNER_GATEWAY_FASTPATH; idempotent."""
+    skip = _skipped(environ)
     for name, fix in FIXES.items():
         if name not in skip and name not in _installed:
             try:
@@ -138,3 +155,41 @@ def install(environ: dict[str, str] | None = None) -> frozenset[str]:
                 continue
             _installed.add(name)
     return installed()
+
+
+def _poll(reactor: Any, timeout: float | None) -> None:
+    """``EPollReactor.doPoll`` without ``log.callWithLogger`` around each event."""
+    try:
+        events = reactor._poller.poll(-1 if timeout is None else timeout, len(reactor._selectables))
+    except InterruptedError:
+        return
+    selectables = reactor._selectables
+    handle = reactor._doReadOrWrite
+    for fd, event in events:
+        selectable = selectables.get(fd)
+        if selectable is not None:
+            try:
+                handle(selectable, fd, event)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                # What callWithLogger did: log it, and serve the other events.
+                _dispatch_log.failure("unhandled error in an I/O event")
+
+
+def install_dispatch(reactor: Any, environ: Mapping[str, str] | None = None) -> bool:
+    """The ``dispatch`` fix on ``reactor``: an epoll reactor's own ``doIteration``
+    (the instance's, not the class's). False when switched off or not applicable."""
+    from twisted.internet.epollreactor import EPollReactor
+
+    if "dispatch" in _skipped(environ) or type(reactor) is not EPollReactor:
+        return False
+    if isinstance(reactor.__dict__.get("doIteration"), functools.partial):
+        return True
+    try:
+        _ = (reactor._poller.poll, reactor._selectables, reactor._doReadOrWrite)
+    except AttributeError:
+        return False  # a Twisted without them: keep its doPoll
+    reactor.doIteration = functools.partial(_poll, reactor)  # type: ignore[method-assign]
+    _installed.add("dispatch")
+    return True

@@ -325,7 +325,12 @@ class _Exchange:
         self.ctx: RequestContext = context_of(request)
         self.call: UpstreamCall | None = None
         self._pending = False  # sent, no response head yet
-        self._timers: dict[str, IDelayedCall] = {}
+        # One timer watches the first-byte, total and idle deadlines (_check).
+        self._watch: IDelayedCall | None = None
+        self._first_at: float | None = None  # first-byte deadline, while pending
+        self._total_at: float | None = None
+        self._idle_from: float | None = None  # last runner activity, while idle-watched
+        self._client_abort: IDelayedCall | None = None
         self._done = False  # no more writes to the client from us
         self._buffer: list[bytes] | None = None  # set while buffering for a transform
         self._buffered = 0
@@ -369,10 +374,7 @@ class _Exchange:
             ctx.status = 400
             return send_error(request, 400, "invalid request target")
         request.notifyFinish().addErrback(self.client_lost)
-        if runner.first_byte_timeout > 0:
-            self._arm("first_byte", runner.first_byte_timeout, self._first_byte_timeout)
-        if runner.total_timeout > 0:
-            self._arm("total", runner.total_timeout, self._total_timeout)
+        self._start_watch()
         self._pending = True
         try:
             self.call = self.client.request(
@@ -384,22 +386,67 @@ class _Exchange:
 
     # ------------------------------------------------------------ timers
 
-    def _arm(self, name: str, seconds: float, action: Callable[[], None]) -> None:
-        self._disarm(name)
-        self._timers[name] = self.reactor.callLater(seconds, self._fire, name, action)
+    # One timer per exchange instead of one per deadline: it is armed once, at
+    # the soonest any deadline could fall, and when it fires it acts on what is
+    # due or waits for the next deadline. A chunk from the runner only moves the
+    # idle deadline later, so it just notes the time (no timer call per chunk).
 
-    def _fire(self, name: str, action: Callable[[], None]) -> None:
-        self._timers.pop(name, None)
-        action()
+    def _start_watch(self) -> None:
+        runner = self.runner
+        now = self.reactor.seconds()
+        if runner.first_byte_timeout > 0:
+            self._first_at = now + runner.first_byte_timeout
+        if runner.total_timeout > 0:
+            self._total_at = now + runner.total_timeout
+        limits = [
+            t
+            for t in (runner.first_byte_timeout, runner.total_timeout, runner.idle_timeout)
+            if t > 0
+        ]
+        if limits:
+            # The idle deadline (from the head on) cannot fall before now + idle.
+            self._watch = self.reactor.callLater(min(limits), self._check)
 
-    def _disarm(self, name: str) -> None:
-        call = self._timers.pop(name, None)
+    def _next_deadline(self) -> float | None:
+        due = self._total_at
+        if self._pending and self._first_at is not None and (due is None or self._first_at < due):
+            due = self._first_at
+        if self._idle_from is not None:
+            idle_at = self._idle_from + self.runner.idle_timeout
+            if due is None or idle_at < due:
+                due = idle_at
+        return due
+
+    def _watch_until(self, due: float | None) -> None:
+        """Make sure the watch fires no later than ``due``."""
+        if due is None:
+            return
+        call = self._watch
+        if call is not None and call.active():
+            if call.getTime() <= due:
+                return
+            call.cancel()
+        self._watch = self.reactor.callLater(max(0.0, due - self.reactor.seconds()), self._check)
+
+    def _check(self) -> None:
+        self._watch = None
+        if self._done:
+            return
+        now = self.reactor.seconds()
+        if self._pending and self._first_at is not None and now >= self._first_at:
+            self._first_byte_timeout()
+        elif self._total_at is not None and now >= self._total_at:
+            self._total_timeout()
+        elif self._idle_from is not None and now >= self._idle_from + self.runner.idle_timeout:
+            self._idle_timeout()
+        else:
+            self._watch_until(self._next_deadline())
+
+    def _stop_watch(self) -> None:
+        self._idle_from = None
+        call, self._watch = self._watch, None
         if call is not None and call.active():
             call.cancel()
-
-    def _disarm_all(self) -> None:
-        for name in list(self._timers):
-            self._disarm(name)
 
     def _first_byte_timeout(self) -> None:
         self._cancel_pending(
@@ -429,8 +476,7 @@ class _Exchange:
     def response_head(
         self, code: int, phrase: bytes, lines: list[tuple[bytes, bytes]], length: int | None
     ) -> None:
-        self._pending = False
-        self._disarm("first_byte")
+        self._pending = False  # the first-byte deadline is met
         if self._done:  # cannot happen (client_lost aborts), but never write twice
             self._stop_upstream()
             return
@@ -468,11 +514,10 @@ class _Exchange:
 
     def _arm_idle(self) -> None:
         if self.runner.idle_timeout > 0 and not self._paused and not self._done:
-            call = self._timers.get("idle")
-            if call is not None and call.active():
-                call.reset(self.runner.idle_timeout)  # per chunk: cheaper than a new call
-            else:
-                self._arm("idle", self.runner.idle_timeout, self._idle_timeout)
+            watched = self._idle_from is not None
+            self._idle_from = now = self.reactor.seconds()
+            if not watched:  # else the watch already fires by the earlier idle deadline
+                self._watch_until(now + self.runner.idle_timeout)
 
     def response_body(self, data: bytes) -> None:
         if self._done:
@@ -583,7 +628,7 @@ class _Exchange:
         self.ctx.upstream_error = kind
         self.ctx.status = status
         self._done = True
-        self._disarm_all()
+        self._stop_watch()
         request = self.request
         body = send_error(request, status, f"{message} (runner {self.runner.name})")
         if body:
@@ -596,7 +641,7 @@ class _Exchange:
 
     def _finish(self) -> None:
         self._done = True
-        self._disarm_all()
+        self._stop_watch()
         self._unregister()
         if self.ctx.first_byte is None:
             self.ctx.first_byte = self._headers_at
@@ -614,7 +659,7 @@ class _Exchange:
         self._done = True
         self.ctx.aborted = True
         self.ctx.upstream_error = kind
-        self._disarm_all()
+        self._stop_watch()
         self._unregister()
         self._stop_upstream()
         log.warn(
@@ -635,16 +680,18 @@ class _Exchange:
         def abort() -> None:
             transport.abortConnection()
 
-        self._timers["client_abort"] = self.reactor.callLater(_CLIENT_ABORT_GRACE, abort)
+        self._client_abort = self.reactor.callLater(_CLIENT_ABORT_GRACE, abort)
 
     def client_lost(self, reason: Failure | None) -> None:
         """The client connection is gone: free the runner as soon as possible."""
-        self._disarm("client_abort")
+        call, self._client_abort = self._client_abort, None
+        if call is not None and call.active():
+            call.cancel()
         if self._done:
             return
         self._done = True
         self.ctx.aborted = True
-        self._disarm_all()
+        self._stop_watch()
         self._producer = None  # the request's channel is gone with the connection
         self._stop_upstream()
 
@@ -652,7 +699,7 @@ class _Exchange:
         self._paused = paused
         call = self.call
         if paused:
-            self._disarm("idle")  # our pause, not the runner's silence
+            self._idle_from = None  # our pause, not the runner's silence
             if call is not None:
                 call.pause()
         else:

@@ -17,10 +17,12 @@ from typing import IO, Any, Protocol, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -31,6 +33,15 @@ from runner_gateway.logs import ACCESS_FORMAT, ACCESS_NAMESPACE
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewaySite", "RequestObserver"]
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+# A request head the whole-head path takes (GatewayChannel.dataReceived): a
+# request line and header lines as Twisted's parser accepts them (token method
+# and names, a target of bytes 0x21-0xb0, HTTP/1.0 or 1.1, values without NUL,
+# CR or LF), CRLF between lines, nothing folded. Anything else, valid or not,
+# goes to Twisted's line-by-line parser, which answers it as it always has.
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_WHOLE_HEAD = re.compile(
+    _TCHAR + rb"+ [!-\xb0]+ HTTP/1\.[01](?:\r\n" + _TCHAR + rb"+:[^\x00\r\n]*)*"
+)
 # Header values never written to a log, whatever the level.
 _SECRET_HEADERS = frozenset(
     {b"authorization", b"proxy-authorization", b"cookie", b"x-api-key", b"api-key"}
@@ -94,6 +105,9 @@ class _RequestIds:
 new_request_id = _RequestIds()
 
 
+basic_data_received = LineReceiver.dataReceived
+
+
 class GatewayChannel(http.HTTPChannel):
     """An HTTPChannel that can hold what a request writes and send it as one piece.
 
@@ -106,6 +120,148 @@ class GatewayChannel(http.HTTPChannel):
 
     _held: list[bytes] | None = None
     _host: Any = None
+    # Set by fastpath's "whole-head" fix once it has checked that this
+    # Twisted has the parser state _take_head sets.
+    whole_head = False
+    _head_deadline: IDelayedCall | None = None
+    _gateway_lost = False
+    # The keep-alive idle timer (TimeoutMixin's job): Twisted cancels it when
+    # a request arrives and makes a new one when the answer is done. Here it is
+    # switched off and on instead, one timer per connection, not per request.
+    _idle_call: IDelayedCall | None = None
+    _idle_off = False
+
+    def setTimeout(self, period: float | None) -> float | None:
+        previous: float | None = self.timeOut
+        self.timeOut = period  # type: ignore[assignment]
+        if period is None:
+            self._idle_off = True  # while a request is handled; a firing then does nothing
+        else:
+            self._idle_off = False
+            call = self._idle_call
+            if call is not None and call.active():
+                call.reset(period)
+            else:
+                self._idle_call = self.callLater(period, self._idle_fired)
+        return previous
+
+    def resetTimeout(self) -> None:
+        call = self._idle_call
+        if call is not None and self.timeOut is not None and call.active():
+            call.reset(self.timeOut)
+
+    def _idle_fired(self) -> None:
+        self._idle_call = None
+        if not self._idle_off:
+            self.timeoutConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if (
+            self.whole_head
+            and self.line_mode
+            and not self._buffer
+            and not self._busyReceiving
+            and self._HTTPChannel__first_line == 1
+            and self.persistent
+        ):
+            end = data.find(b"\r\n\r\n")
+            if (
+                0 < end <= min(self.totalHeadersSize, self.MAX_LENGTH)
+                and data.count(b"\r\n", 0, end) <= self.maxHeaders
+                and _WHOLE_HEAD.fullmatch(data, 0, end)
+            ):
+                self._take_head(data, end)
+                self._watch_head()
+                return
+        super().dataReceived(data)
+        self._watch_head()
+
+    def _watch_head(self) -> None:
+        # A request head, from its first byte to its blank line, must arrive
+        # within the site's header_timeout; the body may take as long as an
+        # upload needs. Checked after each read rather than armed per request,
+        # so a head that comes in one read (nearly all) needs no timer.
+        requests = self.requests
+        in_head = self.line_mode and (
+            self._buffer or (requests and not cast(GatewayRequest, requests[-1]).head_done)
+        )
+        deadline = self._head_deadline
+        if in_head:
+            if deadline is None and self.transport is not None and not self._gateway_lost:
+                site = cast(GatewaySite, self.site)  # type: ignore[attr-defined]
+                self._head_deadline = site.reactor.callLater(
+                    site.header_timeout, self._head_timed_out
+                )
+        elif deadline is not None:
+            self._cancel_head_deadline()
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        _log.info("closing a connection whose request headers did not arrive in time")
+        self.forceAbortClient()
+
+    def _cancel_head_deadline(self) -> None:
+        deadline, self._head_deadline = self._head_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._gateway_lost = True
+        self._cancel_head_deadline()
+        call, self._idle_call = self._idle_call, None
+        if call is not None and call.active():
+            call.cancel()
+        super().connectionLost(reason)
+
+    def _take_head(self, data: bytes, end: int) -> None:
+        """A whole request head at the start of ``data``, as Twisted's
+        lineReceived would take it line by line, in one pass.
+
+        Twisted's checks are kept (request line, header count and size, the
+        Content-Length and Transfer-Encoding rules) and its state is left as
+        its own parser leaves it; what follows the head goes through
+        LineReceiver as usual (body, or a pipelined request).
+        """
+        self.resetTimeout()
+        lines = data[:end].split(b"\r\n")
+        self._buffer = data[end + 4 :]
+        self._busyReceiving = True
+        try:
+            self._receivedHeaderSize += end - 2 * (len(lines) - 1)
+            request = self.requestFactory(self, len(self.requests))
+            self.requests.append(request)
+            self._HTTPChannel__first_line = 0
+            try:
+                self._command, self._path, self._version = http._parseRequestLine(lines[0])
+            except ValueError:
+                self._respondToBadRequestAndDisconnect()
+                return
+            raw = request.requestHeaders._rawHeaders
+            encode = _nameEncoder.encode
+            for line in lines[1:]:
+                name, value = line.split(b":", 1)
+                name = encode(name)
+                value = value.strip(b" \t")
+                if (
+                    name == b"Content-Length" or name == b"Transfer-Encoding"
+                ) and not self._maybeChooseTransferDecoder(name, value):
+                    return  # it has answered 400
+                values = raw.get(name)
+                if values is None:
+                    raw[name] = [value]
+                else:
+                    values.append(value)
+            self._receivedHeaderCount += len(lines) - 1
+            self.allHeadersReceived()
+            if self.length == 0:
+                self.allContentReceived()
+            else:
+                self.setRawMode()
+        finally:
+            self._busyReceiving = False
+        transport: Any = self.transport
+        if self._buffer and not (transport is not None and transport.disconnecting):
+            basic_data_received(self, b"")  # the body, or the next request
 
     def getHost(self) -> Any:
         # Twisted's Request asks on every request (a getsockname() call and an
@@ -166,27 +322,10 @@ class GatewayRequest(Request):
         self.gateway_context = RequestContext(request_id="", started=site.reactor.seconds())
         self._body_received = 0
         self._ended = False
-        # Headers (and, with them, the declared length) must arrive in time;
-        # the body itself may take as long as an upload needs.
-        self._header_deadline: IDelayedCall | None = site.reactor.callLater(
-            site.header_timeout, self._header_timeout
-        )
-
-    def _header_timeout(self) -> None:
-        self._header_deadline = None
-        _log.info("closing a connection whose request headers did not arrive in time")
-        channel = self.channel
-        if channel is not None:
-            channel.forceAbortClient()
-
-    def _cancel_header_deadline(self) -> None:
-        if self._header_deadline is not None:
-            if self._header_deadline.active():
-                self._header_deadline.cancel()
-            self._header_deadline = None
+        self.head_done = False
 
     def gotLength(self, length: int | None) -> None:
-        self._cancel_header_deadline()
+        self.head_done = True
         if length is not None and length > self._gateway_site.max_body_size:
             self.body_too_large = True
             self.content = cast(IO[bytes], _Discard())
@@ -249,10 +388,6 @@ class GatewayRequest(Request):
         if release is not None:
             release()  # the client gets its last bytes before the access log is written
         self._gateway_site.request_ended(self)
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._cancel_header_deadline()
-        super().connectionLost(reason)
 
     def isSecure(self) -> bool:
         # As Twisted's, but the channel's answer (an ISSLTransport adaptation,

@@ -340,6 +340,21 @@ class _Connection(Protocol):
                 # Bytes after a complete response: the connection is not reusable.
                 self._keep_alive = False
                 return
+            if state == _STATUS:
+                # The usual case: the whole head in this read, lines ending in
+                # CRLF. One split instead of a pass through this loop per line;
+                # anything else (a bare LF, a head split across reads) goes
+                # line by line below, with the same checks.
+                end = buf.find(b"\r\n\r\n")
+                if 0 < end <= _MAX_HEAD:
+                    lines = buf[:end].split(b"\r\n")
+                    if buf.count(b"\n", 0, end) == len(lines) - 1:
+                        self._status_line(lines[0])
+                        header_line = self._header_line
+                        for line in lines[1:]:
+                            header_line(line)
+                        buf = self._end_of_head(buf[end + 4 :])
+                        continue
             # Line-based states: status, headers, chunk size, trailer.
             end = buf.find(b"\n")
             if end < 0:

@@ -23,7 +23,6 @@ from twisted.logger import (
     formatEvent,
 )
 from twisted.web import http
-from twisted.web.client import URI, Agent
 
 from runner_gateway import fastpath
 from runner_gateway.logs import (
@@ -52,10 +51,10 @@ _PROBE = (
     ("switch", "expected"),
     [
         ("off", "[] False"),
-        ("content-type", "['agent-endpoint', 'send-now'] False"),
-        ("agent-endpoint", "['content-type', 'send-now'] True"),
-        ("send-now", "['agent-endpoint', 'content-type'] True"),
-        ("", "['agent-endpoint', 'content-type', 'send-now'] True"),
+        ("content-type", "['send-now', 'whole-head'] False"),
+        ("send-now", "['content-type', 'whole-head'] True"),
+        ("whole-head", "['content-type', 'send-now'] True"),
+        ("", "['content-type', 'send-now', 'whole-head'] True"),
     ],
 )
 def test_switch_leaves_fixes_out(switch: str, expected: str) -> None:
@@ -89,20 +88,6 @@ def test_cached_content_type_parses_like_twisted(raw: bytes, media_type: bytes) 
     original = http._parseContentType.__wrapped__  # type: ignore[attr-defined]
     assert http._parseContentType(raw) == original(raw) == media_type
     assert http._parseContentType(raw) == media_type  # and from the cache
-
-
-def test_agent_reuses_its_endpoint_per_origin() -> None:
-    fastpath.install({})
-    agent = Agent(MemoryReactorClock())
-    a1 = agent._getEndpoint(URI.fromBytes(b"http://127.0.0.1:8080/api/chat"))
-    a2 = agent._getEndpoint(URI.fromBytes(b"http://127.0.0.1:8080/api/tags"))
-    b = agent._getEndpoint(URI.fromBytes(b"http://127.0.0.1:8081/"))
-    c = agent._getEndpoint(URI.fromBytes(b"https://127.0.0.1:8080/"))
-    assert a1 is a2
-    assert len({id(a1), id(b), id(c)}) == 3
-    # Another Agent (a new settings generation) builds its own.
-    other = Agent(MemoryReactorClock())
-    assert other._getEndpoint(URI.fromBytes(b"http://127.0.0.1:8080/")) is not a1
 
 
 def _event(fmt: Any, **fields: Any) -> dict[str, Any]:
@@ -283,3 +268,59 @@ def test_log_record_fallback_and_other_types() -> None:
     assert json.loads(_encode({"s": "\ud800", "n": 2**70})) == {"s": "\ud800", "n": 2**70}
     when = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
     assert json.loads(_encode({"t": when, "b": b"x"})) == {"t": str(when), "b": "b'x'"}
+
+
+def test_dispatch_serves_and_logs_what_escapes_a_handler() -> None:
+    """On a real epoll reactor of its own: bytes still flow both ways, and an
+    exception that escapes an I/O handler is logged, not fatal (as Twisted's
+    callWithLogger did)."""
+    from twisted.internet.epollreactor import EPollReactor
+    from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
+    from twisted.logger import globalLogPublisher
+    from twisted.python.failure import Failure
+
+    reactor = EPollReactor()
+    assert not fastpath.install_dispatch(reactor, {"RUNNER_GATEWAY_FASTPATH": "dispatch"})
+    assert fastpath.install_dispatch(reactor, {})
+    assert fastpath.install_dispatch(reactor, {})  # once is enough
+    assert not fastpath.install_dispatch(MemoryReactorClock(), {})
+    got: list[bytes] = []
+    logged: list[dict[str, Any]] = []
+
+    class Echo(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            assert self.transport is not None
+            self.transport.write(data)
+
+    class Client(Protocol):
+        def connectionMade(self) -> None:
+            assert self.transport is not None
+            self.transport.write(b"ping")
+
+        def dataReceived(self, data: bytes) -> None:
+            got.append(data)
+            assert self.transport is not None
+            self.transport.loseConnection()
+
+        def connectionLost(self, reason: Failure = connectionDone) -> None:
+            reactor.callLater(0.05, reactor.stop)  # the loop must still be running then
+            raise RuntimeError("a buggy connectionLost")
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "runner_gateway.fastpath":
+            logged.append(event)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Echo), interface="127.0.0.1")
+    reactor.connectTCP(
+        "127.0.0.1", port.getHost().port, cast(Any, ClientFactory.forProtocol(Client))
+    )
+    guard = reactor.callLater(10, reactor.stop)
+    globalLogPublisher.addObserver(cast(ILogObserver, observe))
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        globalLogPublisher.removeObserver(cast(ILogObserver, observe))
+    assert guard.active()  # stopped by the client's callLater, not the guard
+    guard.cancel()
+    assert got == [b"ping"]
+    assert len(logged) == 1 and "a buggy connectionLost" in str(logged[0]["log_failure"].value)

@@ -618,6 +618,55 @@ def test_mem_idle_timeout_waits_while_client_is_slow() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_mem_one_timer_watches_every_deadline() -> None:
+    m = Mem(first_byte_timeout=5.0, idle_timeout=3.0, total_timeout=50.0)
+    m.send(b"GET /r1/api/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+    m.connect_upstream()
+    assert len(_proxy_timers(m)) == 1
+    m.reactor.advance(3.5)  # the watch wakes at the idle limit; the first byte is not due
+    assert not m.request_ctx.upstream_error and len(_proxy_timers(m)) == 1
+    m.runner_sends(_CHUNKED_HEAD + _chunk(b"1\n"))  # at 3.5 s: in time
+    for _ in range(5):
+        m.reactor.advance(2.9)
+        m.runner_sends(_chunk(b"x\n"))  # each chunk just notes the time
+        assert len(_proxy_timers(m)) == 1
+    assert not m.request_ctx.aborted
+    m.reactor.advance(3.01)
+    ctx = m.request_ctx
+    assert ctx.aborted and ctx.upstream_error == "timeout" and not _proxy_timers(m)
+
+
+@pytest.mark.timeout(10)
+def test_mem_first_byte_deadline_holds_when_the_watch_wakes_early() -> None:
+    m = Mem(first_byte_timeout=5.0, idle_timeout=3.0)
+    m.send(b"GET /r1/api/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+    m.connect_upstream()
+    m.reactor.advance(4.9)
+    assert m.request_ctx.status is None
+    m.reactor.advance(0.2)
+    assert m.request_ctx.status == 504 and m.request_ctx.upstream_error == "timeout"
+    assert b"HTTP/1.1 504 " in m.client.value()
+
+
+@pytest.mark.timeout(10)
+def test_mem_idle_deadline_after_a_long_pause_is_watched_again() -> None:
+    # While paused the watch has only the total deadline left to wait for; on
+    # resume the idle deadline must be watched again, well before that.
+    m = Mem(idle_timeout=3.0, total_timeout=50.0)
+    m.send(b"GET /r1/api/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+    m.connect_upstream()
+    m.runner_sends(_CHUNKED_HEAD + _chunk(b"1\n"))
+    _client_producer(m).pauseProducing()
+    m.reactor.advance(20)
+    assert not m.request_ctx.aborted
+    _client_producer(m).resumeProducing()
+    m.reactor.advance(2.9)
+    assert not m.request_ctx.aborted
+    m.reactor.advance(0.2)
+    assert m.request_ctx.aborted and m.request_ctx.upstream_error == "timeout"
+
+
+@pytest.mark.timeout(10)
 def test_mem_total_timeout_after_headers_aborts() -> None:
     m = Mem(total_timeout=5.0)
     m.send(b"GET /r1/api/x HTTP/1.1\r\nHost: gw\r\n\r\n")

@@ -11,6 +11,8 @@ import socket
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -215,6 +217,62 @@ def test_bad_responses_are_protocol_errors(raw: bytes) -> None:
     assert len(handler.failed) == 1 and handler.failed[0].check(UpstreamProtocolError)
     assert classify(handler.failed[0])[:2] == ("protocol", 502)
     assert transport.disconnected and pool.idle_count(KEY) == 0
+
+
+def _outcome(pieces: list[bytes]) -> tuple[Any, ...]:
+    handler, transport, pool = _exchange(pieces)
+    failure = handler.failed[0].value if handler.failed else None
+    return (
+        handler.head,
+        b"".join(handler.body),
+        [None if e is None else type(e.value) for e in handler.ended],
+        (type(failure), str(failure)) if failure is not None else None,
+        pool.idle_count(KEY),
+        transport.disconnecting,
+    )
+
+
+_HEAD_LINES = st.sampled_from(
+    [
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.0 200 OK",
+        b"HTTP/1.1 100 Continue",
+        b"HTTP/1.1 204 No Content",
+        b"HTTP/1.1 20 OK",
+        b"Content-Length: 2",
+        b"Content-Length: 2, 2",
+        b"Content-Length: x",
+        b"Transfer-Encoding: chunked",
+        b"Connection: close",
+        b"Connection: keep-alive",
+        b"X-A: b\rc",
+        b" folded",
+        b"\tfolded",
+        b"bad name: v",
+        b"no colon",
+        b"Server:runner",
+        b"",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=st.lists(_HEAD_LINES, max_size=7),
+    ends=st.lists(st.sampled_from([b"\r\n", b"\n", b"\r\r\n"]), min_size=8, max_size=8),
+    body=st.sampled_from([b"ok", b"2\r\nok\r\n0\r\n\r\n", b"", b"okHTTP/1.1 200 OK\r\n\r\n"]),
+)
+def test_a_head_read_whole_or_byte_by_byte_gives_the_same_answer(
+    lines: list[bytes], ends: list[bytes], body: bytes
+) -> None:
+    # A head that arrives in one read takes the one-split path; byte by byte it
+    # goes line by line. Both must agree, for good heads and bad ones.
+    head = [b"HTTP/1.1 200 OK", *lines]
+    raw = b"".join(line + end for line, end in zip(head, ends, strict=False))
+    raw += b"\r\n" + body
+    whole = _outcome([raw])
+    assert whole == _outcome([raw[i : i + 1] for i in range(len(raw))])
+    assert whole == _outcome([raw[:-1], raw[-1:]]) or len(body) == 0
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,290 @@
+"""site.GatewayChannel: the whole-head path (fastpath "whole-head") against
+Twisted's line-by-line parser (for any bytes a client sends, the same
+requests reach the resource and the same bytes go back), the deadline for a
+head that comes slowly, and the keep-alive idle timer."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.web import resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from runner_gateway.site import GatewayChannel, GatewaySite
+
+
+class _Record(resource.Resource):
+    """Writes down what each request carried and answers at once."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[Any, ...]] = []
+
+    def render(self, request: Request) -> bytes:
+        assert request.content is not None
+        self.seen.append(
+            (
+                request.method,
+                request.uri,
+                request.clientproto,
+                sorted(request.requestHeaders.getAllRawHeaders()),
+                request.content.read(),
+            )
+        )
+        return b"ok"
+
+
+class _Later(resource.Resource):
+    """Answers only when the test says so."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[Request] = []
+
+    def render(self, request: Request) -> int:
+        self.waiting.append(request)
+        return NOT_DONE_YET
+
+
+_VARYING = re.compile(rb"(?im)^(date|x-request-id): [^\r\n]*\r\n")
+
+
+class _Side:
+    def __init__(self, whole_head: bool, answer: resource.Resource | None = None) -> None:
+        self.answer: Any = answer or _Record()
+        self.clock = MemoryReactorClock()
+        site = GatewaySite(
+            self.answer, self.clock, max_body_size=1024, header_timeout=30, keep_alive_timeout=75
+        )
+        channel = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
+        assert isinstance(channel, GatewayChannel)
+        channel.whole_head = whole_head
+        self.lines = 0
+        line_received = channel.lineReceived
+
+        def counting(line: bytes) -> None:
+            self.lines += 1
+            line_received(line)
+
+        channel.lineReceived = counting  # type: ignore[method-assign]
+        self.channel = channel
+        self.transport = StringTransport()
+        channel.makeConnection(self.transport)
+
+    def send(self, *pieces: bytes) -> tuple[Any, ...]:
+        for piece in pieces:
+            if self.transport.disconnecting:
+                break  # a closing TCP transport reads no more
+            self.channel.dataReceived(piece)
+        return (
+            getattr(self.answer, "seen", None),
+            _VARYING.sub(b"", self.transport.value()),
+            self.transport.disconnecting,
+            len(self.channel.requests),
+        )
+
+
+def _both(*pieces: bytes) -> tuple[tuple[Any, ...], _Side]:
+    fast, twisted = _Side(True), _Side(False)
+    outcome = fast.send(*pieces)
+    assert outcome == twisted.send(*pieces)
+    return outcome, fast
+
+
+def test_a_plain_head_takes_the_whole_head_path() -> None:
+    raw = b"POST /api/chat?x=1 HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\nX-A:  b \r\n\r\nhi"
+    (seen, answer, closing, _), fast = _both(raw)
+    assert fast.lines == 0
+    assert seen == [
+        (
+            b"POST",
+            b"/api/chat?x=1",
+            b"HTTP/1.1",
+            [(b"Content-Length", [b"2"]), (b"Host", [b"gw"]), (b"X-A", [b"b"])],
+            b"hi",
+        )
+    ]
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"ok")
+    assert not closing
+
+
+def test_a_head_over_two_reads_goes_line_by_line() -> None:
+    (seen, _, _, _), fast = _both(b"GET / HTTP/1.1\r\nHost: gw\r\n", b"\r\n")
+    assert fast.lines == 3 and len(seen) == 1
+
+
+def test_too_many_headers_are_refused_as_twisted_does() -> None:
+    raw = b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 501 + b"\r\n"
+    (seen, answer, closing, _), _ = _both(raw)
+    assert not seen and answer.startswith(b"HTTP/1.1 400 ") and closing
+
+
+def test_a_head_over_the_size_limit_is_refused_as_twisted_does() -> None:
+    # Twisted closes without an answer when a line is over its limit.
+    raw = b"GET / HTTP/1.1\r\nX-A: " + b"b" * 17000 + b"\r\n\r\n"
+    (seen, _, closing, _), fast = _both(raw)
+    assert not seen and closing and fast.lines == 1
+
+
+def _header_deadlines(side: _Side) -> list[Any]:
+    calls: list[Any] = list(side.clock.getDelayedCalls())
+    return [c for c in calls if "_head_timed_out" in repr(c.func)]
+
+
+@pytest.mark.parametrize("whole_head", [True, False])
+def test_a_head_in_one_read_arms_no_header_deadline(whole_head: bool) -> None:
+    side = _Side(whole_head)
+    side.send(b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nab")
+    assert side.lines == (0 if whole_head else 3)
+    assert not _header_deadlines(side)  # the body may take its time
+    side.clock.advance(31)
+    side.send(b"cd")
+    assert side.answer.seen[0][-1] == b"abcd" and not side.transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [b"GET / HTTP/1.1\r\nHost: gw\r\n"],
+        [b"GET / HT"],
+        # After a whole request, the start of a pipelined one.
+        [b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n"],
+    ],
+)
+def test_a_head_that_does_not_finish_in_time_is_cut_off(pieces: list[bytes]) -> None:
+    side = _Side(True)
+    side.send(*pieces)
+    assert len(_header_deadlines(side)) == 1
+    side.clock.advance(29.9)
+    assert not side.transport.disconnecting
+    side.clock.advance(0.2)
+    assert side.transport.disconnecting
+
+
+def test_a_head_finished_in_time_cancels_its_deadline() -> None:
+    side = _Side(True)
+    raw = b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n"
+    side.send(*[raw[i : i + 1] for i in range(len(raw))])
+    assert side.answer.seen and not _header_deadlines(side)
+    side.clock.advance(31)
+    assert not side.transport.disconnecting
+
+
+def test_kept_alive_requests_share_one_idle_timer() -> None:
+    side = _Side(True)
+    made: list[Any] = []
+    call_later = side.clock.callLater
+
+    def counting(delay: float, f: Any, *args: Any, **kw: Any) -> Any:
+        made.append(f)
+        return call_later(delay, f, *args, **kw)
+
+    channel: Any = side.channel
+    channel.callLater = counting
+    for _ in range(5):
+        side.send(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert len(side.answer.seen) == 5
+    assert made == []  # the connection's timer was switched off and on, not remade
+    side.clock.advance(74.9)
+    assert not side.transport.disconnecting
+    side.clock.advance(0.2)
+    assert side.transport.disconnecting
+
+
+def test_a_request_longer_than_the_idle_timeout_is_not_cut() -> None:
+    later = _Later()
+    side = _Side(True, later)
+    side.send(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+    side.clock.advance(200)
+    assert not side.transport.disconnecting
+    later.waiting[0].write(b"done")
+    later.waiting[0].finish()
+    side.clock.advance(74.9)  # the idle time counts from the end of the answer
+    assert not side.transport.disconnecting
+    side.clock.advance(0.2)
+    assert side.transport.disconnecting
+
+
+def test_a_closed_connection_leaves_no_timer() -> None:
+    side = _Side(True)
+    side.send(b"GET / HTTP/1.1\r\nHost: gw\r\n")  # a head deadline and the idle timer
+    assert len(side.clock.getDelayedCalls()) == 2
+    side.channel.connectionLost(Failure(ConnectionDone()))
+    assert not side.clock.getDelayedCalls()
+
+
+_LINES = [
+    b"Host: gw",
+    b"Content-Length: 0",
+    b"Content-Length: 2",
+    b"Content-Length: 2",
+    b"Content-Length: x",
+    b"Content-Length: -1",
+    b"content-length:2",
+    b"Transfer-Encoding: chunked",
+    b"Transfer-Encoding: identity",
+    b"Transfer-Encoding: gzip",
+    b"Expect: 100-continue",
+    b"Connection: close",
+    b"X-Request-Id: abc",
+    b"Authorization: Bearer v4.public.x",
+    b"X-Empty:",
+    b"X-Spaces: \t a b \t",
+    b"X-High: \xe9\xff",
+    b"X-Ctl: a\x01b",
+    b"X-Nul: a\x00b",
+    b"X-Cr: a\rb",
+    b"X-Lf: a\nb",
+    b" folded",
+    b"\tfolded",
+    b"Bad Name: v",
+    b"Bad\x00Name: v",
+    b": no name",
+    b"no colon",
+    b"X-Dup: 1",
+    b"x-dup: 2",
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    lead=st.sampled_from([b"", b"\r\n"]),
+    method=st.sampled_from([b"GET", b"POST", b"HEAD", b"G@T", b"", b"get"]),
+    target=st.sampled_from([b"/a?b=1", b"/x y", b"*", b"/\x7f", b"/\xb0", b"/\xb1", b""]),
+    version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"http/1.1"]),
+    headers=st.lists(st.sampled_from(_LINES), max_size=6),
+    end=st.sampled_from([b"\r\n", b"\n"]),
+    body=st.sampled_from([b"", b"ok", b"2\r\nok\r\n0\r\n\r\n", b"zz\r\n"]),
+    then=st.sampled_from([b"", b"GET /next HTTP/1.1\r\nHost: gw\r\n\r\n", b"GET /part"]),
+    split=st.booleans(),
+)
+def test_any_request_gets_the_same_treatment_on_both_paths(
+    lead: bytes,
+    method: bytes,
+    target: bytes,
+    version: bytes,
+    headers: list[bytes],
+    end: bytes,
+    body: bytes,
+    then: bytes,
+    split: bool,
+) -> None:
+    head = lead + b" ".join(filter(None, [method, target, version])) + b"\r\n"
+    head += b"".join(line + end for line in headers) + b"\r\n"
+    raw = head + body + then
+    pieces = [raw[: len(head) + 1], raw[len(head) + 1 :]] if split else [raw]
+    _both(*pieces)
+    # And a plain request after it on the same connection, if it is still open.
+    _both(*pieces, b"GET /after HTTP/1.1\r\n\r\n")
