@@ -27,6 +27,7 @@ knows about the gateway's request objects.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from typing import IO, Any
@@ -202,7 +203,12 @@ class _Connection(Protocol):
         self._closed_waiters: list[Deferred[None]] = []
 
     def connectionMade(self) -> None:
-        self.sock = _socket_of(self.transport)  # looked up once, peeked at on every reuse
+        self.sock = sock = _socket_of(self.transport)  # looked up once, peeked at on every reuse
+        if sock is not None:
+            # As the client side does (Twisted's HTTPChannel): a request written in
+            # pieces (a large body) must not wait on Nagle for the runner's ACK.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     # ------------------------------------------------------------ sending
 

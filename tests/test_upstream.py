@@ -503,3 +503,23 @@ def test_connection_paused_by_the_caller_is_resumed_before_reuse() -> None:
     connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     assert handler.ended == [None] and pool.idle_count(KEY) == 1
     assert transport.producerState == "producing"
+
+
+def test_a_tcp_connection_to_the_runner_sends_without_nagle() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    peer, _ = listener.accept()
+    try:
+
+        class _Transport(StringTransport):
+            def getHandle(self) -> socket.socket:
+                return client
+
+        assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        connection = _Connection(UpstreamPool(MemoryReactorClock()), KEY)
+        connection.makeConnection(_Transport())
+        assert connection.sock is client
+        assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        for s in (client, peer, listener):
+            s.close()
