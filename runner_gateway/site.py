@@ -105,20 +105,27 @@ class _RequestIds:
 new_request_id = _RequestIds()
 
 
-basic_data_received = LineReceiver.dataReceived
+# LineReceiver's own loop, for what follows a head taken whole (body, next request).
+_line_receiver_data_received = LineReceiver.dataReceived
 # Bound once: twisted.web.http is a deprecation proxy module, where each
 # attribute lookup is a Python-level __getattribute__ call (2.4 us).
 _parse_request_line = http._parseRequestLine
 
 
 class GatewayChannel(http.HTTPChannel):
-    """An HTTPChannel that can hold what a request writes and send it as one piece.
+    """Twisted's HTTPChannel with a cheaper way in and out.
 
-    Between :meth:`hold` and :meth:`release` (the proxy brackets each read
-    from the runner with them) the response's head, body pieces and closing
-    chunk are kept, then handed over with :func:`~runner_gateway.fastpath.write_now`:
-    one ``send()`` at once instead of several queued writes sent on the
-    reactor's next turn. Outside that bracket it is Twisted's HTTPChannel.
+    Out: between :meth:`hold` and :meth:`release` (the proxy brackets each
+    read from the runner with them) the response's head, body pieces and
+    closing chunk are kept, then handed over with
+    :func:`~runner_gateway.fastpath.write_now`: one ``send()`` at once instead
+    of several queued writes sent on the reactor's next turn.
+
+    In: a request head that arrives whole in one read, in the plain form, is
+    taken in one pass (:meth:`_take_head`, the fastpath "whole-head" fix);
+    every other head goes through Twisted's line-by-line parser. The header
+    deadline is armed only while a head is still coming, and the keep-alive
+    timer is switched off and on rather than remade for every request.
     """
 
     _held: list[bytes] | None = None
@@ -264,7 +271,7 @@ class GatewayChannel(http.HTTPChannel):
             self._busyReceiving = False
         transport: Any = self.transport
         if self._buffer and not (transport is not None and transport.disconnecting):
-            basic_data_received(self, b"")  # the body, or the next request
+            _line_receiver_data_received(self, b"")  # the body, or the next request
 
     def getHost(self) -> Any:
         # Twisted's Request asks on every request (a getsockname() call and an
