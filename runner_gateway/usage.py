@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -121,9 +121,11 @@ def _parser_kind(content_type: str, path: bytes) -> type[_Base] | None:
 # ------------------------------------------------------------ what was found
 
 
-@dataclass(frozen=True)
-class _Found:
+class _Found(NamedTuple):
     """What one JSON object (line, event or body) says."""
+
+    # A NamedTuple, not a frozen dataclass: built for every parsed object, and
+    # a frozen dataclass's __init__ pays an object.__setattr__ call per field.
 
     prompt: int | None = None  # None: not in this object
     completion: int | None = None
