@@ -137,17 +137,14 @@ class GatewayChannel(http.HTTPChannel):
     _gateway_lost = False
     # The keep-alive idle timer (TimeoutMixin's job): Twisted cancels it when
     # a request arrives and makes a new one when the answer is done. Here it is
-    # switched off and on instead, one timer per connection, not per request.
+    # switched off (timeOut None, while a request is handled: a firing then does
+    # nothing) and on again, one timer per connection, not per request.
     _idle_call: IDelayedCall | None = None
-    _idle_off = False
 
     def setTimeout(self, period: float | None) -> float | None:
         previous: float | None = self.timeOut
         self.timeOut = period  # type: ignore[assignment]
-        if period is None:
-            self._idle_off = True  # while a request is handled; a firing then does nothing
-        else:
-            self._idle_off = False
+        if period is not None:
             call = self._idle_call
             if call is not None and call.active():
                 call.reset(period)
@@ -162,29 +159,35 @@ class GatewayChannel(http.HTTPChannel):
 
     def _idle_fired(self) -> None:
         self._idle_call = None
-        if not self._idle_off:
+        if self.timeOut is not None:
             self.timeoutConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        if (
-            self.whole_head
-            and self.line_mode
+        end = self._whole_head_end(data) if self.whole_head else -1
+        if end > 0:
+            self._take_head(data, end)
+        else:
+            super().dataReceived(data)
+        self._watch_head()
+
+    def _whole_head_end(self, data: bytes) -> int:
+        """Where the head ends in ``data`` if the whole-head path may take it, else -1."""
+        if not (
+            self.line_mode
             and not self._buffer
             and not self._busyReceiving
             and self._HTTPChannel__first_line == 1
             and self.persistent
         ):
-            end = data.find(b"\r\n\r\n")
-            if (
-                0 < end <= min(self.totalHeadersSize, self.MAX_LENGTH)
-                and data.count(b"\r\n", 0, end) <= self.maxHeaders
-                and _WHOLE_HEAD.fullmatch(data, 0, end)
-            ):
-                self._take_head(data, end)
-                self._watch_head()
-                return
-        super().dataReceived(data)
-        self._watch_head()
+            return -1
+        end = data.find(b"\r\n\r\n")
+        if (
+            0 < end <= min(self.totalHeadersSize, self.MAX_LENGTH)
+            and data.count(b"\r\n", 0, end) <= self.maxHeaders
+            and _WHOLE_HEAD.fullmatch(data, 0, end)
+        ):
+            return end
+        return -1
 
     def _watch_head(self) -> None:
         # A request head, from its first byte to its blank line, must arrive
