@@ -16,9 +16,10 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web import resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 
 from runner_gateway.site import GatewayChannel, GatewaySite
+from tests.helpers_site import Unanswered
 
 
 class _Record(resource.Resource):
@@ -42,20 +43,6 @@ class _Record(resource.Resource):
             )
         )
         return b"ok"
-
-
-class _Later(resource.Resource):
-    """Answers only when the test says so."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.waiting: list[Request] = []
-
-    def render(self, request: Request) -> int:
-        self.waiting.append(request)
-        return NOT_DONE_YET
 
 
 _VARYING = re.compile(rb"(?im)^(date|x-request-id): [^\r\n]*\r\n")
@@ -204,13 +191,13 @@ def test_kept_alive_requests_share_one_idle_timer() -> None:
 
 
 def test_a_request_longer_than_the_idle_timeout_is_not_cut() -> None:
-    later = _Later()
+    later = Unanswered()
     side = _Side(True, later)
     side.send(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
     side.clock.advance(200)
     assert not side.transport.disconnecting
-    later.waiting[0].write(b"done")
-    later.waiting[0].finish()
+    later.requests[0].write(b"done")
+    later.requests[0].finish()
     side.clock.advance(74.9)  # the idle time counts from the end of the answer
     assert not side.transport.disconnecting
     side.clock.advance(0.2)

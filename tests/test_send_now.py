@@ -18,12 +18,13 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web import resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 
 from runner_gateway import fastpath
 from runner_gateway.context import RequestContext
 from runner_gateway.fastpath import write_now
 from runner_gateway.site import GatewayChannel, GatewaySite, new_request_id
+from tests.helpers_site import Unanswered
 
 
 @pytest.fixture(autouse=True)
@@ -120,18 +121,6 @@ def test_non_tcp_transport_is_written_normally() -> None:
 # ---------------------------------------------------------------- GatewayChannel
 
 
-class _Answer(resource.Resource):
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: list[Request] = []
-
-    def render(self, request: Request) -> int:
-        self.requests.append(request)
-        return NOT_DONE_YET
-
-
 class _Seen:
     """An observer that records what the client had received when the request ended."""
 
@@ -146,8 +135,8 @@ class _Seen:
         self.at_end.append(self.transport.value())
 
 
-def _channel() -> tuple[GatewayChannel, StringTransport, _Answer, _Seen]:
-    answer = _Answer()
+def _channel() -> tuple[GatewayChannel, StringTransport, Unanswered, _Seen]:
+    answer = Unanswered()
     site = GatewaySite(answer, MemoryReactorClock(), max_body_size=1024)
     channel = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
     assert isinstance(channel, GatewayChannel)
