@@ -45,6 +45,12 @@ class RequestContext:
     response_transform: Callable[[bytes], bytes] | None = None
     observers: list[RequestObserver] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # What waits until the bytes it concerns are on their way to the client
+    # (after_send): observers hearing that the response started, and the body
+    # chunks whose usage is not read yet. So that neither holds back a stream's
+    # first bytes; the site calls after_send once more before the access log.
+    start_pending: bool = False
+    unread: list[bytes] = field(default_factory=list)
 
     @property
     def subject(self) -> str | None:
@@ -59,15 +65,31 @@ class RequestContext:
         return self.upstream_path.startswith(b"/v1/") or self.upstream_path == b"/v1"
 
     def response_started(self, content_type: str | None) -> None:
-        """Called by the proxy once upstream headers are in."""
+        """Called by the proxy once upstream headers are in; observers hear of it
+        at the next :meth:`after_send`."""
         self.usage = parser_for(content_type, self.upstream_path)
-        for observer in self.observers:
-            observer.response_started(self)
+        self.start_pending = True
 
     def response_chunk(self, data: bytes) -> None:
-        """Called by the proxy for every body chunk, after it was written on."""
+        """Called by the proxy for every body chunk it wrote; its usage is read
+        at the next :meth:`after_send`."""
         if self.usage is not None:
-            self.usage.feed(data)
+            self.unread.append(data)
+
+    def after_send(self) -> None:
+        """Tell the observers the response started, and feed the usage parser
+        the chunks written since the last call."""
+        if self.start_pending:
+            self.start_pending = False
+            for observer in self.observers:
+                observer.response_started(self)
+        unread = self.unread
+        if unread:
+            self.unread = []
+            usage = self.usage
+            if usage is not None:
+                for data in unread:
+                    usage.feed(data)
 
 
 def context_of(request: IRequest) -> RequestContext:

@@ -24,6 +24,10 @@ equivalent that gives the same result for less work:
   ``GatewayChannel`` takes it in one pass with Twisted's own checks and
   leaves Twisted's parser state as its parser would; every other head goes
   line by line, as before.
+* ``date``: ``twisted.web.server.Request.process`` formats the Date header
+  anew for every request (``time.gmtime`` and string formatting, ~3 µs, and
+  tens of µs when the process has been idle and its caches are cold). The
+  value only changes once a second, so it is kept for the second it names.
 * ``dispatch`` (:func:`install_dispatch`, on the service's running epoll
   reactor only): Twisted's ``doPoll`` calls each ready connection through
   ``log.callWithLogger``, which sets the legacy log "system" context (four
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -97,6 +102,28 @@ def write_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
+def _date() -> None:
+    from twisted.web import server
+
+    original: Callable[..., bytes] = server.datetimeToString  # type: ignore[attr-defined]
+    if getattr(original, "per_second", False):
+        return
+    second, value = -1, b""
+
+    def per_second(msSinceEpoch: float | None = None) -> bytes:  # Twisted's argument name
+        nonlocal second, value
+        if msSinceEpoch is not None:
+            return original(msSinceEpoch)
+        now = int(time.time())
+        if now != second:
+            # Formatting the whole second gives the same text as any instant in it.
+            value, second = original(now), now
+        return value
+
+    per_second.per_second = True  # type: ignore[attr-defined]
+    server.datetimeToString = per_second  # type: ignore[attr-defined]
+
+
 def _whole_head() -> None:
     from twisted.protocols.basic import LineReceiver
     from twisted.web import http
@@ -127,6 +154,7 @@ FIXES: dict[str, Callable[[], None]] = {
     "send-now": _send_now,
     "whole-head": _whole_head,
     "content-type": _content_type,
+    "date": _date,
 }
 
 

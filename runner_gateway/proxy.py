@@ -547,10 +547,12 @@ class _Exchange:
             hold()
 
     def release(self) -> None:
-        """The read is handled: send what it produced for the client in one piece."""
+        """The read is handled: send what it produced for the client in one piece,
+        then do what could wait for that (observers, usage: ``ctx.after_send``)."""
         release = getattr(self._channel, "release", None)
         if release is not None:
             release()
+        self.ctx.after_send()
 
     def response_end(self, reason: Failure | None) -> None:
         self.call = None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
@@ -252,6 +252,10 @@ class GatewayService(MultiService):
         outcome = result[0]
         if hasattr(outcome, "raiseException"):
             outcome.raiseException()
+        if isinstance(outcome, tcp.Port):
+            # Port._logger is a descriptor that makes a new Logger on each use,
+            # twice per accepted connection; the port keeps one instead.
+            outcome._logger = outcome._logger
         self.ports.append(outcome)
 
     def startService(self) -> None:

@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Callable
 from typing import IO, Any, Protocol, cast
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
@@ -130,6 +131,7 @@ class GatewayChannel(http.HTTPChannel):
 
     _held: list[bytes] | None = None
     _host: Any = None
+    _peer: Any = None
     # Set by fastpath's "whole-head" fix once it has checked that this
     # Twisted has the parser state _take_head sets.
     whole_head = False
@@ -276,12 +278,30 @@ class GatewayChannel(http.HTTPChannel):
         if self._buffer and not (transport is not None and transport.disconnecting):
             _line_receiver_data_received(self, b"")  # the body, or the next request
 
+    def connectionMade(self) -> None:
+        transport = self.transport
+        if type(transport) is not tcp.Server:
+            super().connectionMade()
+            return
+        # Twisted's, without its two zope interface look-ups, whose answers are
+        # known for a plain TCP connection: an ITCPTransport and its own producer.
+        transport.setTcpNoDelay(True)
+        self.setTimeout(self.timeOut)
+        self._networkProducer = transport
+        transport.registerProducer(self, True)
+
     def getHost(self) -> Any:
         # Twisted's Request asks on every request (a getsockname() call and an
         # address object); a connection's own address never changes.
         if self._host is None:
             self._host = super().getHost()
         return self._host
+
+    def getPeer(self) -> Any:
+        # Likewise asked by every Request (a new address object each time).
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
 
     def hold(self) -> None:
         if self._held is None:
@@ -467,6 +487,7 @@ class GatewaySite(Site):
     def request_ended(self, request: GatewayRequest) -> None:
         self.inflight.discard(request)
         ctx = request.gateway_context
+        ctx.after_send()
         close = getattr(ctx.usage, "close", None)
         if close is not None:
             close()  # a non-stream JSON body is parsed once it is complete

@@ -6,16 +6,18 @@ head that comes slowly, and the keep-alive idle timer."""
 from __future__ import annotations
 
 import re
+import socket
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.web import resource
+from twisted.web import http, resource
 from twisted.web.server import Request
 
 from runner_gateway.site import GatewayChannel, GatewaySite
@@ -275,3 +277,49 @@ def test_any_request_gets_the_same_treatment_on_both_paths(
     _both(*pieces)
     # And a plain request after it on the same connection, if it is still open.
     _both(*pieces, b"GET /after HTTP/1.1\r\n\r\n")
+
+
+# ------------------------------------------------------------ connecting
+
+
+def _tcp_server_transport(protocol: Any, reactor: MemoryReactorClock) -> Any:
+    """A real loopback TCP connection, our side wrapped in Twisted's transport."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    peer = socket.create_connection(listener.getsockname())
+    ours, address = listener.accept()
+    listener.close()
+    ours.setblocking(False)
+    transport = tcp.Server(ours, protocol, address, None, 1, reactor)  # type: ignore[arg-type]
+    transport.peer_socket = peer  # type: ignore[attr-defined]  # kept open for the test
+    return transport
+
+
+def test_connection_made_on_tcp_leaves_the_state_twisted_leaves() -> None:
+    reactor = MemoryReactorClock()
+    site = GatewaySite(Unanswered(), reactor, max_body_size=1024, keep_alive_timeout=75.0)
+    ours = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    theirs = http.HTTPChannel()
+    theirs.callLater = reactor.callLater  # type: ignore[assignment]
+    channel: Any
+    for channel in (ours, theirs):
+        transport = _tcp_server_transport(channel, reactor)
+        channel.makeConnection(transport)
+        sock = transport.socket
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert channel._networkProducer is transport
+        assert transport.producer is channel and transport.streamingProducer
+        transport.peer_socket.close()
+        sock.close()
+    assert isinstance(ours, GatewayChannel)
+    assert ours._idle_call is not None and ours._idle_call.getTime() == 75.0
+
+
+def test_connection_made_on_another_transport_is_twisted_own() -> None:
+    # Not a plain TCP transport (TLS, a test's): Twisted's connectionMade, with
+    # its interface look-ups, decides.
+    site = GatewaySite(Unanswered(), MemoryReactorClock(), max_body_size=1024)
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    assert channel._networkProducer is transport
+    assert transport.producer is channel

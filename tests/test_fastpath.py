@@ -51,10 +51,11 @@ _PROBE = (
     ("switch", "expected"),
     [
         ("off", "[] False"),
-        ("content-type", "['send-now', 'whole-head'] False"),
-        ("send-now", "['content-type', 'whole-head'] True"),
-        ("whole-head", "['content-type', 'send-now'] True"),
-        ("", "['content-type', 'send-now', 'whole-head'] True"),
+        ("content-type", "['date', 'send-now', 'whole-head'] False"),
+        ("send-now", "['content-type', 'date', 'whole-head'] True"),
+        ("whole-head", "['content-type', 'date', 'send-now'] True"),
+        ("date", "['content-type', 'send-now', 'whole-head'] True"),
+        ("", "['content-type', 'date', 'send-now', 'whole-head'] True"),
     ],
 )
 def test_switch_leaves_fixes_out(switch: str, expected: str) -> None:
@@ -88,6 +89,25 @@ def test_cached_content_type_parses_like_twisted(raw: bytes, media_type: bytes) 
     original = http._parseContentType.__wrapped__  # type: ignore[attr-defined]
     assert http._parseContentType(raw) == original(raw) == media_type
     assert http._parseContentType(raw) == media_type  # and from the cache
+
+
+def test_date_is_formatted_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Date header Request.process sets: Twisted's text for the current second."""
+    from twisted.web import server
+
+    fastpath.install({})
+    original = http.datetimeToString
+    cached = server.datetimeToString  # type: ignore[attr-defined]
+    assert cached is not original
+    now = [1_800_000_000.25]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    first = cached()
+    assert first == original(1_800_000_000.25) == b"Fri, 15 Jan 2027 08:00:00 GMT"
+    now[0] = 1_800_000_000.9
+    assert cached() == first  # the same second: the same text
+    now[0] = 1_800_000_001.0
+    assert cached() == original(1_800_000_001) == b"Fri, 15 Jan 2027 08:00:01 GMT"
+    assert cached(86400.0) == original(86400.0)  # an explicit time is formatted as asked
 
 
 def _event(fmt: Any, **fields: Any) -> dict[str, Any]:

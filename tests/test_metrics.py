@@ -83,6 +83,7 @@ def request(
             clock.advance(ttfb)
             ctx.first_byte = clock.seconds()
         ctx.response_chunk(body)
+        ctx.after_send()
         clock.advance(duration - (ttfb or 0.0))
     else:
         ctx.status = status
@@ -444,6 +445,7 @@ LISTENER = textwrap.dedent(
     ctx.upstream_path = b"/api/chat"
     ctx.response_started("application/json")
     ctx.response_chunk(b'{"model":"m","done":true,"prompt_eval_count":3,"eval_count":4}')
+    ctx.after_send()
     metrics.request_finished(ctx)
     port = reactor.listenTCP(0, Site(metrics_resource(metrics)), interface="127.0.0.1")
     print(port.getHost().port, flush=True)

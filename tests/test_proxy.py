@@ -37,9 +37,11 @@ from twisted.web import resource, server
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from runner_gateway import context, usage
 from runner_gateway.context import RequestContext
 from runner_gateway.proxy import ReverseProxyResource, classify, upstream_headers
 from runner_gateway.settings import RunnerSettings
+from runner_gateway.site import GatewaySite
 
 HELPER = Path(__file__).resolve().parent / "helpers_upstream.py"
 
@@ -507,12 +509,16 @@ class _Root(resource.Resource):
 class Mem:
     """A client connection into a Site holding the proxy, and the runner's side by hand."""
 
-    def __init__(self, transform: Any = None, **runner: Any) -> None:
+    def __init__(self, transform: Any = None, gateway: bool = False, **runner: Any) -> None:
         self.reactor = MemoryReactorClock()
         self.proxy = ReverseProxyResource(_runner(**runner), self.reactor)
         self.root = _Root(self.proxy, transform)
-        site = server.Site(self.root, reactor=self.reactor)
-        site.requestFactory = _MemRequest
+        site: server.Site
+        if gateway:  # the gateway's own Site and channel (hold/release, access log)
+            site = self.site = GatewaySite(self.root, self.reactor, max_body_size=1 << 20)
+        else:
+            site = server.Site(self.root, reactor=self.reactor)
+            site.requestFactory = _MemRequest
         self.channel = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
         self.client = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 5555))
         self.channel.makeConnection(self.client)
@@ -590,6 +596,50 @@ def test_mem_streams_and_records_context() -> None:
     assert not ctx.aborted and ctx.upstream_error is None
     assert not m.up_transport.disconnecting  # back in the pool, not closed
     assert not _proxy_timers(m)
+
+
+@pytest.mark.timeout(10)
+def test_mem_usage_and_observers_wait_until_the_bytes_are_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read's bytes reach the client before its usage is parsed and before the
+    observers hear that the response started: neither delays a stream."""
+    m = Mem(gateway=True)
+    seen: list[tuple[str, bytes]] = []
+
+    class Observer:
+        def response_started(self, ctx: RequestContext) -> None:
+            seen.append(("started", m.client.value()))
+
+        def request_finished(self, ctx: RequestContext) -> None:
+            seen.append(("finished", m.client.value()))
+
+    m.site.observers.append(Observer())
+    real = usage.parser_for
+
+    def spying(content_type: str | None, path: bytes) -> Any:
+        parser = real(content_type, path)
+        assert parser is not None
+
+        class Spy(type(parser)):  # type: ignore[misc]
+            def feed(self, data: bytes) -> None:
+                seen.append(("feed", m.client.value()))
+                super().feed(data)
+
+        return Spy()
+
+    monkeypatch.setattr(context, "parser_for", spying)
+    m.send(b"POST /r1/api/chat HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n\r\n{}")
+    m.connect_upstream()
+    line = b'{"model":"m","done":true,"prompt_eval_count":3,"eval_count":4}\n'
+    m.runner_sends(_CHUNKED_HEAD + _chunk(line))  # head and first chunk in one read
+    first = _chunk(line)
+    assert [what for what, _ in seen] == ["started", "feed"]
+    assert all(sent.endswith(first) for _, sent in seen)  # already sent, both times
+    m.runner_sends(b"0\r\n\r\n")
+    assert seen[-1] == ("finished", m.client.value())
+    ctx = m.request_ctx
+    assert ctx.usage is not None and ctx.usage.completion_tokens == 4 and ctx.usage.reported
 
 
 @pytest.mark.timeout(10)

@@ -193,31 +193,41 @@ def test_close_sends_what_is_held_first() -> None:
     assert transport.disconnecting
 
 
-def test_channel_asks_the_transport_for_its_address_once() -> None:
+def test_channel_asks_the_transport_for_its_addresses_once() -> None:
     class Done(resource.Resource):
         isLeaf = True
 
         def render(self, request: Request) -> bytes:
             hosts.append(request.getHost())
+            peers.append(request.getClientAddress())
             return b"ok"
 
     hosts: list[object] = []
+    peers: list[object] = []
     site = GatewaySite(Done(), MemoryReactorClock(), max_body_size=1024)
     channel = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
-    transport = StringTransport()
-    asked: list[object] = []
-    original = transport.getHost
+    peer = IPv4Address("TCP", "192.0.2.7", 5555)
+    transport = StringTransport(peerAddress=peer)
+    asked: list[str] = []
+    host, original_peer = transport.getHost, transport.getPeer
 
     def get_host() -> object:
-        asked.append(1)
-        return original()
+        asked.append("host")
+        return host()
+
+    def get_peer() -> object:
+        asked.append("peer")
+        return original_peer()
 
     transport.getHost = get_host  # type: ignore[method-assign]
+    transport.getPeer = get_peer  # type: ignore[method-assign]
     channel.makeConnection(transport)
+    asked.clear()  # what connecting asked is Twisted's business
     for path in (b"/a", b"/b", b"/c"):
         channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: gw\r\n\r\n")
-    assert len(hosts) == 3 and all(h == original() for h in hosts)
-    assert len(asked) == 1
+    assert len(hosts) == 3 and all(h == host() for h in hosts)
+    assert peers == [peer] * 3
+    assert sorted(asked) == ["host", "peer"]
 
 
 def test_request_ids_are_unique_hex_and_differ_per_process() -> None:
