@@ -17,8 +17,17 @@ One run, one machine, one fast upstream (nginx answering a fixed Ollama
   gateway, with each hot-path fix switched off in turn: unlike CPU time,
   the count does not move with the machine's load.
 
-The full run installs what it misses (apt: nginx caddy wrk valgrind; a separate venv
-bench/.venv-litellm for ``litellm[proxy]``; matplotlib into this venv) and
+The Python targets (the gateway, LiteLLM, the bare twisted.web floor) run on
+the production-like interpreter when the machine has one: Debian's
+python3.11, built with PGO and LTO as the python:3.11-slim image the
+Dockerfile ships on is (venvs bench/.venv-gateway, an editable install of
+this tree, and bench/.venv-litellm). The dev venv's interpreter may be a
+plain build (pyenv's default: no PGO, no LTO); the HTTP stage measures the
+gateway on it as well ("gateway-2w-dev"), and the instructions stage counts
+on it, as earlier rounds did.
+
+The full run installs what it misses (apt: nginx caddy wrk valgrind; the two venvs;
+matplotlib into this venv) and
 writes bench/results/latest.json, docs/benchmarks.md (between the results
 markers) and docs/benchmarks.png. ``--smoke`` runs every stage with tiny
 durations and counts, installs nothing, skips what is not installed (and
@@ -56,6 +65,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 LITELLM_VENV = BENCH / ".venv-litellm"
+GATEWAY_VENV = BENCH / ".venv-gateway"
+PROD_PYTHON = Path("/usr/bin/python3.11")  # Debian's: PGO + LTO
 DOCS = ROOT / "docs" / "benchmarks.md"
 CHART = ROOT / "docs" / "benchmarks.png"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -86,7 +97,17 @@ UPSTREAM_REPLY = json.dumps(
     },
     separators=(",", ":"),
 )
-TWISTD = str(Path(sys.executable).parent / "twistd")
+DEV_TWISTD = str(Path(sys.executable).parent / "twistd")
+
+
+def target_python() -> str:
+    """The Python targets' interpreter: bench/.venv-gateway's once a full run made it."""
+    venv = GATEWAY_VENV / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def target_twistd() -> str:
+    return str(Path(target_python()).parent / "twistd")
 
 
 @dataclass(frozen=True)
@@ -107,7 +128,7 @@ class Plan:
     def make(cls, smoke: bool) -> Plan:
         if smoke:
             return cls(True, 1, 0, (1, 4), 2, 3, 0.01, (20, 50), 0.01)
-        return cls(False, 6, 1, (1, 32), 30, 10, 0.02, (1000, 10000), 0.3)
+        return cls(False, 6, 1, (1, 32), 100, 10, 0.02, (1000, 10000), 0.3)
 
 
 @dataclass
@@ -225,14 +246,34 @@ def install_missing(run: Run) -> None:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
         subprocess.run(["apt-get", "install", "-y", "-qq", *apt], check=False, env=env)
-    if not have("litellm"):
-        run.note("installing litellm[proxy] into bench/.venv-litellm")
-        subprocess.run(["python3", "-m", "venv", str(LITELLM_VENV)], check=False)
+    base = str(PROD_PYTHON) if PROD_PYTHON.exists() else "python3"
+    if PROD_PYTHON.exists():
+        if not _venv_of(GATEWAY_VENV, PROD_PYTHON):
+            run.note(f"making bench/.venv-gateway on {PROD_PYTHON}")
+            subprocess.run([base, "-m", "venv", "--clear", str(GATEWAY_VENV)], check=False)
+        pip = str(GATEWAY_VENV / "bin" / "pip")
+        subprocess.run([pip, "install", "-q", "-e", str(ROOT)], check=False)  # this tree's code
+    if not have("litellm") or (PROD_PYTHON.exists() and not _venv_of(LITELLM_VENV, PROD_PYTHON)):
+        run.note(f"installing litellm[proxy] into bench/.venv-litellm on {base}")
+        subprocess.run([base, "-m", "venv", "--clear", str(LITELLM_VENV)], check=False)
         pip = str(LITELLM_VENV / "bin" / "pip")
         subprocess.run([pip, "install", "-q", "litellm[proxy]"], check=False)
     if not have("matplotlib"):
         run.note("installing matplotlib into this venv")
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib"], check=False)
+
+
+def _venv_of(venv: Path, python: Path) -> bool:
+    """Whether ``venv`` exists and was made from ``python``."""
+    try:
+        config = (venv / "pyvenv.cfg").read_text()
+    except OSError:
+        return False
+    for line in config.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "executable":
+            return Path(value.strip()).resolve() == python.resolve()
+    return False
 
 
 def raise_nofile() -> int:
@@ -396,9 +437,11 @@ def start_gateway(
     start_timeout: float = 60,
     env: dict[str, str] | None = None,
     prefix: tuple[str, ...] = (),
+    twistd: str | None = None,
 ) -> Gateway:
-    """A runner-gateway in front of ``upstream``; ``env`` is added to the environment and
-    ``prefix`` put before the command (valgrind)."""
+    """A runner-gateway in front of ``upstream``; ``env`` is added to the environment,
+    ``prefix`` put before the command (valgrind), ``twistd`` names the interpreter's
+    (default: the targets' interpreter)."""
     directory = run.work / name / "settings"
     key = make_keys(directory)
     port = free_port()
@@ -419,7 +462,8 @@ server:
   drainTimeout: 2s
 """
     )
-    argv = [*prefix, TWISTD, "-n", "--pidfile=", "runner-gateway", "--settings", str(directory)]
+    command = twistd or target_twistd()
+    argv = [*prefix, command, "-n", "--pidfile=", "runner-gateway", "--settings", str(directory)]
     proc = run.start(name, argv, env)
     if workers > 1:
         lines = proc.wait_log(
@@ -440,7 +484,7 @@ def start_floor(run: Run) -> Target:
     reply = run.work / "floor-reply.json"
     reply.write_text(UPSTREAM_REPLY)
     port = free_port()
-    argv = [sys.executable, "-m", "bench.floor_server", str(port), str(reply)]
+    argv = [target_python(), "-m", "bench.floor_server", str(port), str(reply)]
     procs = [run.start(f"twisted-web-{n}", argv, env={"PYTHONPATH": str(ROOT)}) for n in range(2)]
     wait_port(port, proc=procs[0])
     return port, "/api/chat", CHAT_BODY, STATIC_KEY, [p.popen.pid for p in procs]
@@ -517,8 +561,8 @@ def http_stage(run: Run) -> dict[str, Any]:
         return {"skipped": f"missing {', '.join(missing)}"}
     upstream = start_upstream(run)
 
-    def gateway(name: str, workers: int) -> Target:
-        gw = start_gateway(run, name, upstream, workers)
+    def gateway(name: str, workers: int, twistd: str | None = None) -> Target:
+        gw = start_gateway(run, name, upstream, workers, twistd=twistd)
         return gw.port, "/api/chat", CHAT_BODY, gw.token, gw.worker_pids
 
     # Each target runs only while it is measured: idle proxies still cost CPU
@@ -552,6 +596,8 @@ def http_stage(run: Run) -> dict[str, Any]:
     starters["twisted-web-2p"] = lambda: start_floor(run)
     starters["gateway-2w"] = lambda: gateway("gateway-2w", 2)
     starters["gateway-1w"] = lambda: gateway("gateway-1w", 1)
+    if target_python() != sys.executable:
+        starters["gateway-2w-dev"] = lambda: gateway("gateway-2w-dev", 2, DEV_TWISTD)
     results: dict[str, Any] = {"targets": {}}
     for name, starter in starters.items():
         already = len(run.procs)
@@ -581,6 +627,7 @@ VARIANTS = {
     "without send-now": "send-now",
     "without whole-head": "whole-head",
     "without dispatch": "dispatch",
+    "without date cache": "date",
     "all fixes on": "",
 }
 
@@ -665,6 +712,7 @@ def _instructions(run: Run, label: str, upstream: int, fastpath: str, requests: 
         start_timeout=300,
         env={"RUNNER_GATEWAY_FASTPATH": fastpath},
         prefix=("valgrind", "--tool=callgrind", "--instr-atstart=no", out),
+        twistd=DEV_TWISTD,  # counts comparable with earlier rounds' (docs/benchmarks.md)
     )
     pid = gw.worker_pids[0]
     conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=120)
@@ -971,6 +1019,9 @@ def machine() -> dict[str, Any]:
         "memory_bytes": mem,
         "kernel": platform.release(),
         "python": platform.python_version(),
+        "python_targets": version(
+            [target_python(), "-c", "import sys; print(sys.version.split()[0], sys.executable)"]
+        ),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "nginx": version(["nginx", "-v"]),
         "caddy": version(["caddy", "version"]),
@@ -1021,8 +1072,9 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
     m = results["machine"]
     lines = [
         f"Run of {results['date']} on {m['cpus']} x {m['cpu']}, "
-        f"{m['memory_bytes'] // 2**30} GiB, Linux {m['kernel']}, Python {m['python']} "
-        f"(load average at start {m['load_average_at_start']}); {m['nginx']}, "
+        f"{m['memory_bytes'] // 2**30} GiB, Linux {m['kernel']}, Python targets on "
+        f"{m.get('python_targets', m['python'])}, harness and gateway-2w-dev on Python "
+        f"{m['python']} (load average at start {m['load_average_at_start']}); {m['nginx']}, "
         f"Caddy {m['caddy']}, {m['wrk'].split(' [')[0]}, LiteLLM "
         f"{m['litellm']}. Raw numbers: `bench/results/latest.json`.",
         "",

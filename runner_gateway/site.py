@@ -132,6 +132,7 @@ class GatewayChannel(http.HTTPChannel):
     _held: list[bytes] | None = None
     _host: Any = None
     _peer: Any = None
+    _gateway_secure: bool | None = None  # GatewayRequest.isSecure's answer, once known
     # Set by fastpath's "whole-head" fix once it has checked that this
     # Twisted has the parser state _take_head sets.
     whole_head = False
@@ -289,6 +290,7 @@ class GatewayChannel(http.HTTPChannel):
         self.setTimeout(self.timeOut)
         self._networkProducer = transport
         transport.registerProducer(self, True)
+        self._gateway_secure = False  # GatewayRequest.isSecure: plain TCP is not TLS
 
     def getHost(self) -> Any:
         # Twisted's Request asks on every request (a getsockname() call and an

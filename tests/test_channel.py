@@ -312,6 +312,7 @@ def test_connection_made_on_tcp_leaves_the_state_twisted_leaves() -> None:
         sock.close()
     assert isinstance(ours, GatewayChannel)
     assert ours._idle_call is not None and ours._idle_call.getTime() == 75.0
+    assert ours._gateway_secure is False  # known without asking for ISSLTransport
 
 
 def test_connection_made_on_another_transport_is_twisted_own() -> None:
