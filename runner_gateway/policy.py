@@ -471,6 +471,27 @@ def _no_constants(name: str) -> Any:
 
 # Built once: json.loads with hooks makes a new decoder on every call.
 _DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_no_constants)
+_SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
+_JSON_SPACE = " \t\n\r"
+
+
+def _decode(text: str) -> Any:
+    """``_DECODER.decode(text)``: the same value, or the same JSONDecodeError.
+
+    Without decode()'s two regular-expression matches for the surrounding
+    whitespace: they cost as much as scanning a small body (2 of 4 µs), and
+    ten times that on a request that finds the caches cold.
+    """
+    start = len(text) - len(text.lstrip(_JSON_SPACE))
+    try:
+        value, end = _SCAN(text, start)
+    except StopIteration as exc:
+        raise json.JSONDecodeError("Expecting value", text, exc.value) from None
+    tail = text[end:]
+    rest = tail.lstrip(_JSON_SPACE)
+    if rest:
+        raise json.JSONDecodeError("Extra data", text, end + len(tail) - len(rest))
+    return value
 
 
 def parse_body(body: bytes) -> Any:
@@ -484,7 +505,7 @@ def parse_body(body: bytes) -> Any:
     except UnicodeDecodeError:
         raise BadRequest("invalid JSON body: not UTF-8") from None
     try:
-        value = _DECODER.decode(text)
+        value = _decode(text)
     except BadRequest:
         raise
     except RecursionError:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from runner_gateway import policy
 from runner_gateway.policy import (
     ROUTES,
     BadRequest,
@@ -676,6 +677,31 @@ def test_random_json_never_fools_extraction(value: Any) -> None:
         seen = _go_view(text, key)
         if isinstance(seen, str):
             assert seen in models  # what the runner uses was checked
+
+
+def _outcome(decode: Callable[[str], Any], text: str) -> tuple[str, Any]:
+    try:
+        return "value", decode(text)
+    except BadRequest as exc:
+        return "refused", str(exc)
+    except json.JSONDecodeError as exc:
+        return "error", (exc.msg, exc.pos)
+
+
+_SPACE = st.sampled_from(["", " ", "\t", "\n", "\r", " \r\n "])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    _SPACE,
+    _JSON.map(_dump) | st.text(max_size=12) | st.sampled_from(["", "{", "[1,", '"a', "nul"]),
+    _SPACE,
+    st.sampled_from(["", "x", "{}", "1", " 2", ",", "]"]),
+)
+def test_decode_is_the_decoders_own(lead: str, value: str, trail: str, extra: str) -> None:
+    """The scanner called directly gives what JSONDecoder.decode gives, value or error."""
+    text = lead + value + trail + extra
+    assert _outcome(policy._decode, text) == _outcome(policy._DECODER.decode, text)
 
 
 @settings(max_examples=300, deadline=None)
