@@ -68,3 +68,22 @@ def test_smoke_run_reports_every_stage(tmp_path: Path) -> None:
     assert "rps_vs_direct" in http["ratios"]["gateway-2w"]["1"]
     assert set(results["targets"]) >= {"p50_added_c1_ms", "cached_token_us"}
     assert (tmp_path / "smoke.md").read_text().startswith("Run of")
+
+
+def test_python_targets_use_the_bench_venv_only_once_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import run
+
+    venv = tmp_path / "venv"
+    monkeypatch.setattr(run, "GATEWAY_VENV", venv)
+    assert run.target_python() == sys.executable  # not made: the dev interpreter
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    assert run.target_python() == str(venv / "bin" / "python")
+    assert run.target_twistd() == str(venv / "bin" / "twistd")
+    python = Path(sys.executable)
+    assert not run._venv_of(venv, python)  # no pyvenv.cfg: remade
+    (venv / "pyvenv.cfg").write_text(f"home = /somewhere\nexecutable = {python}\n")
+    assert run._venv_of(venv, python)
+    assert not run._venv_of(venv, tmp_path / "another-python")
