@@ -18,7 +18,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web import http, resource
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 
 from runner_gateway.site import GatewayChannel, GatewaySite
 from tests.helpers_site import Unanswered
@@ -298,10 +298,14 @@ def test_connection_made_on_tcp_leaves_the_state_twisted_leaves() -> None:
     reactor = MemoryReactorClock()
     site = GatewaySite(Unanswered(), reactor, max_body_size=1024, keep_alive_timeout=75.0)
     ours = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-    theirs = http.HTTPChannel()
-    theirs.callLater = reactor.callLater  # type: ignore[assignment]
+    # Twisted's own channel, built the way its Site builds one (HTTP/1.1 only).
+    plain = Site(Unanswered(), timeout=75.0, reactor=reactor)
+    plain.protocol = http.HTTPChannel  # type: ignore[assignment]
+    theirs = plain.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     channel: Any
+    before = {}
     for channel in (ours, theirs):
+        before[channel] = set(vars(channel))
         transport = _tcp_server_transport(channel, reactor)
         channel.makeConnection(transport)
         sock = transport.socket
@@ -313,6 +317,11 @@ def test_connection_made_on_tcp_leaves_the_state_twisted_leaves() -> None:
     assert isinstance(ours, GatewayChannel)
     assert ours._idle_call is not None and ours._idle_call.getTime() == 75.0
     assert ours._gateway_secure is False  # known without asking for ISSLTransport
+    # Connecting set the same attributes, but for each one's own idle timer (and
+    # ours's TLS answer): a Twisted whose connectionMade does more fails here.
+    set_by_ours = set(vars(ours)) - before[ours] - {"_idle_call", "_gateway_secure"}
+    set_by_theirs = set(vars(theirs)) - before[theirs] - {"_TimeoutMixin__timeoutCall"}
+    assert set_by_ours == set_by_theirs
 
 
 def test_connection_made_on_another_transport_is_twisted_own() -> None:
