@@ -51,6 +51,7 @@ class RequestContext:
     # first bytes; the site calls after_send once more before the access log.
     start_pending: bool = False
     unread: list[bytes] = field(default_factory=list)
+    response_type: str | None = None  # the runner's Content-Type, for the usage parser
 
     @property
     def subject(self) -> str | None:
@@ -65,15 +66,15 @@ class RequestContext:
         return self.upstream_path.startswith(b"/v1/") or self.upstream_path == b"/v1"
 
     def response_started(self, content_type: str | None) -> None:
-        """Called by the proxy once upstream headers are in; observers hear of it
-        at the next :meth:`after_send`."""
-        self.usage = parser_for(content_type, self.upstream_path)
+        """Called by the proxy once upstream headers are in; the usage parser is
+        made, and observers hear of it, at the next :meth:`after_send`."""
+        self.response_type = content_type
         self.start_pending = True
 
     def response_chunk(self, data: bytes) -> None:
         """Called by the proxy for every body chunk it wrote; its usage is read
         at the next :meth:`after_send`."""
-        if self.usage is not None:
+        if self.usage is not None or self.start_pending:
             self.unread.append(data)
 
     def after_send(self) -> None:
@@ -81,6 +82,7 @@ class RequestContext:
         the chunks written since the last call."""
         if self.start_pending:
             self.start_pending = False
+            self.usage = parser_for(self.response_type, self.upstream_path)
             for observer in self.observers:
                 observer.response_started(self)
         unread = self.unread

@@ -256,6 +256,7 @@ class GatewayService(MultiService):
             # Port._logger is a descriptor that makes a new Logger on each use,
             # twice per accepted connection; the port keeps one instead.
             outcome._logger = outcome._logger
+            fastpath.install_accept(outcome)
         self.ports.append(outcome)
 
     def startService(self) -> None:

@@ -14,6 +14,7 @@ import re
 import secrets
 from collections.abc import Callable
 from typing import IO, Any, Protocol, cast
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
@@ -22,9 +23,9 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
-from twisted.web import http
+from twisted.web import http, server
 from twisted.web.http_headers import Headers, _nameEncoder
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, getChildForRequest
 from twisted.web.server import Request, Site
 
 from runner_gateway.context import RequestContext
@@ -46,6 +47,10 @@ _WHOLE_HEAD = re.compile(
 # Header values never written to a log, whatever the level.
 _SECRET_HEADERS = frozenset(
     {b"authorization", b"proxy-authorization", b"cookie", b"x-api-key", b"api-key"}
+)
+# Header names as twisted.web's Headers keeps them (its canonical form).
+_SERVER, _DATE, _X_REQUEST_ID = (
+    _nameEncoder.encode(name) for name in (b"server", b"date", b"x-request-id")
 )
 _access = Logger(namespace=ACCESS_NAMESPACE)
 _log = Logger()
@@ -111,6 +116,7 @@ _line_receiver_data_received = LineReceiver.dataReceived
 # Bound once: twisted.web.http is a deprecation proxy module, where each
 # attribute lookup is a Python-level __getattribute__ call (2.4 us).
 _parse_request_line = http._parseRequestLine
+_content_file = http._getContentFile
 
 
 class GatewayChannel(http.HTTPChannel):
@@ -286,7 +292,8 @@ class GatewayChannel(http.HTTPChannel):
             return
         # Twisted's, without its two zope interface look-ups, whose answers are
         # known for a plain TCP connection: an ITCPTransport and its own producer.
-        transport.setTcpNoDelay(True)
+        if not getattr(transport, "nodelay_set", False):  # fastpath "accept" sets it
+            transport.setTcpNoDelay(True)
         self.setTimeout(self.timeOut)
         self._networkProducer = transport
         transport.registerProducer(self, True)
@@ -349,9 +356,26 @@ class GatewayRequest(Request):
     site: GatewaySite
     body_too_large: bool = False
 
+    _gateway_host: Any = None
+
     def __init__(self, channel: http.HTTPChannel, queued: object = None) -> None:
-        super().__init__(channel)
+        # What twisted.web.server.Request.__init__ (and http.Request's and
+        # Componentized's under it) set, in one step and without asking the
+        # connection for its own address, a getsockname() call and an address
+        # object per connection: ``host`` is looked up when first read.
+        # tests/test_channel.py holds this to Twisted's.
         site = cast(GatewaySite, channel.site)  # type: ignore[attr-defined]
+        self.notifications = []
+        self.channel = channel
+        self.client = channel.getPeer()
+        self.requestHeaders = Headers()
+        self.received_cookies = {}
+        self.responseHeaders = Headers()
+        self.cookies = []
+        self.transport = channel.transport
+        self.queued = False
+        self._parsePOSTFormSubmission = site._parsePOSTFormSubmission
+        self._adapterCache = {}
         self._gateway_site = site
         self._gateway_channel = channel  # Twisted drops self.channel when the request ends
         self.gateway_context = RequestContext(request_id="", started=site.reactor.seconds())
@@ -359,13 +383,27 @@ class GatewayRequest(Request):
         self._ended = False
         self.head_done = False
 
+    @property
+    def host(self) -> Any:
+        host = self._gateway_host
+        if host is None:
+            host = self._gateway_host = self._gateway_channel.getHost()
+        return host
+
+    @host.setter
+    def host(self, address: Any) -> None:  # Request.setHost
+        self._gateway_host = address
+
     def gotLength(self, length: int | None) -> None:
         self.head_done = True
         if length is not None and length > self._gateway_site.max_body_size:
             self.body_too_large = True
             self.content = cast(IO[bytes], _Discard())
             return
-        super().gotLength(length)
+        # twisted.web.server.Request.gotLength for a Site without a
+        # getContentFile (GatewaySite), minus the AttributeError it raises
+        # and catches to find that out.
+        self.content = _content_file(length)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.body_too_large:
@@ -382,13 +420,14 @@ class GatewayRequest(Request):
 
     def process(self) -> None:
         ctx = self.gateway_context
-        given = self.requestHeaders.getRawHeaders(b"x-request-id")
+        given = self.requestHeaders._rawHeaders.get(_X_REQUEST_ID)
         if given and len(given) == 1 and _REQUEST_ID.match(given[0]):
             ctx.request_id = given[0].decode("ascii")
         else:
             ctx.request_id = new_request_id()
         self.notifyFinish().addBoth(self._finished)
-        if self._gateway_site.trace:
+        site = self._gateway_site
+        if site.trace:
             _log.debug(
                 "request {request_id}: {method} {uri} headers {headers}",
                 request_id=ctx.request_id,
@@ -396,17 +435,26 @@ class GatewayRequest(Request):
                 uri=self.uri.decode("utf-8", "replace")[:512],
                 headers=redacted_headers(self),
             )
-        super().process()
-
-    def render(self, resrc: IResource) -> None:
-        # Twisted's process() has set its defaults (Server: TwistedWeb/<version>)
-        # and calls this before the resource renders: the answers the gateway
-        # writes itself at once (401, 404, /healthz) carry ours too. A proxied
-        # response takes the runner's Server header instead (proxy.py).
-        headers = self.responseHeaders
-        headers.setRawHeaders(b"server", [b"runner-gateway"])
-        headers.setRawHeaders(b"x-request-id", [self.gateway_context.request_id.encode()])
-        super().render(resrc)
+        # twisted.web.server.Request.process, with the default headers put
+        # straight into the table (known names and safe values, so without
+        # setHeader's name encoding and value checks), and ours instead of its
+        # Server header: the answers the gateway writes itself (401, 404,
+        # /healthz) carry them; a proxied response takes the runner's Server
+        # header instead (proxy.py).
+        self.site = site
+        headers = self.responseHeaders._rawHeaders
+        headers[_SERVER] = [b"runner-gateway"]
+        headers[_DATE] = [server.datetimeToString()]  # type: ignore[attr-defined]
+        headers[_X_REQUEST_ID] = [ctx.request_id.encode()]
+        self.prepath = []
+        self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            self.render(site.getResourceFor(self))
+        except BaseException:
+            self.processingFailed(Failure())
 
     def _finished(self, result: object) -> None:
         if self._ended:
@@ -465,6 +513,7 @@ class GatewaySite(Site):
 
         install_fastpath()  # hot-path fixes found by profiling (fastpath.py)
         self.reactor = reactor
+        self._call_later = reactor.callLater
         self.max_body_size = max_body_size
         self.header_timeout = header_timeout
         self.trace = trace  # logging.level trace: a detail line per request
@@ -475,12 +524,28 @@ class GatewaySite(Site):
         self.displayTracebacks = False
         self.noisy = False
 
+    # fastpath's "accept" fix may pass no address: buildProtocol never reads it.
+    address_unused = True
+
+    def buildProtocol(self, addr: Any) -> Any:
+        # Twisted's three layers (Site, HTTPFactory, Factory) in one.
+        channel: GatewayChannel = self.protocol()
+        channel.factory = self
+        channel.callLater = self._call_later  # type: ignore[assignment]
+        channel.timeOut = self.timeOut  # type: ignore[assignment]
+        channel.requestFactory = self.requestFactory  # type: ignore[assignment]
+        channel.site = self  # type: ignore[attr-defined]
+        return channel
+
     def getResourceFor(self, request: Request) -> IResource:
         gateway_request = cast(GatewayRequest, request)
         self.inflight.add(gateway_request)
         ctx = gateway_request.gateway_context
         ctx.observers = self.observers
-        found: IResource = super().getResourceFor(request)
+        # Site.getResourceFor without its copy.copy of the (empty) prepath.
+        request.site = self
+        request.sitepath = list(request.prepath or ())  # type: ignore[attr-defined]
+        found: IResource = getChildForRequest(self.resource, request)
         return found
 
     def log(self, request: http.Request) -> None:

@@ -333,3 +333,57 @@ def test_connection_made_on_another_transport_is_twisted_own() -> None:
     channel.makeConnection(transport)
     assert channel._networkProducer is transport
     assert transport.producer is channel
+
+
+# ------------------------------------------------------------ building
+
+
+def test_build_protocol_matches_twisted_site_chain() -> None:
+    # GatewaySite.buildProtocol does Site's, HTTPFactory's and Factory's work
+    # in one step: the channel must come out as theirs would.
+    reactor = MemoryReactorClock()
+    site = GatewaySite(Unanswered(), reactor, max_body_size=1024, keep_alive_timeout=42.0)
+    ours = site.buildProtocol(None)
+    theirs = Site.buildProtocol(site, IPv4Address("TCP", "127.0.0.1", 1))
+    assert type(ours) is type(theirs) is GatewayChannel
+    assert vars(ours) == vars(theirs)
+    assert ours.timeOut == 42.0 and ours.site is site and ours.factory is site
+
+
+def test_request_set_up_matches_twisted_request() -> None:
+    # GatewayRequest.__init__ sets what twisted.web's Request.__init__ chain
+    # sets, with ``host`` looked up only when read: a Twisted whose Request
+    # sets more fails here.
+    site = GatewaySite(Unanswered(), MemoryReactorClock(), max_body_size=1024)
+    channel = site.buildProtocol(None)
+    channel.makeConnection(StringTransport())
+    ours = site.requestFactory(channel)
+    theirs = Request(channel)
+    ours_vars, theirs_vars = vars(ours), vars(theirs)
+    assert set(theirs_vars) - set(ours_vars) == {"host"}
+    for name, value in theirs_vars.items():
+        if name == "host":
+            continue
+        if isinstance(value, http.Headers):
+            assert type(ours_vars[name]) is http.Headers
+            assert list(ours_vars[name].getAllRawHeaders()) == list(value.getAllRawHeaders())
+        else:
+            assert ours_vars[name] == value, name
+    assert "_gateway_host" not in ours_vars  # not asked for yet
+    assert ours.host == theirs.host == channel.getHost()
+    ours.setHost(b"10.0.0.1", 8443)
+    theirs.setHost(b"10.0.0.1", 8443)
+    assert ours.getHost() == theirs.getHost()
+
+
+def test_request_content_file_is_twisteds_choice() -> None:
+    site = GatewaySite(Unanswered(), MemoryReactorClock(), max_body_size=10**9)
+    channel = site.buildProtocol(None)
+    channel.makeConnection(StringTransport())
+    for length in (None, 0, 99_999, 100_000):
+        ours, theirs = site.requestFactory(channel), Request(channel)
+        ours.gotLength(length)
+        theirs.gotLength(length)
+        assert type(ours.content) is type(theirs.content), length
+        ours.content.close()
+        theirs.content.close()

@@ -344,3 +344,140 @@ def test_dispatch_serves_and_logs_what_escapes_a_handler() -> None:
     guard.cancel()
     assert got == [b"ping"]
     assert len(logged) == 1 and "a buggy connectionLost" in str(logged[0]["log_failure"].value)
+
+
+def _accepting_site(reactor: Any) -> Any:
+    from twisted.web import resource
+
+    from runner_gateway.site import GatewaySite
+
+    class Hello(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> bytes:
+            return b"hello"
+
+    return GatewaySite(Hello(), reactor, max_body_size=1024)
+
+
+def _pump_until(reactor: Any, done: Any, limit: float = 5.0) -> None:
+    deadline = time.monotonic() + limit
+    while not done():
+        assert time.monotonic() < deadline, "the reactor did not get there in time"
+        reactor.iterate(0.01)
+
+
+def test_accept_serves_waiting_connections_with_nodelay() -> None:
+    """On a real epoll reactor and loopback port: connections waiting together
+    are all served, their sockets have TCP_NODELAY (inherited from the listening
+    socket), and the accept budget grows as Twisted's does."""
+    import socket
+
+    from twisted.internet.epollreactor import EPollReactor
+    from twisted.web.server import Site
+
+    reactor = EPollReactor()
+    site = _accepting_site(reactor)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    try:
+        assert not fastpath.install_accept(port, {"RUNNER_GATEWAY_FASTPATH": "accept"})
+        assert not fastpath.install_accept(port, {"RUNNER_GATEWAY_FASTPATH": "off"})
+        plain = reactor.listenTCP(0, Site(site.resource), interface="127.0.0.1")
+        assert not fastpath.install_accept(plain, {})  # a factory that may read the address
+        plain.stopListening()
+        assert fastpath.install_accept(port, {})
+        assert port.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        address = port.getHost()
+        clients = [socket.create_connection((address.host, address.port)) for _ in range(3)]
+        for client in clients:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+        port.numberAccepts = 3
+        _pump_until(reactor, lambda: port.sessionno >= 3)
+        assert port.numberAccepts == 23  # a full budget: try more next time
+        answers = [b""] * len(clients)
+        for client in clients:
+            client.setblocking(False)
+
+        def answered() -> bool:
+            for i, client in enumerate(clients):
+                try:
+                    answers[i] += client.recv(4096)
+                except BlockingIOError:
+                    pass
+            return all(a.endswith(b"hello") for a in answers)
+
+        _pump_until(reactor, answered)
+        assert all(a.startswith(b"HTTP/1.1 200 OK\r\n") and a.endswith(b"hello") for a in answers)
+        # One more connection against a budget of 23: the budget drops back to 1.
+        late = socket.create_connection((address.host, address.port))
+        _pump_until(reactor, lambda: port.sessionno >= 4)
+        assert port.numberAccepts == 1
+        served = [
+            t for t in reactor.getReaders() if getattr(t, "sessionno", None) is not None
+        ]
+        assert served and all(
+            t.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for t in served
+        )
+        for client in [*clients, late]:
+            client.close()
+    finally:
+        port.stopListening()
+        for reader in reactor.getReaders():
+            reactor.removeReader(reader)
+
+
+def test_accept_leaves_errors_to_twisted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An accept error other than "nothing waiting" goes to Twisted's doRead,
+    which handles it (EMFILE and the like) as it always has."""
+    import errno
+
+    from twisted.internet import tcp
+    from twisted.internet.epollreactor import EPollReactor
+
+    reactor = EPollReactor()
+    port = reactor.listenTCP(0, _accepting_site(reactor), interface="127.0.0.1")
+    try:
+        assert fastpath.install_accept(port, {})
+        real = port.socket
+
+        class Failing:
+            def _accept(self) -> Any:
+                raise OSError(errno.EMFILE, "Too many open files")
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+        calls: list[Any] = []
+        monkeypatch.setattr(tcp.Port, "doRead", lambda self: calls.append(self))
+        port.socket = Failing()
+        port.doRead()
+        assert calls == [port]
+        port.socket = real
+    finally:
+        port.stopListening()
+
+
+def test_accept_on_ipv6_gives_twisteds_address() -> None:
+    import socket
+
+    from twisted.internet.epollreactor import EPollReactor
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    reactor = EPollReactor()
+    try:
+        port = reactor.listenTCP(0, _accepting_site(reactor), interface="::1")
+    except Exception:
+        pytest.skip("no IPv6 loopback")
+    try:
+        assert fastpath.install_accept(port, {})
+        client = socket.create_connection(("::1", port.getHost().port))
+        _pump_until(reactor, lambda: port.sessionno >= 1)
+        (transport,) = [t for t in reactor.getReaders() if getattr(t, "sessionno", None) == 0]
+        peer = transport.getPeer()
+        assert (peer.type, peer.host, peer.port) == ("TCP", "::1", client.getsockname()[1])
+        client.close()
+    finally:
+        port.stopListening()
+        for reader in reactor.getReaders():
+            reactor.removeReader(reader)
