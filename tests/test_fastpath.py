@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -400,10 +401,8 @@ def test_accept_serves_waiting_connections_with_nodelay() -> None:
 
         def answered() -> bool:
             for i, client in enumerate(clients):
-                try:
+                with contextlib.suppress(BlockingIOError):
                     answers[i] += client.recv(4096)
-                except BlockingIOError:
-                    pass
             return all(a.endswith(b"hello") for a in answers)
 
         _pump_until(reactor, answered)
