@@ -411,9 +411,7 @@ def test_accept_serves_waiting_connections_with_nodelay() -> None:
         late = socket.create_connection((address.host, address.port))
         _pump_until(reactor, lambda: port.sessionno >= 4)
         assert port.numberAccepts == 1
-        served = [
-            t for t in reactor.getReaders() if getattr(t, "sessionno", None) is not None
-        ]
+        served = [t for t in reactor.getReaders() if getattr(t, "sessionno", None) is not None]
         assert served and all(
             t.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for t in served
         )
