@@ -18,6 +18,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web import http, resource
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
 from runner_gateway.site import GatewayChannel, GatewaySite
@@ -347,7 +348,7 @@ def test_build_protocol_matches_twisted_site_chain() -> None:
     theirs = Site.buildProtocol(site, IPv4Address("TCP", "127.0.0.1", 1))
     assert type(ours) is type(theirs) is GatewayChannel
     assert vars(ours) == vars(theirs)
-    assert ours.timeOut == 42.0 and ours.site is site and ours.factory is site
+    assert ours.timeOut == 42.0 and ours.site is site and ours.factory is site  # type: ignore[attr-defined]
 
 
 def test_request_set_up_matches_twisted_request() -> None:
@@ -364,8 +365,8 @@ def test_request_set_up_matches_twisted_request() -> None:
     for name, value in theirs_vars.items():
         if name == "host":
             continue
-        if isinstance(value, http.Headers):
-            assert type(ours_vars[name]) is http.Headers
+        if isinstance(value, Headers):
+            assert type(ours_vars[name]) is Headers
             assert list(ours_vars[name].getAllRawHeaders()) == list(value.getAllRawHeaders())
         else:
             assert ours_vars[name] == value, name
@@ -384,6 +385,7 @@ def test_request_content_file_is_twisteds_choice() -> None:
         ours, theirs = site.requestFactory(channel), Request(channel)
         ours.gotLength(length)
         theirs.gotLength(length)
+        assert ours.content is not None and theirs.content is not None
         assert type(ours.content) is type(theirs.content), length
         ours.content.close()
         theirs.content.close()
