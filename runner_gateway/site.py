@@ -456,6 +456,25 @@ class GatewayRequest(Request):
         except BaseException:
             self.processingFailed(Failure())
 
+    def write(self, data: bytes) -> None:
+        # A body piece of a chunked response (every stream's chunks): Twisted's
+        # two write layers and toChunk in one step, same bytes on the wire.
+        # Anything else (the first write, which sends the head; HEAD; an
+        # encoder; a finished or disconnected request) is Twisted's.
+        if (
+            self.chunked
+            and self.startedWriting
+            and not self.finished
+            and not self._disconnected
+            and not self._inFakeHead
+            and self._encoder is None
+        ):
+            if data:
+                self.sentLength += len(data)
+                self.channel.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            return
+        super().write(data)
+
     def _finished(self, result: object) -> None:
         if self._ended:
             return

@@ -9,6 +9,8 @@ the request context and hands the request to that runner's resource chain
 
 from __future__ import annotations
 
+import functools
+
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ class Route:
     runner: RunnerSettings
     resource: IResource
 
-    @property
+    @functools.cached_property
     def segments(self) -> tuple[bytes, ...]:
         return tuple(s.encode() for s in self.runner.path.split("/") if s)
 
