@@ -10,7 +10,6 @@ the request context and hands the request to that runner's resource chain
 from __future__ import annotations
 
 import functools
-
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
