@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.logger import Logger
+from twisted.web.http_headers import _nameEncoder
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
@@ -44,6 +45,8 @@ REALM = "runner-gateway"
 # byte token is several times faster than a regular expression.
 _ALNUM = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _TCHARS = _ALNUM + b"!#$%&'*+-.^_`|~"
+# The header's name as twisted.web's Headers keeps it (its canonical form).
+_AUTHORIZATION = _nameEncoder.encode(b"authorization")
 _B64CHARS = _ALNUM + b"-._~+/"
 # What RFC 6750 allows inside error_description: printable ASCII without '"' and '\'.
 _UNSAFE_DESCRIPTION = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]+")
@@ -194,7 +197,7 @@ class AuthResource(Resource):
                 raise BearerRequestError(
                     "send the token in the Authorization header, not as access_token"
                 )
-            token = parse_authorization(headers.getRawHeaders(b"authorization"))
+            token = parse_authorization(headers._rawHeaders.get(_AUTHORIZATION))
         except BearerRequestError as exc:
             return self._bad_request(request, ctx, exc.description)
         if token is None:
@@ -217,7 +220,7 @@ class AuthResource(Resource):
             self.cache.put(token, verified, now)
         ctx.claims = verified.claims
         # Defence in depth: the credential is ours, never the runner's.
-        headers.removeHeader(b"authorization")
+        headers._rawHeaders.pop(_AUTHORIZATION, None)  # removeHeader, minus the name encoding
         return self.wrapped.render(request)
 
     def _refuse(

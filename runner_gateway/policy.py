@@ -628,6 +628,9 @@ class Decision:
         return self.status == 200
 
 
+_GRANTS_KEPT = 10_000  # Policy.grant's entries: as many as the token cache keeps by default
+
+
 class Policy:
     """The endpoint table of one runner plus the default scopes."""
 
@@ -637,6 +640,27 @@ class Policy:
         self.rules = runner.endpoints
         # Ollama's naming rules only where the built-in (Ollama) table is used.
         self.ollama = not runner.endpoints
+        self._grants: dict[int, tuple[Mapping[str, Any], Grant | ClaimError]] = {}
+
+    def grant(self, claims: Mapping[str, Any]) -> Grant | ClaimError:
+        """:func:`grant_from_claims`, read once per claims object.
+
+        A cached token brings the same claims object with every request.
+        Keyed by identity: the entry holds the claims, so their id cannot be
+        taken by another object while the entry exists.
+        """
+        entry = self._grants.get(id(claims))
+        if entry is not None and entry[0] is claims:
+            return entry[1]
+        grant: Grant | ClaimError
+        try:
+            grant = grant_from_claims(claims, self.authorization)
+        except ClaimError as exc:
+            grant = exc
+        if len(self._grants) >= _GRANTS_KEPT:
+            self._grants.clear()
+        self._grants[id(claims)] = (claims, grant)
+        return grant
 
     def decide(
         self,
@@ -654,10 +678,9 @@ class Policy:
 
         if claims is None:
             return refuse("the request carries no verified token")
-        try:
-            grant = grant_from_claims(claims, self.authorization)
-        except ClaimError as exc:
-            return refuse(str(exc))
+        grant = self.grant(claims)
+        if isinstance(grant, ClaimError):
+            return refuse(str(grant))
         if not grant.allows_runner(self.runner.name):
             return refuse(f"this token may not use runner {_quote(self.runner.name)}")
         if not grant.allows_scope(scope):

@@ -132,20 +132,23 @@ def _upstream_header_list(
         if raw_name.lower() == b"connection":
             connection = list(values)
     tokens = _tokens(connection) if connection else frozenset()
+    append = out.append
     for raw_name, values in raw:
         name = raw_name.lower()
         if name in _REQUEST_DROP:
             if name == b"host" and values and client_host is None:
                 client_host = values[0]
             continue
-        if _hop_by_hop(name, tokens):
+        # _hop_by_hop, inline: this loop runs for every header of every request.
+        if name in HOP_BY_HOP or name.startswith(b"proxy-") or name in tokens:
             continue
         if name == b"x-forwarded-for":
             forwarded_for.extend(v.strip() for v in values if v.strip())
             continue
         if identity and name == b"accept-encoding":
             continue
-        out.extend((raw_name, v) for v in values)
+        for value in values:
+            append((raw_name, value))
     if client_ip:
         forwarded_for.append(client_ip.encode("ascii", "replace"))
     if forwarded_for:

@@ -767,3 +767,41 @@ def test_exact_lookup_matches_a_table_scan() -> None:
                     first.listing,
                 )
                 assert got.path_model is None
+
+
+def test_grant_is_read_once_per_claims_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    read: list[object] = []
+    real = policy.grant_from_claims
+
+    def counting(claims: Any, authorization: AuthorizationSettings) -> Grant:
+        read.append(claims)
+        return real(claims, authorization)
+
+    monkeypatch.setattr(policy, "grant_from_claims", counting)
+    gate = Policy(OLLAMA, AUTHZ)
+    claims = {"scope": "inference", "models": ["tiny*"]}
+    first = gate.grant(claims)
+    assert first == real(claims, AUTHZ)
+    assert gate.grant(claims) is first and read == [claims]
+    # Equal claims in another object (another token) are read on their own.
+    twin = dict(claims)
+    assert gate.grant(twin) == first and read == [claims, twin]
+    # A claim error is kept too, and refuses every time.
+    bad = {"scope": 7}
+    assert isinstance(gate.grant(bad), ClaimError)
+    assert isinstance(gate.grant(bad), ClaimError) and read.count(bad) == 1
+    assert gate.decide("POST", "/api/chat", bad, lambda: b"{}").status == 403
+    # Full: the table starts over rather than grow.
+    monkeypatch.setattr(policy, "_GRANTS_KEPT", 3)
+    gate.grant({"scope": "admin"})
+    assert len(gate._grants) == 1
+
+
+def test_grant_keyed_by_identity_is_never_stale() -> None:
+    # An id can be taken by a new object only once the old one is gone; the
+    # table holds its claims, so an entry's id always names the same object.
+    gate = Policy(OLLAMA, AUTHZ)
+    for n in range(200):
+        claims = {"scope": "inference", "models": [f"m{n}"]}
+        grant = gate.grant(claims)
+        assert isinstance(grant, Grant) and grant.models == (f"m{n}",)
