@@ -138,7 +138,7 @@ def _date() -> None:
 
 def _whole_head() -> None:
     from twisted.protocols.basic import LineReceiver
-    from twisted.web import http
+    from twisted.web import http, http_headers
     from twisted.web.http_headers import Headers
 
     from runner_gateway.site import GatewayChannel
@@ -155,6 +155,7 @@ def _whole_head() -> None:
         channel.maxHeaders,
         channel.totalHeadersSize,
         Headers()._rawHeaders,
+        http_headers._nameEncoder._canonicalHeaderCache,
         http._parseRequestLine,
         LineReceiver._busyReceiving,
         LineReceiver._buffer,

@@ -117,6 +117,18 @@ _line_receiver_data_received = LineReceiver.dataReceived
 # attribute lookup is a Python-level __getattribute__ call (2.4 us).
 _parse_request_line = http._parseRequestLine
 _content_file = http._getContentFile
+# encode's own cache (empty, so unused, in a Twisted without one).
+_canonical_names: dict[Any, bytes] = getattr(_nameEncoder, "_canonicalHeaderCache", {})
+_COOKIE, _EXPECT = (_nameEncoder.encode(name) for name in (b"cookie", b"expect"))
+_CONTENT_TYPE, _CONTENT_LENGTH, _TRANSFER_ENCODING = (
+    _nameEncoder.encode(name) for name in (b"content-type", b"content-length", b"transfer-encoding")
+)
+_NO_DEFAULT_TYPE = (http.NOT_MODIFIED, http.NO_CONTENT)
+_NO_BODY_CODES = http.NO_BODY_CODES
+
+
+def _write_nothing(data: bytes) -> None:
+    """A HEAD or no-body response's writes after the head (as Twisted's lambda)."""
 
 
 class GatewayChannel(http.HTTPChannel):
@@ -204,9 +216,7 @@ class GatewayChannel(http.HTTPChannel):
         # upload needs. Checked after each read rather than armed per request,
         # so a head that comes in one read (nearly all) needs no timer.
         requests = self.requests
-        in_head = self.line_mode and (
-            self._buffer or (requests and not cast(GatewayRequest, requests[-1]).head_done)
-        )
+        in_head = self.line_mode and (self._buffer or (requests and not requests[-1].head_done))
         deadline = self._head_deadline
         if in_head:
             if deadline is None and self.transport is not None and not self._gateway_lost:
@@ -260,9 +270,10 @@ class GatewayChannel(http.HTTPChannel):
                 return
             raw = request.requestHeaders._rawHeaders
             encode = _nameEncoder.encode
+            canonical = _canonical_names.get  # encode's own cache, without the call
             for line in lines[1:]:
                 name, value = line.split(b":", 1)
-                name = encode(name)
+                name = canonical(name) or encode(name)
                 value = value.strip(b" \t")
                 if (
                     name == b"Content-Length" or name == b"Transfer-Encoding"
@@ -284,6 +295,20 @@ class GatewayChannel(http.HTTPChannel):
         transport: Any = self.transport
         if self._buffer and not (transport is not None and transport.disconnecting):
             _line_receiver_data_received(self, b"")  # the body, or the next request
+
+    def allHeadersReceived(self) -> None:
+        # Twisted's, reading the header table directly: most requests carry
+        # no Cookie and no Expect header, and asking for each costs a call
+        # and a name encoding.
+        request = self.requests[-1]
+        raw = request.requestHeaders._rawHeaders
+        if _COOKIE in raw:
+            request.parseCookies()
+        self.persistent = self.checkPersistence(request, self._version)
+        request.gotLength(self.length)
+        expect = raw.get(_EXPECT)
+        if expect and expect[0].lower() == b"100-continue" and self._version == b"HTTP/1.1":
+            self._send100Continue()
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -357,6 +382,9 @@ class GatewayRequest(Request):
     body_too_large: bool = False
 
     _gateway_host: Any = None
+    # Twisted's Request.__hash__ is id(self) in Python; object's is the same
+    # identity hash in C (the site's in-flight set hashes every request twice).
+    __hash__ = object.__hash__
 
     def __init__(self, channel: http.HTTPChannel, queued: object = None) -> None:
         # What twisted.web.server.Request.__init__ (and http.Request's and
@@ -364,7 +392,7 @@ class GatewayRequest(Request):
         # connection for its own address, a getsockname() call and an address
         # object per connection: ``host`` is looked up when first read.
         # tests/test_channel.py holds this to Twisted's.
-        site = cast(GatewaySite, channel.site)  # type: ignore[attr-defined]
+        site: GatewaySite = channel.site  # type: ignore[attr-defined]
         self.notifications = []
         self.channel = channel
         self.client = channel.getPeer()
@@ -457,23 +485,56 @@ class GatewayRequest(Request):
             self.processingFailed(Failure())
 
     def write(self, data: bytes) -> None:
-        # A body piece of a chunked response (every stream's chunks): Twisted's
-        # two write layers and toChunk in one step, same bytes on the wire.
-        # Anything else (the first write, which sends the head; HEAD; an
-        # encoder; a finished or disconnected request) is Twisted's.
-        if (
-            self.chunked
-            and self.startedWriting
-            and not self.finished
-            and not self._disconnected
-            and not self._inFakeHead
-            and self._encoder is None
-        ):
-            if data:
+        # twisted.web's two Request.write layers in one step for the two writes
+        # every response makes: the first (the head) and a piece of a chunked
+        # body. Same bytes on the wire (tests/test_channel.py); anything else
+        # (Last-Modified, ETag or cookies to add, an encoder, a faked HEAD, a
+        # finished or disconnected request, a body of known length) is Twisted's.
+        if self.finished or self._disconnected or self._inFakeHead or self._encoder is not None:
+            super().write(data)
+            return
+        if self.startedWriting:
+            if not self.chunked:
+                super().write(data)
+            elif data:
                 self.sentLength += len(data)
                 self.channel.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
             return
-        super().write(data)
+        if self.lastModified is not None or self.etag is not None or self.cookies:
+            super().write(data)
+            return
+        headers = self.responseHeaders
+        raw = headers._rawHeaders
+        code = self.code
+        length = raw.get(_CONTENT_LENGTH)
+        if (
+            code not in _NO_DEFAULT_TYPE
+            and _CONTENT_TYPE not in raw
+            and self.defaultContentType is not None
+            and not (length and length[0] == b"0")
+        ):
+            raw[_CONTENT_TYPE] = [self.defaultContentType]
+        self.startedWriting = 1
+        version = self.clientproto
+        method = self.method
+        if (
+            version == b"HTTP/1.1"
+            and length is None
+            and method != b"HEAD"
+            and code not in _NO_BODY_CODES
+        ):
+            raw[_TRANSFER_ENCODING] = [b"chunked"]
+            self.chunked = 1
+        self.channel.writeHeaders(version, b"%d" % (code,), self.code_message, headers)
+        if method == b"HEAD" or code in _NO_BODY_CODES:
+            self.write = _write_nothing  # type: ignore[method-assign]
+            return
+        self.sentLength += len(data)
+        if data:
+            if self.chunked:
+                self.channel.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            else:
+                self.channel.write(data)
 
     def _finished(self, result: object) -> None:
         if self._ended:
@@ -557,7 +618,7 @@ class GatewaySite(Site):
         return channel
 
     def getResourceFor(self, request: Request) -> IResource:
-        gateway_request = cast(GatewayRequest, request)
+        gateway_request: GatewayRequest = request  # type: ignore[assignment]
         self.inflight.add(gateway_request)
         ctx = gateway_request.gateway_context
         ctx.observers = self.observers

@@ -398,9 +398,17 @@ def test_request_content_file_is_twisteds_choice() -> None:
     code=st.sampled_from([200, 204, 304, 404]),
     length=st.sampled_from([None, b"0", b"12"]),
     version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"]),
+    content_type=st.sampled_from([None, b"application/json", b"absent, no default"]),
+    extra=st.sampled_from([None, "etag", "cookie", "last-modified"]),
 )
 def test_request_write_sends_what_twisted_sends(
-    pieces: list[bytes], method: bytes, code: int, length: bytes | None, version: bytes
+    pieces: list[bytes],
+    method: bytes,
+    code: int,
+    length: bytes | None,
+    version: bytes,
+    content_type: bytes | None,
+    extra: str | None,
 ) -> None:
     # GatewayRequest.write takes a chunked body piece in one step: whatever
     # is written, the bytes on the wire are Twisted's Request.write's.
@@ -411,12 +419,66 @@ def test_request_write_sends_what_twisted_sends(
         transport = StringTransport()
         channel.makeConnection(transport)
         request = site.requestFactory(channel) if factory == "ours" else Request(channel)
+        channel.requests.append(request)
         request.method, request.clientproto = method, version
         request.setResponseCode(code)
         request.responseHeaders.setRawHeaders(b"date", [b"then"])
         if length is not None:
             request.responseHeaders.setRawHeaders(b"content-length", [length])
+        if content_type == b"absent, no default":
+            request.defaultContentType = None
+        elif content_type is not None:
+            request.responseHeaders.setRawHeaders(b"content-type", [content_type])
+        if extra == "etag":
+            request.setETag(b'"v1"')
+        elif extra == "cookie":
+            request.addCookie(b"k", b"v")
+        elif extra == "last-modified":
+            request.lastModified = 0
         for piece in pieces:
             request.write(piece)
-        sent.append((transport.value(), request.sentLength))
+        request.finish()
+        sent.append((transport.value(), request.sentLength, request.finished))
     assert sent[0] == sent[1]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [(b"Cookie", b"a=1; b=2")],
+        [(b"Expect", b"100-continue"), (b"Content-Length", b"4")],
+        [(b"Expect", b"100-Continue")],
+        [(b"Connection", b"close")],
+        [(b"Cookie", b""), (b"Connection", b"keep-alive"), (b"Expect", b"nothing")],
+    ],
+)
+@pytest.mark.parametrize("version", [b"HTTP/1.1", b"HTTP/1.0"])
+def test_all_headers_received_is_twisteds(
+    headers: list[tuple[bytes, bytes]], version: bytes
+) -> None:
+    # GatewayChannel.allHeadersReceived reads the header table directly: the
+    # request and channel come out as Twisted's own method leaves them.
+    outcomes = []
+    for method in (GatewayChannel.allHeadersReceived, http.HTTPChannel.allHeadersReceived):
+        site = GatewaySite(Unanswered(), MemoryReactorClock(), max_body_size=1024)
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        request = site.requestFactory(channel)
+        channel.requests.append(request)
+        for name, value in headers:
+            request.requestHeaders.addRawHeader(name, value)
+        channel._version = version
+        channel.length = 4 if any(n == b"Content-Length" for n, _ in headers) else None
+        method(channel)
+        outcomes.append(
+            (
+                transport.value(),
+                channel.persistent,
+                request.received_cookies,
+                type(request.content),
+                list(request.responseHeaders.getAllRawHeaders()),
+            )
+        )
+    assert outcomes[0] == outcomes[1]
