@@ -549,10 +549,13 @@ def extract_models(
         if keys:
             raise BadRequest("the JSON body must be an object")
         return [], []
-    by_fold = {go_fold(k): k for k in value}
+    # go_fold, with its ASCII case inline: every key of every checked body.
+    by_fold = {}
+    for k in value:
+        by_fold[k.upper() if k.isascii() else go_fold(k)] = k
     models: list[str] = []
     for key in keys:
-        actual = by_fold.get(go_fold(key))
+        actual = by_fold.get(key.upper() if key.isascii() else go_fold(key))
         if actual is None or value[actual] is None:
             continue
         name = value[actual]
@@ -563,6 +566,8 @@ def extract_models(
         except UnicodeEncodeError:
             raise BadRequest(f"{_quote(key)} is not valid Unicode") from None
         models.append(name)
+    if not opaque:
+        return models, []
     present = [
         k for k in opaque if go_fold(k) in by_fold and value[by_fold[go_fold(k)]] is not None
     ]

@@ -32,7 +32,7 @@ from twisted.web import resource
 from twisted.web._newclient import ParseError
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.http import NO_BODY_CODES
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -188,6 +188,9 @@ def upstream_headers(
     return out
 
 
+# Twisted's cache of canonical header names (empty, so unused, in a Twisted without one).
+_canonical_name = getattr(_nameEncoder, "_canonicalHeaderCache", {}).get
+
 # The runner's response headers by lower-cased name: (name as sent, values), in order.
 _Grouped = dict[bytes, tuple[bytes, list[bytes]]]
 
@@ -207,12 +210,21 @@ def _grouped(lines: Iterable[tuple[bytes, bytes]]) -> _Grouped:
 def _copy_response_headers(upstream: _Grouped, target: Headers, head: bool) -> None:
     connection = upstream.get(b"connection")
     tokens = _tokens(connection[1]) if connection is not None else frozenset()
+    # What target.setRawHeaders does, into its table directly: the name in
+    # Twisted's canonical form, line breaks in a value made spaces (the
+    # runner's head parser never passes CR or LF, but a value is not trusted).
+    table = target._rawHeaders
     for name, (raw_name, values) in upstream.items():
         if name in HOP_BY_HOP or name in tokens or name.startswith((b"proxy-", b"access-control-")):
             continue
         if name == b"content-length" and not head:
             continue
-        target.setRawHeaders(raw_name, values)
+        clean = []
+        for value in values:
+            if b"\r" in value or b"\n" in value:
+                value = b" ".join(value.splitlines())
+            clean.append(value)
+        table[_canonical_name(raw_name) or _nameEncoder.encode(raw_name)] = clean
 
 
 def response_headers(upstream: Headers, target: Headers, head: bool) -> None:

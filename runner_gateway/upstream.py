@@ -99,6 +99,9 @@ _STATUS, _HEADERS, _BODY_LENGTH, _BODY_CHUNK_SIZE, _BODY_CHUNK_DATA = 0, 1, 2, 3
 _BODY_CHUNK_CRLF, _BODY_TRAILER, _BODY_CLOSE, _DONE = 5, 6, 7, 8
 
 
+_FOLD_START = (b" ", b"\t")  # a header line starting so continues the one before
+
+
 def _socket_of(transport: Any) -> socket.socket | None:
     """The connection's socket (under TLS too), or None (test transports)."""
     handle_of = getattr(transport, "getHandle", None)
@@ -357,8 +360,23 @@ class _Connection(Protocol):
                     if buf.count(b"\n", 0, end) == len(lines) - 1:
                         self._status_line(lines[0])
                         header_line = self._header_line
+                        headers = self._headers
                         for line in lines[1:]:
-                            header_line(line)
+                            # _header_line's plain case inline (the head is
+                            # under _MAX_HEAD as a whole, so no size check);
+                            # folding and errors go through it.
+                            name, sep, value = line.partition(b":")
+                            if (
+                                sep
+                                and name
+                                and line[:1] not in _FOLD_START
+                                and name == name.strip()
+                                and b" " not in name
+                            ):
+                                self._head_size += len(line)
+                                headers.append((name, value.strip()))
+                            else:
+                                header_line(line)
                         buf = self._end_of_head(buf[end + 4 :])
                         continue
             # Line-based states: status, headers, chunk size, trailer.
@@ -416,7 +434,7 @@ class _Connection(Protocol):
         self._head_size += len(line)
         if self._head_size > _MAX_HEAD:
             raise UpstreamProtocolError("response head too large")
-        if line[:1] in (b" ", b"\t"):
+        if line[:1] in _FOLD_START:
             # Obsolete line folding: part of the previous header's value.
             if not self._headers:
                 raise UpstreamProtocolError("folded first header")

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -884,3 +886,56 @@ def test_classify_messages_carry_no_exception_text() -> None:
         got_kind, got_status, message = classify(Failure(exc))
         assert (got_kind, got_status) == (kind, status)
         assert secret not in message
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lines=st.lists(
+        st.tuples(
+            st.sampled_from(
+                [
+                    b"Content-Type",
+                    b"content-type",
+                    b"X-Trace",
+                    b"x-TRACE",
+                    b"Connection",
+                    b"Keep-Alive",
+                    b"Content-Length",
+                    b"Proxy-Foo",
+                    b"Etag",
+                    b"Www-Authenticate",
+                    b"Access-Control-Allow-Origin",
+                    b"Server",
+                    b"X-Odd_Name!",
+                ]
+            ),
+            st.binary(max_size=12),
+        ),
+        max_size=8,
+    ),
+    head=st.booleans(),
+)
+def test_response_headers_are_copied_as_set_raw_headers_would(
+    lines: list[tuple[bytes, bytes]], head: bool
+) -> None:
+    # _copy_response_headers writes into the header table directly; the table
+    # must come out as Headers.setRawHeaders leaves it, for any name and value.
+    from twisted.web.http_headers import Headers
+
+    from runner_gateway import proxy
+
+    grouped = proxy._grouped(lines)
+    ours = Headers({b"Server": [b"runner-gateway"], b"Date": [b"then"]})
+    proxy._copy_response_headers(grouped, ours, head)
+    theirs = Headers({b"Server": [b"runner-gateway"], b"Date": [b"then"]})
+    connection = grouped.get(b"connection")
+    tokens = proxy._tokens(connection[1]) if connection is not None else frozenset()
+    for name, (raw_name, values) in grouped.items():
+        if name in proxy.HOP_BY_HOP or name in tokens:
+            continue
+        if name.startswith((b"proxy-", b"access-control-")):
+            continue
+        if name == b"content-length" and not head:
+            continue
+        theirs.setRawHeaders(raw_name, values)
+    assert list(ours.getAllRawHeaders()) == list(theirs.getAllRawHeaders())

@@ -249,6 +249,9 @@ _HEAD_LINES = st.sampled_from(
         b" folded",
         b"\tfolded",
         b"bad name: v",
+        b"X-B\t: v",
+        b"X-C : v",
+        b":empty name",
         b"no colon",
         b"Server:runner",
         b"",
@@ -523,3 +526,14 @@ def test_a_tcp_connection_to_the_runner_sends_without_nagle() -> None:
     finally:
         for s in (client, peer, listener):
             s.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(_HEAD_LINES, max_size=7), body=st.sampled_from([b"ok", b""]))
+def test_a_crlf_head_in_one_read_gives_the_line_by_line_answer(
+    lines: list[bytes], body: bytes
+) -> None:
+    # CRLF throughout: the one-split path (with its plain header lines taken
+    # inline) against the line-by-line one.
+    raw = b"".join(line + b"\r\n" for line in [b"HTTP/1.1 200 OK", *lines]) + b"\r\n" + body
+    assert _outcome([raw]) == _outcome([raw[i : i + 1] for i in range(len(raw))])
