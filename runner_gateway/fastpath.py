@@ -31,14 +31,13 @@ equivalent that gives the same result for less work:
 * ``accept`` (:func:`install_accept`, on the service's plain TCP listening
   ports only): Twisted's ``Port.doRead`` wraps each accept in a log-buffering
   context (a new ``Logger``), converts the socket's family and type to enums
-  (six calls), builds an address object the Site ignores, goes through three
-  ``buildProtocol`` layers, and alternates its accept budget between 1 and 21
-  so every other wakeup ends in a failing ``accept()``. The replacement
-  accepts as many connections as the last wakeup found, builds the channel
-  in one step, and sets TCP_NODELAY once on the listening socket (Linux
-  copies it to every accepted one) instead of once per connection. Any
-  accept error other than "nothing waiting" goes back to Twisted's own
-  ``doRead``, which handles and logs it (EMFILE and the like).
+  (six calls), builds an address object the Site ignores and goes through
+  three ``buildProtocol`` layers. The replacement keeps Twisted's accept
+  budget and transport, builds the channel in one step, and sets TCP_NODELAY
+  once on the listening socket (Linux copies it to every accepted one)
+  instead of once per connection. Any accept error other than "nothing
+  waiting" goes back to Twisted's own ``doRead``, which handles and logs it
+  (EMFILE and the like).
 * ``dispatch`` (:func:`install_dispatch`, on the service's running epoll
   reactor only): Twisted's ``doPoll`` calls each ready connection through
   ``log.callWithLogger``, which sets the legacy log "system" context (four
@@ -284,15 +283,21 @@ def _accept(port: Any) -> None:
             # IPv6: the scope id in the host, as Twisted's doRead gives it.
             host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
             addr = (host[0], *addr[1:])
+        transport = None
         try:
             protocol = factory.buildProtocol(None)
+            if protocol is None:  # the factory refuses the connection
+                skt.close()
+                continue
             session = port.sessionno
             port.sessionno = session + 1
             transport = port.transport(skt, protocol, addr, port, session, port.reactor)
             transport.nodelay_set = True  # inherited from the listening socket
             protocol.makeConnection(transport)
         except Exception:
+            # Logged, as Twisted's doRead does; a transport, once made, owns the socket.
             _dispatch_log.failure("could not set up an accepted connection")
-            skt.close()
+            if transport is None:
+                skt.close()
     # As Twisted's: a full budget means more may be waiting next time.
     port.numberAccepts = budget + 20 if accepted == budget else max(1, accepted)

@@ -468,7 +468,8 @@ class GatewayRequest(Request):
         # setHeader's name encoding and value checks), and ours instead of its
         # Server header: the answers the gateway writes itself (401, 404,
         # /healthz) carry them; a proxied response takes the runner's Server
-        # header instead (proxy.py).
+        # header instead (proxy.py). Twisted's check for an encoding resource
+        # is left out: the gateway's tree has none.
         self.site = site
         headers = self.responseHeaders._rawHeaders
         headers[_SERVER] = [b"runner-gateway"]

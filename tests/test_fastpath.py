@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -478,3 +479,71 @@ def test_accept_on_ipv6_gives_twisteds_address() -> None:
         port.stopListening()
         for reader in reactor.getReaders():
             reactor.removeReader(reader)
+
+
+def test_accept_survives_a_factory_that_fails_or_refuses() -> None:
+    """A factory that raises is logged and its socket closed; one that returns
+    None has its connection closed (as Twisted's doRead); the port goes on."""
+    import socket
+
+    from twisted.internet.epollreactor import EPollReactor
+    from twisted.logger import globalLogPublisher
+
+    reactor = EPollReactor()
+    site = _accepting_site(reactor)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    logged: list[dict[str, Any]] = []
+    observer = cast(ILogObserver, logged.append)
+    globalLogPublisher.addObserver(observer)
+    real = site.buildProtocol
+    try:
+        assert fastpath.install_accept(port, {})
+        address = port.getHost()
+        for answer in ("raise", "none"):
+
+            def build(addr: Any, answer: str = answer) -> Any:
+                if answer == "raise":
+                    raise RuntimeError("a buggy factory")
+                return None
+
+            site.buildProtocol = build
+            client = socket.create_connection((address.host, address.port))
+            client.settimeout(5)
+            _pump_until(reactor, functools.partial(_closed, client))
+            client.close()
+        assert any(
+            "could not set up an accepted connection" in str(e.get("log_format", ""))
+            for e in logged
+        )
+        site.buildProtocol = real
+        client = socket.create_connection((address.host, address.port))
+        client.sendall(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+        client.setblocking(False)
+        got = [b""]
+
+        def answered() -> bool:
+            with contextlib.suppress(BlockingIOError):
+                got[0] += client.recv(4096)
+            return got[0].endswith(b"hello")
+
+        _pump_until(reactor, answered)
+        client.close()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        port.stopListening()
+        for reader in reactor.getReaders():
+            reactor.removeReader(reader)
+
+
+def _closed(client: Any) -> bool:
+    """True once the server side has closed ``client``'s connection."""
+    import select
+
+    readable, _, _ = select.select([client], [], [], 0)
+    if not readable:
+        return False
+    try:
+        data: bytes = client.recv(1)
+    except ConnectionResetError:
+        return True
+    return data == b""
