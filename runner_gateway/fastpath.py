@@ -60,10 +60,26 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.logger import Logger
+from twisted.web.http_headers import _nameEncoder
 
 _dispatch_log = Logger(namespace="runner_gateway.fastpath")
 
-__all__ = ["FIXES", "install", "install_accept", "install_dispatch", "installed", "write_now"]
+# twisted.web's cache of canonical header names, read without a method call:
+# ``cached_header_name(name) or _nameEncoder.encode(name)`` is encode's
+# answer. (An empty dict, never a hit, in a Twisted without that cache.)
+cached_header_name: Callable[[bytes], bytes | None] = getattr(
+    _nameEncoder, "_canonicalHeaderCache", {}
+).get
+
+__all__ = [
+    "FIXES",
+    "cached_header_name",
+    "install",
+    "install_accept",
+    "install_dispatch",
+    "installed",
+    "write_now",
+]
 
 _installed: set[str] = set()
 
@@ -137,7 +153,7 @@ def _date() -> None:
 
 def _whole_head() -> None:
     from twisted.protocols.basic import LineReceiver
-    from twisted.web import http, http_headers
+    from twisted.web import http
     from twisted.web.http_headers import Headers
 
     from runner_gateway.site import GatewayChannel
@@ -154,7 +170,6 @@ def _whole_head() -> None:
         channel.maxHeaders,
         channel.totalHeadersSize,
         Headers()._rawHeaders,
-        http_headers._nameEncoder._canonicalHeaderCache,
         http._parseRequestLine,
         LineReceiver._busyReceiving,
         LineReceiver._buffer,

@@ -39,6 +39,7 @@ from zope.interface import implementer
 
 from runner_gateway.context import RequestContext, context_of
 from runner_gateway.errors import send_error
+from runner_gateway.fastpath import cached_header_name
 from runner_gateway.settings import RunnerSettings
 from runner_gateway.upstream import (
     UpstreamCall,
@@ -58,7 +59,7 @@ __all__ = [
 log = Logger(namespace="runner_gateway.proxy")
 
 # RFC 9110 section 7.6.1 plus the historical ones; any ``Proxy-*`` header is
-# dropped as well (see _hop_by_hop).
+# dropped as well (_upstream_header_list, _copy_response_headers).
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -98,19 +99,11 @@ _TRANSFORM_LIMIT = 16 * 1024 * 1024
 _CLIENT_ABORT_GRACE = 5.0
 
 
-def _hop_by_hop(name: bytes, connection_tokens: Iterable[bytes] = ()) -> bool:
-    return name in HOP_BY_HOP or name.startswith(b"proxy-") or name in connection_tokens
-
-
 def _tokens(values: Iterable[bytes]) -> frozenset[bytes]:
     tokens: set[bytes] = set()
     for value in values:
         tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return frozenset(tokens)
-
-
-def _connection_tokens(headers: Headers) -> frozenset[bytes]:
-    return _tokens(headers.getRawHeaders(b"connection", []))
 
 
 def _upstream_header_list(
@@ -139,7 +132,6 @@ def _upstream_header_list(
             if name == b"host" and values and client_host is None:
                 client_host = values[0]
             continue
-        # _hop_by_hop, inline: this loop runs for every header of every request.
         if name in HOP_BY_HOP or name.startswith(b"proxy-") or name in tokens:
             continue
         if name == b"x-forwarded-for":
@@ -188,9 +180,6 @@ def upstream_headers(
     return out
 
 
-# Twisted's cache of canonical header names (empty, so unused, in a Twisted without one).
-_canonical_name = getattr(_nameEncoder, "_canonicalHeaderCache", {}).get
-
 # The runner's response headers by lower-cased name: (name as sent, values), in order.
 _Grouped = dict[bytes, tuple[bytes, list[bytes]]]
 
@@ -224,7 +213,7 @@ def _copy_response_headers(upstream: _Grouped, target: Headers, head: bool) -> N
             if b"\r" in value or b"\n" in value:
                 value = b" ".join(value.splitlines())
             clean.append(value)
-        table[_canonical_name(raw_name) or _nameEncoder.encode(raw_name)] = clean
+        table[cached_header_name(raw_name) or _nameEncoder.encode(raw_name)] = clean
 
 
 def response_headers(upstream: Headers, target: Headers, head: bool) -> None:

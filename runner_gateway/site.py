@@ -29,7 +29,7 @@ from twisted.web.resource import IResource, getChildForRequest
 from twisted.web.server import Request, Site
 
 from runner_gateway.context import RequestContext
-from runner_gateway.fastpath import write_now
+from runner_gateway.fastpath import cached_header_name, write_now
 from runner_gateway.logs import ACCESS_FORMAT, ACCESS_NAMESPACE
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewaySite", "RequestObserver"]
@@ -47,10 +47,6 @@ _WHOLE_HEAD = re.compile(
 # Header values never written to a log, whatever the level.
 _SECRET_HEADERS = frozenset(
     {b"authorization", b"proxy-authorization", b"cookie", b"x-api-key", b"api-key"}
-)
-# Header names as twisted.web's Headers keeps them (its canonical form).
-_SERVER, _DATE, _X_REQUEST_ID = (
-    _nameEncoder.encode(name) for name in (b"server", b"date", b"x-request-id")
 )
 _access = Logger(namespace=ACCESS_NAMESPACE)
 _log = Logger()
@@ -117,9 +113,12 @@ _line_receiver_data_received = LineReceiver.dataReceived
 # attribute lookup is a Python-level __getattribute__ call (2.4 us).
 _parse_request_line = http._parseRequestLine
 _content_file = http._getContentFile
-# encode's own cache (empty, so unused, in a Twisted without one).
-_canonical_names: dict[Any, bytes] = getattr(_nameEncoder, "_canonicalHeaderCache", {})
-_COOKIE, _EXPECT = (_nameEncoder.encode(name) for name in (b"cookie", b"expect"))
+# Header names as twisted.web's Headers keeps them (its canonical form), for
+# reading and writing its table directly.
+_SERVER, _DATE, _X_REQUEST_ID, _COOKIE, _EXPECT = (
+    _nameEncoder.encode(name)
+    for name in (b"server", b"date", b"x-request-id", b"cookie", b"expect")
+)
 _CONTENT_TYPE, _CONTENT_LENGTH, _TRANSFER_ENCODING = (
     _nameEncoder.encode(name) for name in (b"content-type", b"content-length", b"transfer-encoding")
 )
@@ -270,7 +269,7 @@ class GatewayChannel(http.HTTPChannel):
                 return
             raw = request.requestHeaders._rawHeaders
             encode = _nameEncoder.encode
-            canonical = _canonical_names.get  # encode's own cache, without the call
+            canonical = cached_header_name
             for line in lines[1:]:
                 name, value = line.split(b":", 1)
                 name = canonical(name) or encode(name)
