@@ -33,7 +33,8 @@ equivalent that gives the same result for less work:
   context (a new ``Logger``), converts the socket's family and type to enums
   (six calls), builds an address object the Site ignores and goes through
   three ``buildProtocol`` layers. The replacement keeps Twisted's accept
-  budget and transport, builds the channel in one step, and sets TCP_NODELAY
+  budget and transport class, builds the channel and (on an epoll reactor)
+  the ``tcp.Server`` each in one step, and sets TCP_NODELAY
   once on the listening socket (Linux copies it to every accepted one)
   instead of once per connection. Any accept error other than "nothing
   waiting" goes back to Twisted's own ``doRead``, which handles and logs it
@@ -45,6 +46,14 @@ equivalent that gives the same result for less work:
   escapes the handler. The replacement calls the handler directly and keeps
   the catch-and-log.
 
+* ``loop`` (:func:`install_loop`, on the service's epoll reactor only):
+  Twisted's ``mainLoop`` goes through a failure-logging context manager,
+  ``runUntilCurrent`` and ``timeout`` (with two looks at new timed calls) on
+  every turn. The replacement files new timed calls and works out the poll
+  timeout inline, and calls ``runUntilCurrent`` only on a turn with
+  something for it to do (a call due, a call from a thread, a clean-up, a
+  stop); what it does then is Twisted's own.
+
 ``RUNNER_GATEWAY_FASTPATH=off`` (or a comma-separated list of fix names to
 leave out) keeps Twisted's own code: the benchmark suite uses it to measure
 each fix's effect in the same run. No other use.
@@ -53,12 +62,16 @@ each fix's effect in the same run. No other use.
 from __future__ import annotations
 
 import functools
+import heapq
 import os
+import select
 import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from twisted.internet import address, tcp
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.http_headers import _nameEncoder
 
@@ -77,6 +90,7 @@ __all__ = [
     "install",
     "install_accept",
     "install_dispatch",
+    "install_loop",
     "installed",
     "write_now",
 ]
@@ -98,7 +112,7 @@ _TCP_TRANSPORTS: tuple[type, ...] = ()  # empty until send-now is installed
 
 def _send_now() -> None:
     global _TCP_TRANSPORTS
-    from twisted.internet import abstract, tcp
+    from twisted.internet import abstract
 
     # write_now reads these; a Twisted without them raises AttributeError here
     # (install() then keeps plain transport.write).
@@ -178,7 +192,7 @@ def _whole_head() -> None:
 
 
 # Installed on a reactor or a port by the service, not by install().
-_PER_OBJECT = ("dispatch", "accept")
+_PER_OBJECT = ("dispatch", "accept", "loop")
 
 FIXES: dict[str, Callable[[], None]] = {
     "send-now": _send_now,
@@ -253,12 +267,77 @@ def install_dispatch(reactor: Any, environ: Mapping[str, str] | None = None) -> 
     return True
 
 
+def install_loop(reactor: Any, environ: Mapping[str, str] | None = None) -> bool:
+    """The ``loop`` fix: ``reactor.mainLoop`` is :func:`_main_loop`, for an epoll
+    reactor not running yet. False when switched off or not applicable."""
+    from twisted.internet.epollreactor import EPollReactor
+
+    if "loop" in _skipped(environ) or type(reactor) is not EPollReactor:
+        return False
+    if isinstance(reactor.__dict__.get("mainLoop"), functools.partial):
+        return True
+    try:
+        _ = (
+            reactor._started,
+            reactor.running,
+            reactor.threadCallQueue,
+            reactor._justStopped,
+            reactor._cancellations,
+            reactor._pendingTimedCalls,
+            reactor._newTimedCalls,
+            reactor.runUntilCurrent,
+            reactor.timeout,
+        )
+    except AttributeError:
+        return False  # a Twisted without them: keep its mainLoop
+    owner: Any = reactor  # an instance attribute, as doIteration's
+    owner.mainLoop = functools.partial(_main_loop, reactor)
+    _installed.add("loop")
+    return True
+
+
+def _main_loop(reactor: Any) -> None:
+    """``ReactorBase.mainLoop``: each turn, run what is due, then poll until
+    the next timed call. See the module's ``loop``."""
+    seconds = reactor.seconds
+    while reactor._started:
+        try:
+            while reactor._started:
+                new = reactor._newTimedCalls
+                if new:  # as _insertNewDelayedCalls
+                    reactor._newTimedCalls = []
+                    pending = reactor._pendingTimedCalls
+                    for call in new:
+                        if call.cancelled:
+                            reactor._cancellations -= 1
+                        else:
+                            call.activate_delay()
+                            heapq.heappush(pending, call)
+                pending = reactor._pendingTimedCalls
+                cancellations = reactor._cancellations
+                if (
+                    reactor.threadCallQueue
+                    or reactor._justStopped
+                    or (pending and pending[0].time <= seconds())
+                    or (cancellations > 50 and cancellations > len(pending) >> 1)
+                ):
+                    reactor.runUntilCurrent()
+                    timeout = reactor.timeout()
+                elif pending:  # as timeout()
+                    timeout = max(0, min(2147483, pending[0].time - seconds()))
+                else:
+                    timeout = None
+                reactor.doIteration(reactor.running and timeout)
+        except BaseException:
+            # What Twisted's loop does: log it and go on.
+            _dispatch_log.failure("Unexpected error in main loop")
+    _dispatch_log.info("Main loop terminated.")
+
+
 def install_accept(port: Any, environ: Mapping[str, str] | None = None) -> bool:
     """The ``accept`` fix on a listening plain-TCP ``port`` whose factory builds
     its protocol without looking at the address (``GatewaySite``). False when
     switched off or not applicable."""
-    from twisted.internet import tcp
-
     if "accept" in _skipped(environ) or type(port) is not tcp.Port:
         return False
     listener: Any = port  # the internals below are not in tcp.Port's annotations
@@ -269,12 +348,68 @@ def install_accept(port: Any, environ: Mapping[str, str] | None = None) -> bool:
     except AttributeError:
         return False  # a Twisted without them: keep its doRead
     listener.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    listener.doRead = functools.partial(_accept, listener)
+    # The transport is built in one step (_server) only where it is Twisted's
+    # own tcp.Server on an epoll reactor, the case _server reproduces.
+    build = _server if _builds_servers(listener) else None
+    listener.doRead = functools.partial(_accept, listener, build)
     _installed.add("accept")
     return True
 
 
-def _accept(port: Any) -> None:
+def _builds_servers(port: Any) -> bool:
+    from twisted.internet.epollreactor import EPollReactor
+
+    reactor = port.reactor
+    if port.transport is not tcp.Server or type(reactor) is not EPollReactor:
+        return False
+    try:
+        _ = (reactor._poller.register, reactor._reads, reactor._selectables)
+        _ = port._realPortNumber
+    except AttributeError:
+        return False
+    return True
+
+
+def _server(port: Any, skt: socket.socket, protocol: Any, addr: Any, session: int) -> Any:
+    """``tcp.Server(skt, protocol, addr, port, session, reactor)``, reading for
+    events, in one step: the same attributes (tests/test_fastpath.py compares
+    them) without its chain of five initialisers, two log-prefix look-ups
+    and three calls to register with epoll."""
+    reactor = port.reactor
+    skt.setblocking(False)
+    transport = object.__new__(tcp.Server)
+    kind = type(protocol)
+    if kind.logPrefix is Protocol.logPrefix:
+        prefix = kind.__name__  # what _getLogPrefix answers, without its two calls
+    else:
+        prefix = transport._getLogPrefix(protocol)
+    state = vars(transport)
+    state.update(
+        reactor=reactor,
+        _tempDataBuffer=[],
+        _tempDataLen=0,
+        socket=skt,
+        fileno=skt.fileno,
+        protocol=protocol,
+        server=port,
+        client=addr,
+        sessionno=session,
+        hostname=addr[0],
+        logstr=f"{prefix},{session},{addr[0]}",
+        repstr=f"<{type(protocol).__name__} #{session} on {port._realPortNumber}>",
+    )
+    if len(addr) != 2:
+        state["_addressType"] = address.IPv6Address
+    # startReading() for a descriptor epoll has not seen: EPollReactor._add.
+    fd = skt.fileno()
+    reactor._poller.register(fd, select.EPOLLIN)
+    reactor._reads.add(fd)
+    reactor._selectables[fd] = transport
+    state["connected"] = 1
+    return transport
+
+
+def _accept(port: Any, build: Callable[..., Any] | None) -> None:
     """``tcp.Port.doRead`` for the common case: see the module's ``accept``."""
     listening = port.socket
     family = port.addressFamily
@@ -306,7 +441,10 @@ def _accept(port: Any) -> None:
                 continue
             session = port.sessionno
             port.sessionno = session + 1
-            transport = port.transport(skt, protocol, addr, port, session, port.reactor)
+            if build is not None:
+                transport = build(port, skt, protocol, addr, session)
+            else:
+                transport = port.transport(skt, protocol, addr, port, session, port.reactor)
             transport.nodelay_set = True  # inherited from the listening socket
             protocol.makeConnection(transport)
         except Exception:

@@ -515,7 +515,7 @@ def parse_body(body: bytes) -> Any:
     if isinstance(value, dict):
         folded: dict[str, str] = {}
         for key in value:
-            fold = go_fold(key)
+            fold = key.upper() if key.isascii() else go_fold(key)  # go_fold's usual case inline
             if fold in folded:
                 raise BadRequest(
                     f"keys {_quote(folded[fold])} and {_quote(key)} both set the same "
@@ -634,6 +634,8 @@ class Decision:
 
 
 _GRANTS_KEPT = 10_000  # Policy.grant's entries: as many as the token cache keeps by default
+_ENDPOINTS_KEPT = 1_000  # Policy.classify's entries, each for a path of at most
+_ENDPOINT_PATH_KEPT = 256  # this many characters
 
 
 class Policy:
@@ -646,6 +648,20 @@ class Policy:
         # Ollama's naming rules only where the built-in (Ollama) table is used.
         self.ollama = not runner.endpoints
         self._grants: dict[int, tuple[Mapping[str, Any], Grant | ClaimError]] = {}
+        self._endpoints: dict[tuple[bytes | str, bytes | str], Endpoint] = {}
+
+    def classify(self, method: bytes | str, path: bytes | str) -> Endpoint:
+        """:func:`classify` with this runner's rules, kept per method and path:
+        most requests go to a handful of endpoints."""
+        key = (method, path)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = classify(method, path, self.rules)
+            if len(path) <= _ENDPOINT_PATH_KEPT:  # bounded: a long query is not kept
+                if len(self._endpoints) >= _ENDPOINTS_KEPT:
+                    self._endpoints.clear()  # many distinct paths (model names, queries)
+                self._endpoints[key] = endpoint
+        return endpoint
 
     def grant(self, claims: Mapping[str, Any]) -> Grant | ClaimError:
         """:func:`grant_from_claims`, read once per claims object.
@@ -675,7 +691,7 @@ class Policy:
         read_body: Callable[[], bytes],
     ) -> Decision:
         """Decide; ``read_body`` is called at most once, only when needed."""
-        endpoint = classify(method, path, self.rules)
+        endpoint = self.classify(method, path)
         route, scope = endpoint.route, endpoint.scope
 
         def refuse(message: str, status: int = 403) -> Decision:

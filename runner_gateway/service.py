@@ -287,6 +287,7 @@ class GatewayService(MultiService):
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, self._on_sighup)
         fastpath.install_dispatch(self.reactor)
+        fastpath.install_loop(self.reactor)
         _settle_gc()
 
     def _on_sighup(self, signum: int, frame: object) -> None:

@@ -320,7 +320,12 @@ class GatewayChannel(http.HTTPChannel):
             transport.setTcpNoDelay(True)
         self.setTimeout(self.timeOut)
         self._networkProducer = transport
-        transport.registerProducer(self, True)
+        if transport.producer is None and not transport.disconnected and not transport.TLS:
+            # registerProducer(self, True) on a new connection, without its two calls.
+            transport.producer = self
+            transport.streamingProducer = True
+        else:
+            transport.registerProducer(self, True)
         self._gateway_secure = False  # GatewayRequest.isSecure: plain TCP is not TLS
 
     def getHost(self) -> Any:
@@ -475,7 +480,9 @@ class GatewayRequest(Request):
         headers[_DATE] = [server.datetimeToString()]  # type: ignore[attr-defined]
         headers[_X_REQUEST_ID] = [ctx.request_id.encode()]
         self.prepath = []
-        self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
+        segments = self.path[1:].split(b"/")
+        # unquote_to_bytes returns a segment without "%" as it is.
+        self.postpath = list(map(unquote_to_bytes, segments)) if b"%" in self.path else segments
         if self.path == b"*":
             self._handleStar()
             return

@@ -305,16 +305,23 @@ def test_connection_made_on_tcp_leaves_the_state_twisted_leaves() -> None:
     theirs = plain.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     channel: Any
     before = {}
+    transport_state = []
     for channel in (ours, theirs):
         before[channel] = set(vars(channel))
         transport = _tcp_server_transport(channel, reactor)
         channel.makeConnection(transport)
+        transport_state.append(
+            {k: (v is channel) if k == "producer" else v for k, v in vars(transport).items()}
+            | dict.fromkeys(("socket", "fileno", "protocol", "logstr", "repstr", "client"))
+            | dict.fromkeys(("hostname", "peer_socket"))
+        )
         sock = transport.socket
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         assert channel._networkProducer is transport
         assert transport.producer is channel and transport.streamingProducer
         transport.peer_socket.close()
         sock.close()
+    assert transport_state[0] == transport_state[1]  # the producer registered alike
     assert isinstance(ours, GatewayChannel)
     assert ours._idle_call is not None and ours._idle_call.getTime() == 75.0
     assert ours._gateway_secure is False  # known without asking for ISSLTransport
@@ -482,3 +489,42 @@ def test_all_headers_received_is_twisteds(
             )
         )
     assert outcomes[0] == outcomes[1]
+
+
+class _Paths(resource.Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[list[bytes], list[bytes]]] = []
+
+    def render(self, request: Request) -> bytes:
+        self.seen.append((list(request.prepath or []), list(request.postpath or [])))
+        return b"ok"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    segments=st.lists(
+        st.sampled_from([b"api", b"", b"a%2Fb", b"%7E", b"x%", b"%zz", b"chat", b"%25"]),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_the_path_is_split_and_decoded_as_twisted_does(segments: list[bytes]) -> None:
+    path = b"/" + b"/".join(segments)
+    raw = b"GET " + path + b"?q=%41 HTTP/1.1\r\nHost: gw\r\n\r\n"
+    seen = []
+    for make in ("ours", "twisted"):
+        answer = _Paths()
+        site: Site
+        if make == "ours":
+            site = GatewaySite(answer, MemoryReactorClock(), max_body_size=1024)
+        else:
+            site = Site(answer, reactor=MemoryReactorClock())
+        channel = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
+        assert channel is not None
+        channel.makeConnection(StringTransport())
+        channel.dataReceived(raw)
+        seen.append(answer.seen)
+    assert seen[0] == seen[1] and len(seen[0]) == 1

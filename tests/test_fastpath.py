@@ -547,3 +547,205 @@ def _closed(client: Any) -> bool:
     except ConnectionResetError:
         return True
     return data == b""
+
+
+@pytest.mark.parametrize("peer", [("127.0.0.1", 40000), ("::1", 40000, 0, 0)])
+def test_accept_builds_the_transport_twisted_would(peer: tuple[Any, ...]) -> None:
+    """_server gives a tcp.Server with the attributes Twisted's __init__ gives
+    (the address type for IPv6 included), reading on the reactor as
+    startReading() leaves it."""
+    import socket
+
+    from twisted.internet import tcp
+    from twisted.internet.epollreactor import EPollReactor
+
+    from runner_gateway.site import GatewayChannel
+
+    reactor = EPollReactor()
+    port = reactor.listenTCP(0, _accepting_site(reactor), interface="127.0.0.1")
+    try:
+        assert fastpath._builds_servers(port)
+        made = []
+        for build in ("twisted", "fastpath"):
+            skt = socket.socket()
+            protocol = GatewayChannel()
+            if build == "twisted":
+                transport = tcp.Server(skt, protocol, peer, port, 7, reactor)
+            else:
+                transport = fastpath._server(port, skt, protocol, peer, 7)
+            assert type(transport) is tcp.Server
+            assert not skt.getblocking()
+            fd = skt.fileno()
+            assert reactor._selectables[fd] is transport and fd in reactor._reads
+            assert fd not in reactor._writes
+            state = dict(vars(transport))
+            assert state.pop("socket") is skt and state.pop("fileno")() == fd
+            assert state.pop("protocol") is protocol
+            made.append((state, transport.logPrefix(), repr(transport), transport.getPeer()))
+            reactor.removeReader(transport)
+            skt.close()
+        assert made[0] == made[1]
+        assert set(made[0][0]) >= {"logstr", "repstr", "hostname", "connected"}
+    finally:
+        port.stopListening()
+
+
+def test_accept_keeps_twisteds_transport_where_it_cannot_build_it() -> None:
+    from twisted.internet import tcp
+    from twisted.internet.epollreactor import EPollReactor
+    from twisted.internet.pollreactor import PollReactor
+
+    epoll = EPollReactor()
+    port = epoll.listenTCP(0, _accepting_site(epoll), interface="127.0.0.1")
+    try:
+
+        class Custom(tcp.Server):
+            pass
+
+        port.transport = Custom
+        assert not fastpath._builds_servers(port)
+    finally:
+        port.stopListening()
+    poll = PollReactor()
+    other = poll.listenTCP(0, _accepting_site(poll), interface="127.0.0.1")
+    try:
+        assert not fastpath._builds_servers(other)
+    finally:
+        other.stopListening()
+
+
+# What one reactor turn does, for the loop comparison: schedule, cancel, reset
+# or delay a timed call (by index into those made so far), call from a
+# thread, make a timed call that raises, or raise from the poll itself.
+_loop_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("later"), st.sampled_from([0.0, 0.001, 0.5, 2.0, 61.0])),
+        st.tuples(st.just("later-delayed"), st.sampled_from([0.0, 1.0]), st.sampled_from([0.5])),
+        st.tuples(st.just("cancel"), st.integers(0, 7)),
+        st.tuples(st.just("reset"), st.integers(0, 7), st.sampled_from([0.0, 0.3, 5.0])),
+        st.tuples(st.just("delay"), st.integers(0, 7), st.sampled_from([0.2, 3.0])),
+        st.tuples(st.just("thread"), st.just(0)),
+        st.tuples(st.just("boom"), st.sampled_from([0.0, 1.0])),
+        st.tuples(st.just("poll-raises"), st.just(0)),
+    ),
+    max_size=25,
+)
+
+
+def _run_loop(steps: list[tuple[Any, ...]], ours: bool, advance: list[float]) -> list[Any]:
+    """Run a real EPollReactor whose clock and poll are the script's; what
+    happened, in order (polls with their timeouts, calls fired, errors logged)."""
+    from twisted.internet.epollreactor import EPollReactor
+    from twisted.logger import globalLogPublisher
+
+    reactor = EPollReactor()
+    now = [1000.0]
+    reactor.seconds = lambda: now[0]
+    happened: list[Any] = []
+    made: list[Any] = []
+    stopping: list[bool] = []
+    script = iter(list(enumerate(steps)))
+
+    def fire(label: Any) -> None:
+        happened.append(("fired", label))
+        if label[0] == "boom":
+            raise RuntimeError("a timed call that fails")
+
+    def iteration(timeout: float | None) -> None:
+        happened.append(("poll", timeout))
+        turn = next(script, None)
+        if turn is None:
+            if not stopping:
+                stopping.append(True)
+                reactor.stop()
+            return
+        index, (kind, arg, *more) = turn
+        now[0] += advance[index % len(advance)]
+        live = [c for c in made if c.active()]
+        if kind == "later":
+            made.append(reactor.callLater(arg, fire, ("later", index)))
+        elif kind == "later-delayed":  # put off before the loop has filed it
+            made.append(reactor.callLater(arg, fire, ("later", index)))
+            made[-1].delay(more[0])
+        elif kind == "boom":
+            made.append(reactor.callLater(arg, fire, ("boom", index)))
+        elif kind == "thread":
+            reactor.callFromThread(happened.append, ("thread", index))
+        elif kind == "poll-raises":
+            raise RuntimeError("a poll that fails")
+        elif live:
+            call = live[arg % len(live)]
+            if kind == "cancel":
+                call.cancel()
+            elif kind == "reset":
+                call.reset(more[0])
+            else:
+                call.delay(more[0])
+
+    reactor.doIteration = iteration  # type: ignore[method-assign]
+    if ours:
+        assert fastpath.install_loop(reactor, {})
+    else:
+        assert not fastpath.install_loop(reactor, {"RUNNER_GATEWAY_FASTPATH": "loop"})
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_failure") is not None:
+            happened.append(("logged", str(event["log_failure"].value)))
+
+    observer = cast(ILogObserver, observe)
+    globalLogPublisher.addObserver(observer)
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    return happened
+
+
+@given(
+    steps=_loop_steps,
+    advance=st.lists(st.sampled_from([0.0, 0.001, 0.4, 1.5, 70.0]), min_size=1, max_size=4),
+)
+def test_loop_turns_as_twisteds_main_loop(
+    steps: list[tuple[Any, ...]], advance: list[float]
+) -> None:
+    """The same script on Twisted's mainLoop and on the fastpath loop: the same
+    polls with the same timeouts, the same calls fired in the same order, the
+    same failures logged, and both stop."""
+    theirs = _run_loop(steps, ours=False, advance=advance)
+    ours = _run_loop(steps, ours=True, advance=advance)
+    assert ours == theirs
+
+
+def test_loop_is_installed_once_and_only_on_epoll() -> None:
+    from twisted.internet.epollreactor import EPollReactor
+
+    reactor = EPollReactor()
+    assert not fastpath.install_loop(reactor, {"RUNNER_GATEWAY_FASTPATH": "off"})
+    assert fastpath.install_loop(reactor, {})
+    assert fastpath.install_loop(reactor, {})
+    assert not fastpath.install_loop(MemoryReactorClock(), {})
+
+
+@pytest.mark.parametrize("ours", [False, True])
+def test_loop_clears_cancelled_calls_as_twisted_does(ours: bool) -> None:
+    """Many cancelled timed calls are swept out of the heap on the next turn."""
+    from twisted.internet.epollreactor import EPollReactor
+
+    reactor = EPollReactor()
+    sizes: list[int] = []
+
+    def iteration(timeout: float | None) -> None:
+        sizes.append(len(reactor._pendingTimedCalls))
+        if len(sizes) == 1:
+            for call in calls:
+                call.cancel()
+        elif len(sizes) == 3:
+            reactor.stop()
+
+    calls = [reactor.callLater(60 + i, lambda: None) for i in range(80)]
+    reactor.doIteration = iteration  # type: ignore[method-assign]
+    assert (
+        fastpath.install_loop(reactor, {} if ours else {"RUNNER_GATEWAY_FASTPATH": "loop"}) is ours
+    )
+    reactor.run(installSignalHandlers=False)
+    assert sizes[:2] == [80, 0]
