@@ -22,8 +22,9 @@ equivalent that gives the same result for less work:
   line). When a read holds the whole head and it is in the plain form (CRLF
   lines, token names, no folding, under Twisted's size and count limits),
   ``GatewayChannel`` takes it in one pass with Twisted's own checks and
-  leaves Twisted's parser state as its parser would; every other head goes
-  line by line, as before.
+  leaves Twisted's parser state as its parser would; a Content-Length body
+  that came whole in the same read is handed over at once, as Twisted's
+  decoder would. Every other head goes line by line, as before.
 * ``date``: ``twisted.web.server.Request.process`` formats the Date header
   anew for every request (``time.gmtime`` and string formatting, ~3 µs, and
   tens of µs when the process has been idle and its caches are cold). The
@@ -187,6 +188,11 @@ def _whole_head() -> None:
         http._parseRequestLine,
         LineReceiver._busyReceiving,
         LineReceiver._buffer,
+        LineReceiver.paused,
+        channel._dataBuffer,
+        channel._handlingRequest,
+        channel._transferDecoder,
+        http._IdentityTransferDecoder(0, None, None).finishCallback,
     )
     GatewayChannel.whole_head = True
 

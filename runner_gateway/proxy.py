@@ -41,6 +41,7 @@ from runner_gateway.context import RequestContext, context_of
 from runner_gateway.errors import send_error
 from runner_gateway.fastpath import cached_header_name
 from runner_gateway.settings import RunnerSettings
+from runner_gateway.site import on_finish
 from runner_gateway.upstream import (
     UpstreamCall,
     UpstreamClient,
@@ -377,7 +378,7 @@ class _Exchange:
         except ValueError:
             ctx.status = 400
             return send_error(request, 400, "invalid request target")
-        request.notifyFinish().addErrback(self.client_lost)
+        on_finish(request, lost=self.client_lost)
         self._start_watch()
         self._pending = True
         try:
@@ -402,14 +403,13 @@ class _Exchange:
             self._first_at = now + runner.first_byte_timeout
         if runner.total_timeout > 0:
             self._total_at = now + runner.total_timeout
-        limits = [
-            t
-            for t in (runner.first_byte_timeout, runner.total_timeout, runner.idle_timeout)
-            if t > 0
-        ]
-        if limits:
+        soonest = 0.0
+        for limit in (runner.first_byte_timeout, runner.total_timeout, runner.idle_timeout):
+            if limit > 0 and (soonest == 0.0 or limit < soonest):
+                soonest = limit
+        if soonest:
             # The idle deadline (from the head on) cannot fall before now + idle.
-            self._watch = self.reactor.callLater(min(limits), self._check)
+            self._watch = self.reactor.callLater(soonest, self._check)
 
     def _next_deadline(self) -> float | None:
         due = self._total_at

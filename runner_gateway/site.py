@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import http, server
+from twisted.web.http import _IdentityTransferDecoder
 from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.resource import IResource, getChildForRequest
 from twisted.web.server import Request, Site
@@ -77,6 +78,9 @@ class _Discard:
     def seek(self, *args: Any) -> int:
         return 0
 
+    def tell(self) -> int:
+        return 0  # Twisted's requestReceived asks how much was kept
+
     def read(self, *args: Any) -> bytes:
         return b""
 
@@ -115,9 +119,9 @@ _parse_request_line = http._parseRequestLine
 _content_file = http._getContentFile
 # Header names as twisted.web's Headers keeps them (its canonical form), for
 # reading and writing its table directly.
-_SERVER, _DATE, _X_REQUEST_ID, _COOKIE, _EXPECT = (
+_SERVER, _DATE, _X_REQUEST_ID, _COOKIE, _EXPECT, _CONNECTION = (
     _nameEncoder.encode(name)
-    for name in (b"server", b"date", b"x-request-id", b"cookie", b"expect")
+    for name in (b"server", b"date", b"x-request-id", b"cookie", b"expect", b"connection")
 )
 _CONTENT_TYPE, _CONTENT_LENGTH, _TRANSFER_ENCODING = (
     _nameEncoder.encode(name) for name in (b"content-type", b"content-length", b"transfer-encoding")
@@ -286,14 +290,47 @@ class GatewayChannel(http.HTTPChannel):
             self._receivedHeaderCount += len(lines) - 1
             self.allHeadersReceived()
             if self.length == 0:
-                self.allContentReceived()
+                self._all_content_received(request)
             else:
-                self.setRawMode()
+                self.line_mode = 0  # setRawMode()
+                decoder = self._transferDecoder
+                if (
+                    type(decoder) is _IdentityTransferDecoder
+                    and decoder.contentLength is not None
+                    and len(self._buffer) >= decoder.contentLength
+                    and not self.paused
+                ):
+                    # The whole body came with the head: what LineReceiver,
+                    # rawDataReceived and the decoder would do with it.
+                    length = decoder.contentLength
+                    data, self._buffer = self._buffer, b""
+                    decoder.dataCallback = decoder.finishCallback = None
+                    decoder.contentLength = 0
+                    request.handleContentChunk(data[:length])
+                    self._dataBuffer.append(data[length:])  # _finishRequestBody
+                    self._all_content_received(request)
         finally:
             self._busyReceiving = False
         transport: Any = self.transport
         if self._buffer and not (transport is not None and transport.disconnecting):
             _line_receiver_data_received(self, b"")  # the body, or the next request
+
+    def _all_content_received(self, request: Any) -> None:
+        """Twisted's allContentReceived, for a head _take_head took: the
+        request line is known here, and the idle timer is switched off
+        without a call (setTimeout(None) only does that)."""
+        command, path, version = self._command, self._path, self._version
+        self.length = 0
+        self._receivedHeaderCount = 0
+        self._receivedHeaderSize = 0
+        self._HTTPChannel__first_line = 1
+        self._transferDecoder = None
+        del self._command, self._path, self._version
+        if self.timeOut:
+            self._savedTimeOut, self.timeOut = self.timeOut, None
+        self._handlingRequest = True
+        self.line_mode = 0
+        request.requestReceived(command, path, version)
 
     def allHeadersReceived(self) -> None:
         # Twisted's, reading the header table directly: most requests carry
@@ -303,7 +340,10 @@ class GatewayChannel(http.HTTPChannel):
         raw = request.requestHeaders._rawHeaders
         if _COOKIE in raw:
             request.parseCookies()
-        self.persistent = self.checkPersistence(request, self._version)
+        if _CONNECTION not in raw and self._version == b"HTTP/1.1":
+            self.persistent = True  # checkPersistence's answer, without its look-up
+        else:
+            self.persistent = self.checkPersistence(request, self._version)
         request.gotLength(self.length)
         expect = raw.get(_EXPECT)
         if expect and expect[0].lower() == b"100-continue" and self._version == b"HTTP/1.1":
@@ -338,7 +378,12 @@ class GatewayChannel(http.HTTPChannel):
     def getPeer(self) -> Any:
         # Likewise asked by every Request (a new address object each time).
         if self._peer is None:
-            self._peer = super().getPeer()
+            if type(self.transport) is tcp.Server:
+                # tcp.Server.getPeer, without the two calls down to it.
+                server: Any = self.transport
+                self._peer = server._addressType("TCP", *server.client)
+            else:
+                self._peer = super().getPeer()
         return self._peer
 
     def hold(self) -> None:
@@ -380,6 +425,64 @@ class GatewayChannel(http.HTTPChannel):
         super().loseConnection()
 
 
+class _OnFinish:
+    """An entry of a Request's ``notifications`` that calls its functions
+    directly: Twisted's Request fires each entry with ``callback(None)`` when
+    the response is done, or ``errback(reason)`` when the connection is lost,
+    as it would a :meth:`~twisted.web.http.Request.notifyFinish` Deferred (made,
+    with its callback added, for every request; three calls, and more to fire)."""
+
+    __slots__ = ("done", "lost")
+    done: Callable[[object], object] | None
+    lost: Callable[[Failure], object] | None
+
+    def callback(self, result: object) -> None:
+        if self.done is not None:
+            _hook(self.done, None)
+
+    def errback(self, reason: object = None) -> None:
+        failure = reason if isinstance(reason, Failure) else Failure(reason)
+        if self.lost is not None:
+            _hook(self.lost, failure)
+
+
+def _hook(function: Callable[[Any], object], argument: object) -> None:
+    try:
+        function(argument)
+    except Exception:
+        # A Deferred would have kept the error to log later; the other
+        # entries must still be fired.
+        _log.failure("a request's finish hook failed")
+
+
+def on_finish(
+    request: Request,
+    done: Callable[[object], object] | None = None,
+    lost: Callable[[Failure], object] | None = None,
+) -> None:
+    """``request.notifyFinish().addCallbacks(done, lost)`` without the Deferred:
+    ``done(None)`` once the response is finished, ``lost(failure)`` if the
+    connection goes first."""
+    notifications = getattr(request, "notifications", None)
+    if type(notifications) is not list:  # not a twisted.web Request (a test's double)
+        finished = request.notifyFinish()
+        if done is not None:
+            finished.addCallback(done)
+        if lost is not None:
+            finished.addErrback(lost)
+        return
+    hook = _OnFinish.__new__(_OnFinish)
+    hook.done, hook.lost = done, lost
+    notifications.append(hook)
+
+
+def _new_headers() -> Headers:
+    """``Headers()``: an empty table, without its initialiser's call."""
+    headers = Headers.__new__(Headers)
+    headers._rawHeaders = {}
+    return headers
+
+
 class GatewayRequest(Request):
     gateway_context: RequestContext
     site: GatewaySite
@@ -400,9 +503,9 @@ class GatewayRequest(Request):
         self.notifications = []
         self.channel = channel
         self.client = channel.getPeer()
-        self.requestHeaders = Headers()
+        self.requestHeaders = _new_headers()
         self.received_cookies = {}
-        self.responseHeaders = Headers()
+        self.responseHeaders = _new_headers()
         self.cookies = []
         self.transport = channel.transport
         self.queued = False
@@ -448,7 +551,7 @@ class GatewayRequest(Request):
                 self.content.close()
             self.content = cast(IO[bytes], _Discard())
             return
-        super().handleContentChunk(data)
+        self.content.write(data)  # type: ignore[union-attr]  # Twisted's handleContentChunk
 
     def process(self) -> None:
         ctx = self.gateway_context
@@ -457,7 +560,9 @@ class GatewayRequest(Request):
             ctx.request_id = given[0].decode("ascii")
         else:
             ctx.request_id = new_request_id()
-        self.notifyFinish().addBoth(self._finished)
+        hook = _OnFinish.__new__(_OnFinish)  # on_finish(self, self._finished, self._finished)
+        hook.done = hook.lost = self._finished
+        self.notifications.append(hook)  # type: ignore[arg-type]
         site = self._gateway_site
         if site.trace:
             _log.debug(

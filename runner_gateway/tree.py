@@ -141,7 +141,7 @@ class GatewayRoot(Resource):
             return self.readyz
         if getattr(request, "body_too_large", False):
             return _Error(413, "request body too large")
-        origins = request.requestHeaders.getRawHeaders(b"origin")
+        origins = request.requestHeaders._rawHeaders.get(b"Origin")  # getRawHeaders(b"origin")
         if origins:
             if len(origins) != 1 or not self.cors.allows(origins[0]):
                 return _Error(403, "origin not allowed")

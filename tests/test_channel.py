@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import socket
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +16,7 @@ from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import ILogObserver
 from twisted.python.failure import Failure
 from twisted.web import http, resource
 from twisted.web.http_headers import Headers
@@ -316,6 +317,7 @@ def test_connection_made_on_tcp_leaves_the_state_twisted_leaves() -> None:
             | dict.fromkeys(("hostname", "peer_socket"))
         )
         sock = transport.socket
+        assert channel.getPeer() == transport.getPeer()
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         assert channel._networkProducer is transport
         assert transport.producer is channel and transport.streamingProducer
@@ -327,7 +329,7 @@ def test_connection_made_on_tcp_leaves_the_state_twisted_leaves() -> None:
     assert ours._gateway_secure is False  # known without asking for ISSLTransport
     # Connecting set the same attributes, but for each one's own idle timer (and
     # ours's TLS answer): a Twisted whose connectionMade does more fails here.
-    set_by_ours = set(vars(ours)) - before[ours] - {"_idle_call", "_gateway_secure"}
+    set_by_ours = set(vars(ours)) - before[ours] - {"_idle_call", "_gateway_secure", "_peer"}
     set_by_theirs = set(vars(theirs)) - before[theirs] - {"_TimeoutMixin__timeoutCall"}
     assert set_by_ours == set_by_theirs
 
@@ -528,3 +530,140 @@ def test_the_path_is_split_and_decoded_as_twisted_does(segments: list[bytes]) ->
         channel.dataReceived(raw)
         seen.append(answer.seen)
     assert seen[0] == seen[1] and len(seen[0]) == 1
+
+
+_NEXT = b"GET /next HTTP/1.1\r\nHost: gw\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"POST /a HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n\r\nok",
+        b"POST /a HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n\r\nok" + _NEXT,
+        b"POST /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nok" + _NEXT + b"GET /part",
+        b"POST /a HTTP/1.1\r\nContent-Length: 0\r\n\r\n" + _NEXT,
+        b"GET /a HTTP/1.1\r\nHost: gw\r\n\r\n" + _NEXT,
+        b"POST /a HTTP/1.0\r\nContent-Length: 2\r\n\r\nok" + _NEXT,
+        b"POST /a HTTP/1.1\r\nContent-Length: 2000\r\n\r\n" + b"x" * 2000 + _NEXT,  # over the cap
+        b"POST /a HTTP/1.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok" + _NEXT,
+    ],
+)
+@pytest.mark.parametrize("answered", [True, False])
+def test_a_body_that_comes_with_its_head_is_taken_as_twisted_takes_it(
+    raw: bytes, answered: bool
+) -> None:
+    """The whole-head path hands a Content-Length body that arrived with its
+    head straight to the request: the same request bodies, the same answers,
+    and a pipelined request after it kept for its turn (also while the first
+    is still being answered)."""
+    sides = [_Side(whole_head, None if answered else Unanswered()) for whole_head in (True, False)]
+    outcomes = []
+    for side in sides:
+        outcome = side.send(raw)
+        if not answered:
+            pending = side.answer.requests
+            bodies = []
+            while pending:
+                request = pending.pop(0)
+                too_large = getattr(request, "body_too_large", False)
+                bodies.append((request.uri, None if too_large else request.content.read()))
+                request.write(b"later")
+                request.finish()
+            outcome = (*outcome[1:], bodies, _VARYING.sub(b"", side.transport.value()))
+        outcomes.append(outcome)
+    assert outcomes[0] == outcomes[1]
+    # The first head (and the body with it) took the whole-head path.
+    assert sides[0].lines < sides[1].lines
+
+
+@pytest.mark.parametrize("whole_head", [True, False])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"POST /a HTTP/1.1\r\nHost: gw\r\nContent-Length: 2000\r\n\r\n" + b"x" * 2000,
+        b"POST /a HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"7d0\r\n"
+        + b"x" * 2000
+        + b"\r\n0\r\n\r\n",
+    ],
+)
+def test_a_body_over_the_sites_cap_is_answered_413(raw: bytes, whole_head: bool) -> None:
+    """Over the largest runner limit the body is not kept, and the tree answers
+    413 (Twisted's requestReceived asks the discarding content file its size)."""
+    from runner_gateway.tree import CorsPolicy, GatewayRoot
+
+    side = _Side(whole_head, GatewayRoot([], CorsPolicy(()), list))
+    side.send(raw)
+    assert side.transport.value().startswith(b"HTTP/1.1 413 ")
+
+
+def _finishing_request() -> tuple[Any, StringTransport]:
+    site = GatewaySite(Unanswered(), MemoryReactorClock(), max_body_size=1024)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\n")
+    (request,) = site.resource.requests
+    return request, transport
+
+
+@pytest.mark.parametrize("ending", ["finish", "lost"])
+def test_on_finish_fires_as_a_notify_finish_deferred(ending: str) -> None:
+    """on_finish's hooks and notifyFinish's Deferreds, side by side on one
+    request, hear the same ending, in the order they were added; a hook that
+    raises is logged and the others still hear it."""
+    from twisted.logger import globalLogPublisher
+
+    from runner_gateway.site import on_finish
+
+    request, _ = _finishing_request()
+    heard: list[tuple[str, Any]] = []
+
+    def note(name: str) -> Any:
+        return lambda result: heard.append((name, type(result)))
+
+    def broken(result: object) -> None:
+        raise RuntimeError("a buggy hook")
+
+    on_finish(request, done=note("hook"), lost=note("hook"))
+    request.notifyFinish().addBoth(note("deferred"))
+    on_finish(request, done=broken, lost=broken)
+    on_finish(request, lost=note("lost only"))
+    on_finish(request, done=note("done only"))
+    logged: list[dict[str, Any]] = []
+    observer = cast(ILogObserver, logged.append)
+    globalLogPublisher.addObserver(observer)
+    expected: list[tuple[str, type]]
+    try:
+        if ending == "finish":
+            request.write(b"ok")
+            request.finish()
+            expected = [("hook", type(None)), ("deferred", type(None)), ("done only", type(None))]
+        else:
+            request.connectionLost(Failure(ConnectionDone()))
+            expected = [("hook", Failure), ("deferred", Failure), ("lost only", Failure)]
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert heard == expected
+    assert [
+        "a buggy hook" in str(e["log_failure"].value) for e in logged if "log_failure" in e
+    ] == [True]
+
+
+def test_on_finish_on_a_request_double_uses_its_deferred() -> None:
+    from twisted.internet.defer import Deferred
+
+    from runner_gateway.site import on_finish
+
+    class Double:
+        def __init__(self) -> None:
+            self.finished: Deferred[None] = Deferred()
+
+        def notifyFinish(self) -> Deferred[None]:
+            return self.finished
+
+    heard: list[Any] = []
+    double = Double()
+    on_finish(double, done=heard.append, lost=heard.append)  # type: ignore[arg-type]
+    double.finished.callback(None)
+    assert heard == [None]
