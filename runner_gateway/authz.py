@@ -8,6 +8,8 @@ byte.
 
 from __future__ import annotations
 
+import functools
+
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
@@ -52,10 +54,10 @@ class AuthorizationResource(Resource):
     def render(self, request: Request) -> bytes | int:
         ctx = context_of(request)
         decision = self.policy.decide(
-            request.method, ctx.upstream_path, ctx.claims, lambda: _read_body(request)
+            request.method, ctx.upstream_path, ctx.claims, functools.partial(_read_body, request)
         )
         ctx.route = decision.route
-        if not decision.allowed:
+        if decision.status != 200:  # not decision.allowed
             return self._refuse(request, decision)
         ctx.model = decision.model
         ctx.response_transform = decision.transform

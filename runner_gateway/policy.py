@@ -702,9 +702,11 @@ class Policy:
         grant = self.grant(claims)
         if isinstance(grant, ClaimError):
             return refuse(str(grant))
-        if not grant.allows_runner(self.runner.name):
+        # Grant.allows_runner and allows_scope, inline (every request asks).
+        runners, scopes = grant.runners, grant.scopes
+        if runners is not None and self.runner.name not in runners:
             return refuse(f"this token may not use runner {_quote(self.runner.name)}")
-        if not grant.allows_scope(scope):
+        if ADMIN not in scopes and scope not in scopes:
             what = "this endpoint" if route == "other" else f"{_text(method)} {route}"
             return refuse(f"{what} needs the {scope!r} scope")
         restricted = grant.models is not None
