@@ -369,7 +369,7 @@ def _builds_servers(port: Any) -> bool:
     if port.transport is not tcp.Server or type(reactor) is not EPollReactor:
         return False
     try:
-        _ = (reactor._poller.register, reactor._reads, reactor._selectables)
+        _ = (reactor._poller.register, reactor._reads, reactor._writes, reactor._selectables)
         _ = port._realPortNumber
     except AttributeError:
         return False
@@ -406,11 +406,14 @@ def _server(port: Any, skt: socket.socket, protocol: Any, addr: Any, session: in
     )
     if len(addr) != 2:
         state["_addressType"] = address.IPv6Address
-    # startReading() for a descriptor epoll has not seen: EPollReactor._add.
     fd = skt.fileno()
-    reactor._poller.register(fd, select.EPOLLIN)
-    reactor._reads.add(fd)
-    reactor._selectables[fd] = transport
+    if fd in reactor._reads or fd in reactor._writes:
+        transport.startReading()  # a descriptor the reactor still knows: its own rules
+    else:
+        # startReading() for a descriptor epoll has not seen: EPollReactor._add.
+        reactor._poller.register(fd, select.EPOLLIN)
+        reactor._reads.add(fd)
+        reactor._selectables[fd] = transport
     state["connected"] = 1
     return transport
 

@@ -294,11 +294,13 @@ class GatewayChannel(http.HTTPChannel):
             else:
                 self.line_mode = 0  # setRawMode()
                 decoder = self._transferDecoder
+                transport: Any = self.transport
                 if (
                     type(decoder) is _IdentityTransferDecoder
                     and decoder.contentLength is not None
                     and len(self._buffer) >= decoder.contentLength
                     and not self.paused
+                    and not (transport is not None and transport.disconnecting)
                 ):
                     # The whole body came with the head: what LineReceiver,
                     # rawDataReceived and the decoder would do with it.
@@ -311,7 +313,7 @@ class GatewayChannel(http.HTTPChannel):
                     self._all_content_received(request)
         finally:
             self._busyReceiving = False
-        transport: Any = self.transport
+        transport = self.transport
         if self._buffer and not (transport is not None and transport.disconnecting):
             _line_receiver_data_received(self, b"")  # the body, or the next request
 

@@ -667,3 +667,25 @@ def test_on_finish_on_a_request_double_uses_its_deferred() -> None:
     on_finish(double, done=heard.append, lost=heard.append)  # type: ignore[arg-type]
     double.finished.callback(None)
     assert heard == [None]
+
+
+def test_a_body_is_not_taken_once_the_connection_is_closing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If the connection starts closing while the head is taken, the body that
+    came with it is left alone, as Twisted's line parser leaves it."""
+    from runner_gateway.site import GatewayRequest
+
+    got_length = GatewayRequest.gotLength
+
+    def closing(self: GatewayRequest, length: int | None) -> None:
+        transport = self.channel.transport
+        assert transport is not None
+        transport.loseConnection()
+        got_length(self, length)
+
+    monkeypatch.setattr(GatewayRequest, "gotLength", closing)
+    (seen, _, closing_now, _), fast = _both(
+        b"POST /a HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n\r\nok"
+    )
+    assert seen == [] and closing_now and fast.lines == 0

@@ -549,11 +549,13 @@ def _closed(client: Any) -> bool:
     return data == b""
 
 
+@pytest.mark.parametrize("known", [False, True])
 @pytest.mark.parametrize("peer", [("127.0.0.1", 40000), ("::1", 40000, 0, 0)])
-def test_accept_builds_the_transport_twisted_would(peer: tuple[Any, ...]) -> None:
+def test_accept_builds_the_transport_twisted_would(peer: tuple[Any, ...], known: bool) -> None:
     """_server gives a tcp.Server with the attributes Twisted's __init__ gives
     (the address type for IPv6 included), reading on the reactor as
-    startReading() leaves it."""
+    startReading() leaves it, also for a descriptor number the reactor
+    still has in its read set."""
     import socket
 
     from twisted.internet import tcp
@@ -569,20 +571,25 @@ def test_accept_builds_the_transport_twisted_would(peer: tuple[Any, ...]) -> Non
         for build in ("twisted", "fastpath"):
             skt = socket.socket()
             protocol = GatewayChannel()
+            fd = skt.fileno()
+            if known:
+                reactor._reads.add(fd)
             if build == "twisted":
                 transport = tcp.Server(skt, protocol, peer, port, 7, reactor)
             else:
                 transport = fastpath._server(port, skt, protocol, peer, 7)
             assert type(transport) is tcp.Server
             assert not skt.getblocking()
-            fd = skt.fileno()
-            assert reactor._selectables[fd] is transport and fd in reactor._reads
-            assert fd not in reactor._writes
+            assert fd in reactor._reads and fd not in reactor._writes
+            registered = reactor._selectables.get(fd) is transport
+            assert registered is not known
             state = dict(vars(transport))
             assert state.pop("socket") is skt and state.pop("fileno")() == fd
             assert state.pop("protocol") is protocol
             made.append((state, transport.logPrefix(), repr(transport), transport.getPeer()))
-            reactor.removeReader(transport)
+            if registered:
+                reactor.removeReader(transport)
+            reactor._reads.discard(fd)
             skt.close()
         assert made[0] == made[1]
         assert set(made[0][0]) >= {"logstr", "repstr", "hostname", "connected"}
