@@ -106,9 +106,6 @@ def challenge(error: str | None = None, description: str | None = None) -> str:
     return value
 
 
-_blake2s = hashlib.blake2s
-
-
 def _key(token: str) -> bytes:
     # A digest, so the cache never holds a usable credential. BLAKE2s rather
     # than SHA-256: as strong here, and Python's own code instead of OpenSSL's
@@ -144,7 +141,7 @@ class TokenCache:
     def get(self, token: str, now: float) -> VerifiedToken | None:
         if not self.max_size:
             return None
-        key = _blake2s(token.encode("ascii")).digest()  # _key(token), inline: every request
+        key = _key(token)
         entry = self._entries.get(key)
         if entry is None:
             return None

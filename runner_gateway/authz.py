@@ -57,7 +57,7 @@ class AuthorizationResource(Resource):
             request.method, ctx.upstream_path, ctx.claims, functools.partial(_read_body, request)
         )
         ctx.route = decision.route
-        if decision.status != 200:  # not decision.allowed
+        if not decision.allowed:
             return self._refuse(request, decision)
         ctx.model = decision.model
         ctx.response_transform = decision.transform

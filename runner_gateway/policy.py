@@ -702,11 +702,9 @@ class Policy:
         grant = self.grant(claims)
         if isinstance(grant, ClaimError):
             return refuse(str(grant))
-        # Grant.allows_runner and allows_scope, inline (every request asks).
-        runners, scopes = grant.runners, grant.scopes
-        if runners is not None and self.runner.name not in runners:
+        if not grant.allows_runner(self.runner.name):
             return refuse(f"this token may not use runner {_quote(self.runner.name)}")
-        if ADMIN not in scopes and scope not in scopes:
+        if not grant.allows_scope(scope):
             what = "this endpoint" if route == "other" else f"{_text(method)} {route}"
             return refuse(f"{what} needs the {scope!r} scope")
         restricted = grant.models is not None
