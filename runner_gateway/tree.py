@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from twisted.web.http_headers import _nameEncoder
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
@@ -25,6 +26,9 @@ __all__ = ["CorsPolicy", "GatewayRoot", "Route", "match_route"]
 
 _CORS_HEADERS = b"Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project"
 _CORS_METHODS = b"GET, HEAD, POST, PUT, DELETE, OPTIONS"
+
+# The header's name as twisted.web's Headers keeps it (its canonical form).
+_ORIGIN = _nameEncoder.encode(b"origin")
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ class GatewayRoot(Resource):
             return self.readyz
         if getattr(request, "body_too_large", False):
             return _Error(413, "request body too large")
-        origins = request.requestHeaders._rawHeaders.get(b"Origin")  # getRawHeaders(b"origin")
+        origins = request.requestHeaders._rawHeaders.get(_ORIGIN)  # getRawHeaders(b"origin")
         if origins:
             if len(origins) != 1 or not self.cors.allows(origins[0]):
                 return _Error(403, "origin not allowed")
