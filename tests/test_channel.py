@@ -5,6 +5,7 @@ head that comes slowly, and the keep-alive idle timer."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 from typing import Any, cast
@@ -203,6 +204,21 @@ def test_a_request_longer_than_the_idle_timeout_is_not_cut() -> None:
     later.requests[0].write(b"done")
     later.requests[0].finish()
     side.clock.advance(74.9)  # the idle time counts from the end of the answer
+    assert not side.transport.disconnecting
+    side.clock.advance(0.2)
+    assert side.transport.disconnecting
+
+
+@pytest.mark.parametrize("whole_head", [True, False])
+def test_a_read_with_a_head_and_part_of_its_body_restarts_the_idle_time(whole_head: bool) -> None:
+    side = _Side(whole_head)
+    side.clock.advance(70)  # idle, 5 s before the keep-alive timeout
+    side.send(b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 4\r\n\r\nab")
+    side.clock.advance(74.9)  # the idle time counts from that read
+    assert not side.transport.disconnecting
+    side.send(b"cd")
+    assert side.answer.seen[0][-1] == b"abcd"
+    side.clock.advance(74.9)
     assert not side.transport.disconnecting
     side.clock.advance(0.2)
     assert side.transport.disconnecting
@@ -689,3 +705,88 @@ def test_a_body_is_not_taken_once_the_connection_is_closing(
         b"POST /a HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n\r\nok"
     )
     assert seen == [] and closing_now and fast.lines == 0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /b HTTP/1.1\r\n",
+        b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /a HTTP/1.0\r\n\r\n",
+    ],
+)
+def test_request_done_leaves_the_state_twisteds_leaves_without_its_resume(
+    monkeypatch: pytest.MonkeyPatch, raw: bytes
+) -> None:
+    """On an epoll reactor, with the connection's descriptor registered for
+    reading, GatewayChannel.requestDone skips Twisted's resumeProducing (it
+    would find the descriptor registered and do nothing) and leaves the
+    channel, the reactor and the bytes sent as Twisted's requestDone does."""
+    from twisted.internet.epollreactor import EPollReactor
+
+    import runner_gateway.site as site_module
+
+    resumes: list[object] = []
+    resume = tcp.Server.resumeProducing
+
+    def counted(self: tcp.Server) -> None:
+        resumes.append(self)
+        resume(self)
+
+    monkeypatch.setattr(tcp.Server, "resumeProducing", counted)
+    seen: dict[str, Any] = {}
+    for path in ("ours", "twisted"):
+        if path == "twisted":
+            monkeypatch.setattr(site_module, "_EPOLL_REACTOR", None)  # Twisted's requestDone
+        del resumes[:]
+        reactor: Any = EPollReactor()
+        answer = _Record()
+        site = GatewaySite(answer, reactor, max_body_size=1024, keep_alive_timeout=75.0)
+        channel: Any = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = _tcp_server_transport(channel, reactor)
+        transport.startReading()
+        channel.makeConnection(transport)
+        channel.dataReceived(raw)
+        peer = transport.peer_socket
+        peer.setblocking(False)
+        sent = b""
+        for _ in range(500):  # until the answers are out (queued ones go on the reactor's turn)
+            if sent.count(b"\r\n\r\nok") >= len(answer.seen):
+                break
+            reactor.doIteration(0.01)
+            with contextlib.suppress(BlockingIOError):
+                sent += peer.recv(65536)
+        idle = channel._idle_call
+        seen[path] = {
+            "sent": _VARYING.sub(b"", sent),
+            "requests": answer.seen,
+            "reading": transport.fileno() in reactor._reads,
+            "disconnecting": transport.disconnecting,
+            "idle_in": round(idle.getTime() - reactor.seconds())
+            if idle is not None and idle.active()
+            else None,
+            "state": {
+                k: getattr(channel, k)
+                for k in (
+                    "line_mode",
+                    "_handlingRequest",
+                    "_dataBuffer",
+                    "_buffer",
+                    "persistent",
+                    "timeOut",
+                    "_savedTimeOut",
+                    "_waitingForTransport",
+                )
+            },
+            "pending": len(channel.requests),
+            "resumes": len(resumes),
+        }
+        if not transport.disconnected:  # else closed on the reactor's turn (Connection: close)
+            transport.socket.close()
+        peer.close()
+    ours, theirs = seen["ours"], seen["twisted"]
+    assert theirs["resumes"] >= 1
+    assert ours["resumes"] == 0
+    assert {**ours, "resumes": None} == {**theirs, "resumes": None}
