@@ -630,11 +630,11 @@ def paired(
     """``name`` against ``ref`` at the top concurrency, in alternating turns.
 
     This machine's speed drifts by up to a fifth over minutes (Caddy alone
-    gave 6,048 to 9,241 req/s at c=32 in seven runs of one day), so a ratio of
-    two measurements taken minutes apart, as in the table above, carries that
-    drift. Here both run side by side (the one not measured idles) and are
-    measured in turns, ABBA order, each ratio from one pair of neighbouring
-    measurements.
+    gave 6,048 to 9,241 req/s at c=32 in seven runs of one day), so a ratio
+    of two measurements taken a minute or more apart, as in the table above,
+    carries that drift. Here both run side by side (the one not measured
+    idles) and are measured in turns, ABBA order, each ratio from one pair of
+    neighbouring measurements.
     """
     already = len(run.procs)
     targets = {label: starters[label]() for label in (ref, name)}
