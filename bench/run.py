@@ -639,10 +639,10 @@ def paired(
     already = len(run.procs)
     targets = {label: starters[label]() for label in (ref, name)}
     c = max(run.plan.concurrencies)
+    idle_pids = targets[name][4]  # measured while idle, in ref's turns
     turns: list[dict[str, Any]] = []
     for turn in range(2 if run.plan.smoke else PAIRED_TURNS):
         row: dict[str, Any] = {}
-        idle_pids = targets[name][4]
         for label in (ref, name) if turn % 2 == 0 else (name, ref):
             port, path, body, token, pids = targets[label]
             url = f"http://127.0.0.1:{port}{path}"

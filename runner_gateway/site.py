@@ -367,12 +367,10 @@ class GatewayChannel(http.HTTPChannel):
         self._handlingRequest = False
         if self._savedTimeOut:
             self.setTimeout(self._savedTimeOut)
-        # Receive what was buffered meanwhile, if anything (setLineMode).
+        # Receive what was buffered meanwhile, if anything.
         data = b"".join(self._dataBuffer)
         self._dataBuffer = []
-        self.line_mode = 1
-        if data:
-            self.dataReceived(data)
+        self.setLineMode(data)
 
     def allHeadersReceived(self) -> None:
         # Twisted's, reading the header table directly: most requests carry
@@ -602,9 +600,7 @@ class GatewayRequest(Request):
             ctx.request_id = given[0].decode("ascii")
         else:
             ctx.request_id = new_request_id()
-        hook = _OnFinish.__new__(_OnFinish)  # on_finish(self, self._finished, self._finished)
-        hook.done = hook.lost = self._finished
-        self.notifications.append(hook)  # type: ignore[arg-type]
+        on_finish(self, self._finished, self._finished)
         site = self._gateway_site
         if site.trace:
             _log.debug(
