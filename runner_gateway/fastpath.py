@@ -55,9 +55,23 @@ equivalent that gives the same result for less work:
   something for it to do (a call due, a call from a thread, a clean-up, a
   stop); what it does then is Twisted's own.
 
+The gateway's own classes (site.py) register more fixes here, each a set of
+copies of Twisted methods installed on GatewayChannel, GatewayRequest and
+GatewaySite only while the fix is on: ``channel`` (requestDone,
+allHeadersReceived, connectionMade, the keep-alive timer, peer and host
+addresses, the Site's buildProtocol), ``request`` (Request.__init__, process,
+write, gotLength, isSecure, the Site's getResourceFor: the header-table
+shortcuts), ``hold`` (the response batched per read from the runner) and
+``whole-head`` (which needs ``channel``).
+
 ``RUNNER_GATEWAY_FASTPATH=off`` (or a comma-separated list of fix names to
 leave out) keeps Twisted's own code: the benchmark suite uses it to measure
-each fix's effect in the same run. No other use.
+each fix's effect in the same run, and CI runs the test suite once that way.
+
+A fix whose Twisted internals are missing or changed on the installed
+Twisted (runner_gateway/reaches.py lists them) is left off: Twisted's own
+code serves, one warning says which fix and why, and
+``runner_gateway_fastpath_info{fix,state}`` (metrics.py) shows it.
 """
 
 from __future__ import annotations
@@ -74,29 +88,80 @@ from typing import Any
 from twisted.internet import address, tcp
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.http_headers import _nameEncoder
+from twisted.web import http_headers
 
 _dispatch_log = Logger(namespace="runner_gateway.fastpath")
+_log = _dispatch_log
 
 # twisted.web's cache of canonical header names, read without a method call:
-# ``cached_header_name(name) or _nameEncoder.encode(name)`` is encode's
+# ``cached_header_name(name) or canonical_name(name)`` is the name encoder's
 # answer. (An empty dict, never a hit, in a Twisted without that cache.)
 cached_header_name: Callable[[bytes], bytes | None] = getattr(
-    _nameEncoder, "_canonicalHeaderCache", {}
+    getattr(http_headers, "_nameEncoder", None), "_canonicalHeaderCache", {}
 ).get
+
+
+def _public_canonical_name(name: bytes) -> bytes:
+    """A header name as twisted.web's Headers spells it, through its public API."""
+    headers = http_headers.Headers()
+    headers.addRawHeader(name, b"")
+    return next(iter(headers.getAllRawHeaders()))[0]
+
+
+# Twisted's header-name encoder when it has one (a private name), else the same
+# answer through Headers' public API.
+canonical_name: Callable[[bytes], bytes] = getattr(
+    getattr(http_headers, "_nameEncoder", None), "encode", _public_canonical_name
+)
 
 __all__ = [
     "FIXES",
+    "STATES",
+    "Unavailable",
     "cached_header_name",
+    "canonical_name",
     "install",
     "install_accept",
     "install_dispatch",
     "install_loop",
     "installed",
+    "register",
+    "states",
     "write_now",
 ]
 
+
+class Unavailable(Exception):
+    """A fix cannot be installed on this Twisted: what it relies on is missing
+    or behaves differently. The message says what."""
+
+
+# What runner_gateway_fastpath_info's state label can say.
+STATES = ("on", "switched-off", "unavailable", "not-applicable")
 _installed: set[str] = set()
+_states: dict[str, str] = {}
+_warned: set[str] = set()
+
+
+def _mark(name: str, state: str, why: str = "") -> None:
+    """Record a fix's state; say once why a fix is off on this Twisted."""
+    if state == "on":
+        _installed.add(name)
+    if _states.get(name) == "on":
+        return  # on for one reactor or port is on
+    _states[name] = state
+    if state == "unavailable" and name not in _warned:
+        _warned.add(name)
+        _log.warn(
+            "fastpath fix {fix} is off, Twisted's own code serves instead: {why}",
+            fix=name,
+            why=why,
+        )
+
+
+def states() -> dict[str, str]:
+    """Every fix's state so far (see STATES); a fix never tried is not listed."""
+    return dict(_states)
 
 
 def _content_type() -> None:
@@ -166,46 +231,26 @@ def _date() -> None:
     server.datetimeToString = per_second  # type: ignore[attr-defined]
 
 
-def _whole_head() -> None:
-    from twisted.protocols.basic import LineReceiver
-    from twisted.web import http
-    from twisted.web.http_headers import Headers
-
-    from runner_gateway.site import GatewayChannel
-
-    # The parser state GatewayChannel._take_head reads and sets; a Twisted
-    # without one of them raises AttributeError here and keeps its own parser.
-    channel = http.HTTPChannel()
-    _ = (
-        channel._HTTPChannel__first_line,  # type: ignore[attr-defined]
-        channel._receivedHeaderSize,
-        channel._receivedHeaderCount,
-        channel._maybeChooseTransferDecoder,
-        channel._respondToBadRequestAndDisconnect,
-        channel.maxHeaders,
-        channel.totalHeadersSize,
-        Headers()._rawHeaders,
-        http._parseRequestLine,
-        LineReceiver._busyReceiving,
-        LineReceiver._buffer,
-        LineReceiver.paused,
-        channel._dataBuffer,
-        channel._handlingRequest,
-        channel._transferDecoder,
-        http._IdentityTransferDecoder(0, None, None).finishCallback,
-    )
-    GatewayChannel.whole_head = True
-
-
 # Installed on a reactor or a port by the service, not by install().
 _PER_OBJECT = ("dispatch", "accept", "loop")
 
+# Each fix's installer: it raises AttributeError, ImportError or Unavailable,
+# having changed nothing, when this Twisted lacks what the fix relies on.
+# site.py adds its own (register) when it is imported.
 FIXES: dict[str, Callable[[], None]] = {
     "send-now": _send_now,
-    "whole-head": _whole_head,
     "content-type": _content_type,
     "date": _date,
 }
+# Fixes that only make sense on top of another.
+_NEEDS: dict[str, str] = {}
+
+
+def register(name: str, installer: Callable[[], None], needs: str | None = None) -> None:
+    """Add a fix that install() puts in unless RUNNER_GATEWAY_FASTPATH leaves it out."""
+    FIXES[name] = installer
+    if needs is not None:
+        _NEEDS[name] = needs
 
 
 def installed() -> frozenset[str]:
@@ -224,14 +269,23 @@ def install(environ: Mapping[str, str] | None = None) -> frozenset[str]:
     """Install every fix not switched off by RUNNER_GATEWAY_FASTPATH; idempotent."""
     skip = _skipped(environ)
     for name, fix in FIXES.items():
-        if name not in skip and name not in _installed:
-            try:
-                fix()
-            except AttributeError:
-                # A Twisted release without the internal this fix wraps:
-                # keep Twisted's own code rather than fail to start.
-                continue
-            _installed.add(name)
+        if name in _installed:
+            continue
+        if name in skip:
+            _mark(name, "switched-off")
+            continue
+        needs = _NEEDS.get(name)
+        if needs is not None and needs not in _installed:
+            _mark(name, "not-applicable" if needs in skip else "unavailable", f"needs {needs}")
+            continue
+        try:
+            fix()
+        except (AttributeError, ImportError, Unavailable) as exc:
+            # A Twisted release without (or with a changed) internal this fix
+            # relies on: keep Twisted's own code rather than fail to answer.
+            _mark(name, "unavailable", f"{type(exc).__name__}: {exc}")
+            continue
+        _mark(name, "on")
     return installed()
 
 
@@ -260,16 +314,21 @@ def install_dispatch(reactor: Any, environ: Mapping[str, str] | None = None) -> 
     (the instance's, not the class's). False when switched off or not applicable."""
     from twisted.internet.epollreactor import EPollReactor
 
-    if "dispatch" in _skipped(environ) or type(reactor) is not EPollReactor:
+    if "dispatch" in _skipped(environ):
+        _mark("dispatch", "switched-off")
+        return False
+    if type(reactor) is not EPollReactor:
+        _mark("dispatch", "not-applicable")
         return False
     if isinstance(reactor.__dict__.get("doIteration"), functools.partial):
         return True
     try:
         _ = (reactor._poller.poll, reactor._selectables, reactor._doReadOrWrite)
-    except AttributeError:
-        return False  # a Twisted without them: keep its doPoll
+    except AttributeError as exc:  # a Twisted without them: keep its doPoll
+        _mark("dispatch", "unavailable", f"AttributeError: {exc}")
+        return False
     reactor.doIteration = functools.partial(_poll, reactor)  # type: ignore[method-assign]
-    _installed.add("dispatch")
+    _mark("dispatch", "on")
     return True
 
 
@@ -278,7 +337,11 @@ def install_loop(reactor: Any, environ: Mapping[str, str] | None = None) -> bool
     reactor not running yet. False when switched off or not applicable."""
     from twisted.internet.epollreactor import EPollReactor
 
-    if "loop" in _skipped(environ) or type(reactor) is not EPollReactor:
+    if "loop" in _skipped(environ):
+        _mark("loop", "switched-off")
+        return False
+    if type(reactor) is not EPollReactor:
+        _mark("loop", "not-applicable")
         return False
     if isinstance(reactor.__dict__.get("mainLoop"), functools.partial):
         return True
@@ -294,11 +357,12 @@ def install_loop(reactor: Any, environ: Mapping[str, str] | None = None) -> bool
             reactor.runUntilCurrent,
             reactor.timeout,
         )
-    except AttributeError:
-        return False  # a Twisted without them: keep its mainLoop
+    except AttributeError as exc:  # a Twisted without them: keep its mainLoop
+        _mark("loop", "unavailable", f"AttributeError: {exc}")
+        return False
     owner: Any = reactor  # an instance attribute, as doIteration's
     owner.mainLoop = functools.partial(_main_loop, reactor)
-    _installed.add("loop")
+    _mark("loop", "on")
     return True
 
 
@@ -344,21 +408,24 @@ def install_accept(port: Any, environ: Mapping[str, str] | None = None) -> bool:
     """The ``accept`` fix on a listening plain-TCP ``port`` whose factory builds
     its protocol without looking at the address (``GatewaySite``). False when
     switched off or not applicable."""
-    if "accept" in _skipped(environ) or type(port) is not tcp.Port:
+    if "accept" in _skipped(environ):
+        _mark("accept", "switched-off")
         return False
     listener: Any = port  # the internals below are not in tcp.Port's annotations
-    if not getattr(listener.factory, "address_unused", False):
+    if type(port) is not tcp.Port or not getattr(listener.factory, "address_unused", False):
+        _mark("accept", "not-applicable")
         return False
     try:
         _ = (listener.socket._accept, listener.numberAccepts, listener.sessionno)
-    except AttributeError:
-        return False  # a Twisted without them: keep its doRead
+    except AttributeError as exc:  # a Twisted without them: keep its doRead
+        _mark("accept", "unavailable", f"AttributeError: {exc}")
+        return False
     listener.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # The transport is built in one step (_server) only where it is Twisted's
     # own tcp.Server on an epoll reactor, the case _server reproduces.
     build = _server if _builds_servers(listener) else None
     listener.doRead = functools.partial(_accept, listener, build)
-    _installed.add("accept")
+    _mark("accept", "on")
     return True
 
 

@@ -36,6 +36,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from runner_gateway import __version__, fastpath
+from runner_gateway.context import RequestObserver
 from runner_gateway.logs import (
     ACCESS_NAMESPACE,
     access_line,
@@ -50,7 +51,7 @@ from runner_gateway.settings import (
     SettingsError,
     load_settings,
 )
-from runner_gateway.site import GatewaySite, RequestObserver
+from runner_gateway.site import GatewaySite
 from runner_gateway.tree import CorsPolicy, GatewayRoot, Route
 from runner_gateway.upstream import UpstreamPool
 

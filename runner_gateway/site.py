@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 from collections.abc import Callable
-from typing import IO, Any, Protocol, cast
+from typing import IO, Any, cast
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet import tcp
@@ -24,13 +24,13 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import http, server
-from twisted.web.http import _IdentityTransferDecoder
-from twisted.web.http_headers import Headers, _nameEncoder
+from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, getChildForRequest
 from twisted.web.server import Request, Site
 
-from runner_gateway.context import RequestContext
-from runner_gateway.fastpath import cached_header_name, write_now
+from runner_gateway import fastpath
+from runner_gateway.context import RequestContext, RequestObserver
+from runner_gateway.fastpath import Unavailable, cached_header_name, canonical_name, write_now
 from runner_gateway.logs import ACCESS_FORMAT, ACCESS_NAMESPACE
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewaySite", "RequestObserver"]
@@ -50,10 +50,6 @@ _SECRET_HEADERS = frozenset(
     {b"authorization", b"proxy-authorization", b"cookie", b"x-api-key", b"api-key"}
 )
 _access = Logger(namespace=ACCESS_NAMESPACE)
-try:
-    from twisted.internet.epollreactor import EPollReactor as _EPOLL_REACTOR
-except ImportError:  # no epoll here: requestDone keeps Twisted's path
-    _EPOLL_REACTOR = None  # type: ignore[assignment,misc]
 
 _log = Logger()
 
@@ -66,12 +62,6 @@ def log_access_event(fields: dict[str, Any]) -> None:
         aborted_note=" aborted" if fields["aborted"] else "",
         **fields,
     )
-
-
-class RequestObserver(Protocol):
-    def response_started(self, ctx: RequestContext) -> None: ...
-
-    def request_finished(self, ctx: RequestContext) -> None: ...
 
 
 class _Discard:
@@ -118,18 +108,14 @@ new_request_id = _RequestIds()
 
 # LineReceiver's own loop, for what follows a head taken whole (body, next request).
 _line_receiver_data_received = LineReceiver.dataReceived
-# Bound once: twisted.web.http is a deprecation proxy module, where each
-# attribute lookup is a Python-level __getattribute__ call (2.4 us).
-_parse_request_line = http._parseRequestLine
-_content_file = http._getContentFile
 # Header names as twisted.web's Headers keeps them (its canonical form), for
 # reading and writing its table directly.
 _SERVER, _DATE, _X_REQUEST_ID, _COOKIE, _EXPECT, _CONNECTION = (
-    _nameEncoder.encode(name)
+    canonical_name(name)
     for name in (b"server", b"date", b"x-request-id", b"cookie", b"expect", b"connection")
 )
 _CONTENT_TYPE, _CONTENT_LENGTH, _TRANSFER_ENCODING = (
-    _nameEncoder.encode(name) for name in (b"content-type", b"content-length", b"transfer-encoding")
+    canonical_name(name) for name in (b"content-type", b"content-length", b"transfer-encoding")
 )
 _NO_DEFAULT_TYPE = (http.NOT_MODIFIED, http.NO_CONTENT)
 _NO_BODY_CODES = http.NO_BODY_CODES
@@ -140,19 +126,13 @@ def _write_nothing(data: bytes) -> None:
 
 
 class GatewayChannel(http.HTTPChannel):
-    """Twisted's HTTPChannel with a cheaper way in and out.
+    """Twisted's HTTPChannel with the site's header deadline.
 
-    Out: between :meth:`hold` and :meth:`release` (the proxy brackets each
-    read from the runner with them) the response's head, body pieces and
-    closing chunk are kept, then handed over with
-    :func:`~runner_gateway.fastpath.write_now`: one ``send()`` at once instead
-    of several queued writes sent on the reactor's next turn.
-
-    In: a request head that arrives whole in one read, in the plain form, is
-    taken in one pass (:meth:`_take_head`, the fastpath "whole-head" fix);
-    every other head goes through Twisted's line-by-line parser. The header
-    deadline is armed only while a head is still coming, and the keep-alive
-    timer is switched off and on rather than remade for every request.
+    A request head, from its first byte to its blank line, must arrive within
+    the site's header_timeout; the deadline is armed only while a head is
+    still coming. Everything else is Twisted's, unless a fastpath fix puts
+    its copies in (``channel``, ``hold``, ``whole-head``: see the classes
+    below and runner_gateway/reaches.py).
     """
 
     _held: list[bytes] | None = None
@@ -164,59 +144,12 @@ class GatewayChannel(http.HTTPChannel):
     whole_head = False
     _head_deadline: IDelayedCall | None = None
     _gateway_lost = False
-    # The keep-alive idle timer (TimeoutMixin's job): Twisted cancels it when
-    # a request arrives and makes a new one when the answer is done. Here it is
-    # switched off (timeOut None, while a request is handled: a firing then does
-    # nothing) and on again, one timer per connection, not per request.
+    # The keep-alive idle timer of the "channel" fix (see _ChannelCopies).
     _idle_call: IDelayedCall | None = None
 
-    def setTimeout(self, period: float | None) -> float | None:
-        previous: float | None = self.timeOut
-        self.timeOut = period  # type: ignore[assignment]
-        if period is not None:
-            call = self._idle_call
-            if call is not None and call.active():
-                call.reset(period)
-            else:
-                self._idle_call = self.callLater(period, self._idle_fired)
-        return previous
-
-    def resetTimeout(self) -> None:
-        call = self._idle_call
-        if call is not None and self.timeOut is not None and call.active():
-            call.reset(self.timeOut)
-
-    def _idle_fired(self) -> None:
-        self._idle_call = None
-        if self.timeOut is not None:
-            self.timeoutConnection()
-
     def dataReceived(self, data: bytes) -> None:
-        end = self._whole_head_end(data) if self.whole_head else -1
-        if end > 0:
-            self._take_head(data, end)
-        else:
-            super().dataReceived(data)
+        super().dataReceived(data)
         self._watch_head()
-
-    def _whole_head_end(self, data: bytes) -> int:
-        """Where the head ends in ``data`` if the whole-head path may take it, else -1."""
-        if not (
-            self.line_mode
-            and not self._buffer
-            and not self._busyReceiving
-            and self._HTTPChannel__first_line == 1
-            and self.persistent
-        ):
-            return -1
-        end = data.find(b"\r\n\r\n")
-        if (
-            0 < end <= min(self.totalHeadersSize, self.MAX_LENGTH)
-            and data.count(b"\r\n", 0, end) <= self.maxHeaders
-            and _WHOLE_HEAD.fullmatch(data, 0, end)
-        ):
-            return end
-        return -1
 
     def _watch_head(self) -> None:
         # A request head, from its first byte to its blank line, must arrive
@@ -253,216 +186,13 @@ class GatewayChannel(http.HTTPChannel):
             call.cancel()
         super().connectionLost(reason)
 
-    def _take_head(self, data: bytes, end: int) -> None:
-        """A whole request head at the start of ``data``, as Twisted's
-        lineReceived would take it line by line, in one pass.
-
-        Twisted's checks are kept (request line, header count and size, the
-        Content-Length and Transfer-Encoding rules) and its state is left as
-        its own parser leaves it; what follows the head goes through
-        LineReceiver as usual (body, or a pipelined request).
-        """
-        lines = data[:end].split(b"\r\n")
-        self._buffer = data[end + 4 :]
-        self._busyReceiving = True
-        try:
-            self._receivedHeaderSize += end - 2 * (len(lines) - 1)
-            request = self.requestFactory(self, len(self.requests))
-            self.requests.append(request)
-            self._HTTPChannel__first_line = 0
-            try:
-                self._command, self._path, self._version = _parse_request_line(lines[0])
-            except ValueError:
-                self._respondToBadRequestAndDisconnect()
-                return
-            raw = request.requestHeaders._rawHeaders
-            encode = _nameEncoder.encode
-            canonical = cached_header_name
-            for line in lines[1:]:
-                name, value = line.split(b":", 1)
-                name = canonical(name) or encode(name)
-                value = value.strip(b" \t")
-                if (
-                    name == b"Content-Length" or name == b"Transfer-Encoding"
-                ) and not self._maybeChooseTransferDecoder(name, value):
-                    return  # it has answered 400
-                values = raw.get(name)
-                if values is None:
-                    raw[name] = [value]
-                else:
-                    values.append(value)
-            self._receivedHeaderCount += len(lines) - 1
-            self.allHeadersReceived()
-            if self.length == 0:
-                self._all_content_received(request)
-            else:
-                self.line_mode = 0  # setRawMode()
-                decoder = self._transferDecoder
-                transport: Any = self.transport
-                if (
-                    type(decoder) is _IdentityTransferDecoder
-                    and decoder.contentLength is not None
-                    and len(self._buffer) >= decoder.contentLength
-                    and not self.paused
-                    and not (transport is not None and transport.disconnecting)
-                ):
-                    # The whole body came with the head: what LineReceiver,
-                    # rawDataReceived and the decoder would do with it.
-                    length = decoder.contentLength
-                    data, self._buffer = self._buffer, b""
-                    decoder.dataCallback = decoder.finishCallback = None
-                    decoder.contentLength = 0
-                    request.handleContentChunk(data[:length])
-                    self._dataBuffer.append(data[length:])  # _finishRequestBody
-                    self._all_content_received(request)
-        finally:
-            self._busyReceiving = False
-        if self.timeOut is not None:
-            # Twisted resets the idle timer on every read. After a read that
-            # held a whole request the timer is off (timeOut None) until the
-            # answer is done, and a reset would change nothing.
-            self.resetTimeout()
-        transport = self.transport
-        if self._buffer and not (transport is not None and transport.disconnecting):
-            _line_receiver_data_received(self, b"")  # the body, or the next request
-
-    def _all_content_received(self, request: Any) -> None:
-        """Twisted's allContentReceived, for a head _take_head took: the
-        request line is known here, and the idle timer is switched off
-        without a call (setTimeout(None) only does that)."""
-        command, path, version = self._command, self._path, self._version
-        self.length = 0
-        self._receivedHeaderCount = 0
-        self._receivedHeaderSize = 0
-        self._HTTPChannel__first_line = 1
-        self._transferDecoder = None
-        del self._command, self._path, self._version
-        if self.timeOut:
-            self._savedTimeOut, self.timeOut = self.timeOut, None
-        self._handlingRequest = True
-        self.line_mode = 0
-        request.requestReceived(command, path, version)
-
-    def requestDone(self, request: Request) -> None:
-        """Twisted's, without five calls in the usual case: ``Request.__eq__``
-        (an identity test), and ``resumeProducing`` on a connection whose
-        reading was never paused, which on the epoll reactor goes down
-        through three more calls to find the descriptor already registered."""
-        requests = self.requests
-        transport: Any = self._networkProducer
-        if (
-            not requests
-            or requests[0] is not request
-            or self._waitingForTransport
-            or type(transport) is not tcp.Server
-            or type(transport.reactor) is not _EPOLL_REACTOR
-            or transport.fileno() not in transport.reactor._reads
-        ):
-            super().requestDone(request)
-            return
-        del requests[0]
-        if not self.persistent:
-            self.loseConnection()
-            return
-        self._handlingRequest = False
-        if self._savedTimeOut:
-            self.setTimeout(self._savedTimeOut)
-        # Receive what was buffered meanwhile, if anything.
-        data = b"".join(self._dataBuffer)
-        self._dataBuffer = []
-        self.setLineMode(data)
-
-    def allHeadersReceived(self) -> None:
-        # Twisted's, reading the header table directly: most requests carry
-        # no Cookie and no Expect header, and asking for each costs a call
-        # and a name encoding.
-        request = self.requests[-1]
-        raw = request.requestHeaders._rawHeaders
-        if _COOKIE in raw:
-            request.parseCookies()
-        if _CONNECTION not in raw and self._version == b"HTTP/1.1":
-            self.persistent = True  # checkPersistence's answer, without its look-up
-        else:
-            self.persistent = self.checkPersistence(request, self._version)
-        request.gotLength(self.length)
-        expect = raw.get(_EXPECT)
-        if expect and expect[0].lower() == b"100-continue" and self._version == b"HTTP/1.1":
-            self._send100Continue()
-
-    def connectionMade(self) -> None:
-        transport = self.transport
-        if type(transport) is not tcp.Server:
-            super().connectionMade()
-            return
-        # Twisted's, without its two zope interface look-ups, whose answers are
-        # known for a plain TCP connection: an ITCPTransport and its own producer.
-        if not getattr(transport, "nodelay_set", False):  # fastpath "accept" sets it
-            transport.setTcpNoDelay(True)
-        self.setTimeout(self.timeOut)
-        self._networkProducer = transport
-        if transport.producer is None and not transport.disconnected and not transport.TLS:
-            # registerProducer(self, True) on a new connection, without its two calls.
-            transport.producer = self
-            transport.streamingProducer = True
-        else:
-            transport.registerProducer(self, True)
-        self._gateway_secure = False  # GatewayRequest.isSecure: plain TCP is not TLS
-
-    def getHost(self) -> Any:
-        # Twisted's Request asks on every request (a getsockname() call and an
-        # address object); a connection's own address never changes.
-        if self._host is None:
-            self._host = super().getHost()
-        return self._host
-
-    def getPeer(self) -> Any:
-        # Likewise asked by every Request (a new address object each time).
-        if self._peer is None:
-            if type(self.transport) is tcp.Server:
-                # tcp.Server.getPeer, without the two calls down to it.
-                server: Any = self.transport
-                self._peer = server._addressType("TCP", *server.client)
-            else:
-                self._peer = super().getPeer()
-        return self._peer
-
     def hold(self) -> None:
-        if self._held is None:
-            self._held = []
+        """Keep what is written until :meth:`release` (the "hold" fix; else nothing)."""
 
     def release(self) -> None:
         held, self._held = self._held, None
         if held and self.transport is not None:
             write_now(self.transport, b"".join(held))
-
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
-        held = self._held
-        if held is None or not isinstance(headers, Headers):
-            self.release()
-            super().writeHeaders(version, code, reason, headers)
-            return
-        # As Twisted's writeHeaders, into the held pieces.
-        held.extend((version, b" ", code, b" ", reason, b"\r\n"))
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                held.extend((name, b": ", value, b"\r\n"))
-        held.append(b"\r\n")
-
-    def write(self, data: bytes) -> None:
-        if self._held is None:
-            super().write(data)
-        else:
-            self._held.append(data)
-
-    def writeSequence(self, iovec: Any) -> None:
-        if self._held is None:
-            super().writeSequence(iovec)
-        else:
-            self._held.extend(iovec)
-
-    def loseConnection(self) -> None:
-        self.release()  # a non-persistent request's last bytes go before the close
-        super().loseConnection()
 
 
 class _OnFinish:
@@ -524,33 +254,23 @@ def _new_headers() -> Headers:
 
 
 class GatewayRequest(Request):
+    """Twisted's Request with the gateway's context, id and body cap.
+
+    Everything else is Twisted's, unless the fastpath fix ``request`` puts
+    its copies in (_RequestCopies below).
+    """
+
     gateway_context: RequestContext
     site: GatewaySite
     body_too_large: bool = False
+    _gateway_host: Any = None  # the "request" fix's host, once asked for
 
-    _gateway_host: Any = None
-    # Twisted's Request.__hash__ is id(self) in Python; object's is the same
-    # identity hash in C (the site's in-flight set hashes every request twice).
-    __hash__ = object.__hash__
+    def __init__(self, channel: http.HTTPChannel, *args: Any) -> None:
+        super().__init__(channel, *args)
+        self._gateway_init(channel)
 
-    def __init__(self, channel: http.HTTPChannel, queued: object = None) -> None:
-        # What twisted.web.server.Request.__init__ (and http.Request's and
-        # Componentized's under it) set, in one step and without asking the
-        # connection for its own address, a getsockname() call and an address
-        # object per connection: ``host`` is looked up when first read.
-        # tests/test_channel.py holds this to Twisted's.
+    def _gateway_init(self, channel: http.HTTPChannel) -> None:
         site: GatewaySite = channel.site  # type: ignore[attr-defined]
-        self.notifications = []
-        self.channel = channel
-        self.client = channel.getPeer()
-        self.requestHeaders = _new_headers()
-        self.received_cookies = {}
-        self.responseHeaders = _new_headers()
-        self.cookies = []
-        self.transport = channel.transport
-        self.queued = False
-        self._parsePOSTFormSubmission = site._parsePOSTFormSubmission
-        self._adapterCache = {}
         self._gateway_site = site
         self._gateway_channel = channel  # Twisted drops self.channel when the request ends
         self.gateway_context = RequestContext(request_id="", started=site.reactor.seconds())
@@ -558,27 +278,19 @@ class GatewayRequest(Request):
         self._ended = False
         self.head_done = False
 
-    @property
-    def host(self) -> Any:
-        host = self._gateway_host
-        if host is None:
-            host = self._gateway_host = self._gateway_channel.getHost()
-        return host
-
-    @host.setter
-    def host(self, address: Any) -> None:  # Request.setHost
-        self._gateway_host = address
-
-    def gotLength(self, length: int | None) -> None:
+    def _body_cap(self, length: int | None) -> bool:
+        """gotLength's first part: True when the body is over the cap (and
+        will not be kept)."""
         self.head_done = True
         if length is not None and length > self._gateway_site.max_body_size:
             self.body_too_large = True
             self.content = cast(IO[bytes], _Discard())
-            return
-        # twisted.web.server.Request.gotLength for a Site without a
-        # getContentFile (GatewaySite), minus the AttributeError it raises
-        # and catches to find that out.
-        self.content = _content_file(length)
+            return True
+        return False
+
+    def gotLength(self, length: int | None) -> None:
+        if not self._body_cap(length):
+            super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.body_too_large:
@@ -591,18 +303,18 @@ class GatewayRequest(Request):
                 self.content.close()
             self.content = cast(IO[bytes], _Discard())
             return
-        self.content.write(data)  # type: ignore[union-attr]  # Twisted's handleContentChunk
+        super().handleContentChunk(data)
 
-    def process(self) -> None:
+    def _begin(self) -> RequestContext:
+        """process's first part: the request id, the finish hook, the trace line."""
         ctx = self.gateway_context
-        given = self.requestHeaders._rawHeaders.get(_X_REQUEST_ID)
+        given = self.requestHeaders.getRawHeaders(b"x-request-id")
         if given and len(given) == 1 and _REQUEST_ID.match(given[0]):
             ctx.request_id = given[0].decode("ascii")
         else:
             ctx.request_id = new_request_id()
         on_finish(self, self._finished, self._finished)
-        site = self._gateway_site
-        if site.trace:
+        if self._gateway_site.trace:
             _log.debug(
                 "request {request_id}: {method} {uri} headers {headers}",
                 request_id=ctx.request_id,
@@ -610,81 +322,15 @@ class GatewayRequest(Request):
                 uri=self.uri.decode("utf-8", "replace")[:512],
                 headers=redacted_headers(self),
             )
-        # twisted.web.server.Request.process, with the default headers put
-        # straight into the table (known names and safe values, so without
-        # setHeader's name encoding and value checks), and ours instead of its
-        # Server header: the answers the gateway writes itself (401, 404,
-        # /healthz) carry them; a proxied response takes the runner's Server
-        # header instead (proxy.py). Twisted's check for an encoding resource
-        # is left out: the gateway's tree has none.
-        self.site = site
-        headers = self.responseHeaders._rawHeaders
-        headers[_SERVER] = [b"runner-gateway"]
-        headers[_DATE] = [server.datetimeToString()]  # type: ignore[attr-defined]
-        headers[_X_REQUEST_ID] = [ctx.request_id.encode()]
-        self.prepath = []
-        segments = self.path[1:].split(b"/")
-        # unquote_to_bytes returns a segment without "%" as it is.
-        self.postpath = list(map(unquote_to_bytes, segments)) if b"%" in self.path else segments
-        if self.path == b"*":
-            self._handleStar()
-            return
-        try:
-            self.render(site.getResourceFor(self))
-        except BaseException:
-            self.processingFailed(Failure())
+        return ctx
 
-    def write(self, data: bytes) -> None:
-        # twisted.web's two Request.write layers in one step for the two writes
-        # every response makes: the first (the head) and a piece of a chunked
-        # body. Same bytes on the wire (tests/test_channel.py); anything else
-        # (Last-Modified, ETag or cookies to add, an encoder, a faked HEAD, a
-        # finished or disconnected request, a body of known length) is Twisted's.
-        if self.finished or self._disconnected or self._inFakeHead or self._encoder is not None:
-            super().write(data)
-            return
-        if self.startedWriting:
-            if not self.chunked:
-                super().write(data)
-            elif data:
-                self.sentLength += len(data)
-                self.channel.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
-            return
-        if self.lastModified is not None or self.etag is not None or self.cookies:
-            super().write(data)
-            return
-        headers = self.responseHeaders
-        raw = headers._rawHeaders
-        code = self.code
-        length = raw.get(_CONTENT_LENGTH)
-        if (
-            code not in _NO_DEFAULT_TYPE
-            and _CONTENT_TYPE not in raw
-            and self.defaultContentType is not None
-            and not (length and length[0] == b"0")
-        ):
-            raw[_CONTENT_TYPE] = [self.defaultContentType]
-        self.startedWriting = 1
-        version = self.clientproto
-        method = self.method
-        if (
-            version == b"HTTP/1.1"
-            and length is None
-            and method != b"HEAD"
-            and code not in _NO_BODY_CODES
-        ):
-            raw[_TRANSFER_ENCODING] = [b"chunked"]
-            self.chunked = 1
-        self.channel.writeHeaders(version, b"%d" % (code,), self.code_message, headers)
-        if method == b"HEAD" or code in _NO_BODY_CODES:
-            self.write = _write_nothing  # type: ignore[method-assign]
-            return
-        self.sentLength += len(data)
-        if data:
-            if self.chunked:
-                self.channel.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
-            else:
-                self.channel.write(data)
+    def process(self) -> None:
+        ctx = self._begin()
+        self.setHeader(b"x-request-id", ctx.request_id.encode())
+        # Twisted's, which sets its own Server header: GatewaySite.getResourceFor
+        # puts ours back. The answers the gateway writes itself (401, 404,
+        # /healthz) carry it; a proxied response takes the runner's (proxy.py).
+        super().process()
 
     def _finished(self, result: object) -> None:
         if self._ended:
@@ -701,20 +347,6 @@ class GatewayRequest(Request):
         if release is not None:
             release()  # the client gets its last bytes before the access log is written
         self._gateway_site.request_ended(self)
-
-    def isSecure(self) -> bool:
-        # As Twisted's, but the channel's answer (an ISSLTransport adaptation,
-        # ~2 us) is kept on it: a connection's transport never changes.
-        if self._forceSSL:
-            return True
-        channel = self.channel
-        if channel is None:
-            return False
-        secure: bool | None = getattr(channel, "_gateway_secure", None)
-        if secure is None:
-            secure = bool(channel.isSecure())
-            channel._gateway_secure = secure  # type: ignore[attr-defined]
-        return secure
 
 
 class GatewaySite(Site):
@@ -738,10 +370,12 @@ class GatewaySite(Site):
         observers: list[RequestObserver] | None = None,
         trace: bool = False,
     ) -> None:
-        super().__init__(resource, timeout=keep_alive_timeout, reactor=reactor)
-        from runner_gateway.fastpath import install as install_fastpath
-
-        install_fastpath()  # hot-path fixes found by profiling (fastpath.py)
+        # Never parse form bodies into request.args (the gateway never reads
+        # them; a big one would cost seconds of CPU before auth is checked).
+        super().__init__(
+            resource, timeout=keep_alive_timeout, reactor=reactor, parsePOSTFormSubmission=False
+        )
+        fastpath.install()  # hot-path fixes found by profiling (fastpath.py)
         self.reactor = reactor
         self._call_later = reactor.callLater
         self.max_body_size = max_body_size
@@ -757,25 +391,19 @@ class GatewaySite(Site):
     # fastpath's "accept" fix may pass no address: buildProtocol never reads it.
     address_unused = True
 
-    def buildProtocol(self, addr: Any) -> Any:
-        # Twisted's three layers (Site, HTTPFactory, Factory) in one.
-        channel: GatewayChannel = self.protocol()
-        channel.factory = self
-        channel.callLater = self._call_later  # type: ignore[assignment]
-        channel.timeOut = self.timeOut  # type: ignore[assignment]
-        channel.requestFactory = self.requestFactory  # type: ignore[assignment]
-        channel.site = self  # type: ignore[attr-defined]
-        return channel
+    # fastpath's "accept" fix may pass no address: buildProtocol never reads it.
+    address_unused = True
 
-    def getResourceFor(self, request: Request) -> IResource:
+    def _track(self, request: Request) -> GatewayRequest:
         gateway_request: GatewayRequest = request  # type: ignore[assignment]
         self.inflight.add(gateway_request)
-        ctx = gateway_request.gateway_context
-        ctx.observers = self.observers
-        # Site.getResourceFor without its copy.copy of the (empty) prepath.
-        request.site = self
-        request.sitepath = list(request.prepath or ())  # type: ignore[attr-defined]
-        found: IResource = getChildForRequest(self.resource, request)
+        gateway_request.gateway_context.observers = self.observers
+        return gateway_request
+
+    def getResourceFor(self, request: Request) -> IResource:
+        self._track(request)
+        request.setHeader(b"server", b"runner-gateway")
+        found: IResource = super().getResourceFor(request)
         return found
 
     def log(self, request: http.Request) -> None:
@@ -815,6 +443,600 @@ class GatewaySite(Site):
             request.gateway_context.aborted = True
             if request.channel is not None:
                 request.channel.forceAbortClient()
+
+
+class _ChannelCopies(GatewayChannel):
+    """The "channel" fix: Twisted's HTTPChannel methods (and TimeoutMixin's)
+    with fewer calls, installed on GatewayChannel while the fix is on.
+
+    The keep-alive idle timer: Twisted cancels it when a request arrives and
+    makes a new one when the answer is done. Here it is switched off (timeOut
+    None, while a request is handled: a firing then does nothing) and on
+    again, one timer per connection, not per request.
+    """
+
+    def setTimeout(self, period: float | None) -> float | None:
+        previous: float | None = self.timeOut
+        self.timeOut = period  # type: ignore[assignment]
+        if period is not None:
+            call = self._idle_call
+            if call is not None and call.active():
+                call.reset(period)
+            else:
+                self._idle_call = self.callLater(period, self._idle_fired)
+        return previous
+
+    def resetTimeout(self) -> None:
+        call = self._idle_call
+        if call is not None and self.timeOut is not None and call.active():
+            call.reset(self.timeOut)
+
+    def _idle_fired(self) -> None:
+        self._idle_call = None
+        if self.timeOut is not None:
+            self.timeoutConnection()
+
+    def requestDone(self, request: Request) -> None:
+        """Twisted's, without five calls in the usual case: ``Request.__eq__``
+        (an identity test), and ``resumeProducing`` on a connection whose
+        reading was never paused, which on the epoll reactor goes down
+        through three more calls to find the descriptor already registered."""
+        requests = self.requests
+        transport: Any = self._networkProducer
+        if (
+            not requests
+            or requests[0] is not request
+            or self._waitingForTransport
+            or type(transport) is not tcp.Server
+            or type(transport.reactor) is not _EPOLL_REACTOR
+            or transport.fileno() not in transport.reactor._reads  # type: ignore[attr-defined]
+        ):
+            http.HTTPChannel.requestDone(self, request)
+            return
+        del requests[0]
+        if not self.persistent:
+            self.loseConnection()
+            return
+        self._handlingRequest = False
+        if self._savedTimeOut:
+            self.setTimeout(self._savedTimeOut)
+        # Receive what was buffered meanwhile, if anything.
+        data = b"".join(self._dataBuffer)
+        self._dataBuffer = []
+        self.setLineMode(data)
+
+    def allHeadersReceived(self) -> None:
+        # Twisted's, reading the header table directly: most requests carry
+        # no Cookie and no Expect header, and asking for each costs a call
+        # and a name encoding.
+        request = self.requests[-1]
+        raw = request.requestHeaders._rawHeaders
+        if _COOKIE in raw:
+            request.parseCookies()
+        if _CONNECTION not in raw and self._version == b"HTTP/1.1":
+            self.persistent = True  # checkPersistence's answer, without its look-up
+        else:
+            self.persistent = self.checkPersistence(request, self._version)
+        request.gotLength(self.length)
+        expect = raw.get(_EXPECT)
+        if expect and expect[0].lower() == b"100-continue" and self._version == b"HTTP/1.1":
+            self._send100Continue()
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        if type(transport) is not tcp.Server:
+            http.HTTPChannel.connectionMade(self)
+            return
+        # Twisted's, without its two zope interface look-ups, whose answers are
+        # known for a plain TCP connection: an ITCPTransport and its own producer.
+        if not getattr(transport, "nodelay_set", False):  # fastpath "accept" sets it
+            transport.setTcpNoDelay(True)
+        self.setTimeout(self.timeOut)
+        self._networkProducer = transport
+        if transport.producer is None and not transport.disconnected and not transport.TLS:
+            # registerProducer(self, True) on a new connection, without its two calls.
+            transport.producer = self
+            transport.streamingProducer = True
+        else:
+            transport.registerProducer(self, True)
+        self._gateway_secure = False  # GatewayRequest.isSecure: plain TCP is not TLS
+
+    def getHost(self) -> Any:
+        # Twisted's Request asks on every request (a getsockname() call and an
+        # address object); a connection's own address never changes.
+        if self._host is None:
+            self._host = http.HTTPChannel.getHost(self)
+        return self._host
+
+    def getPeer(self) -> Any:
+        # Likewise asked by every Request (a new address object each time).
+        if self._peer is None:
+            if type(self.transport) is tcp.Server:
+                # tcp.Server.getPeer, without the two calls down to it.
+                server: Any = self.transport
+                self._peer = server._addressType("TCP", *server.client)
+            else:
+                self._peer = http.HTTPChannel.getPeer(self)
+        return self._peer
+
+
+class _HoldCopies(GatewayChannel):
+    """The "hold" fix: between :meth:`hold` and :meth:`release` (the proxy
+    brackets each read from the runner with them) the response's head, body
+    pieces and closing chunk are kept, then handed over with
+    :func:`~runner_gateway.fastpath.write_now`: one ``send()`` at once instead
+    of several queued writes sent on the reactor's next turn."""
+
+    def hold(self) -> None:
+        if self._held is None:
+            self._held = []
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        held = self._held
+        if held is None or not isinstance(headers, Headers):
+            self.release()
+            http.HTTPChannel.writeHeaders(self, version, code, reason, headers)
+            return
+        # As Twisted's writeHeaders, into the held pieces.
+        held.extend((version, b" ", code, b" ", reason, b"\r\n"))
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                held.extend((name, b": ", value, b"\r\n"))
+        held.append(b"\r\n")
+
+    def write(self, data: bytes) -> None:
+        if self._held is None:
+            http.HTTPChannel.write(self, data)
+        else:
+            self._held.append(data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        if self._held is None:
+            http.HTTPChannel.writeSequence(self, iovec)
+        else:
+            self._held.extend(iovec)
+
+    def loseConnection(self) -> None:
+        self.release()  # a non-persistent request's last bytes go before the close
+        http.HTTPChannel.loseConnection(self)
+
+
+class _WholeHeadCopies(GatewayChannel):
+    """The "whole-head" fix: a request head that arrives whole in one read, in
+    the plain form, is taken in one pass (:meth:`_take_head`); every other
+    head goes through Twisted's line-by-line parser."""
+
+    def dataReceived(self, data: bytes) -> None:
+        end = self._whole_head_end(data) if self.whole_head else -1
+        if end > 0:
+            self._take_head(data, end)
+        else:
+            http.HTTPChannel.dataReceived(self, data)
+        self._watch_head()
+
+    def _whole_head_end(self, data: bytes) -> int:
+        """Where the head ends in ``data`` if the whole-head path may take it, else -1."""
+        if not (
+            self.line_mode
+            and not self._buffer
+            and not self._busyReceiving
+            and self._HTTPChannel__first_line == 1
+            and self.persistent
+        ):
+            return -1
+        end = data.find(b"\r\n\r\n")
+        if (
+            0 < end <= min(self.totalHeadersSize, self.MAX_LENGTH)
+            and data.count(b"\r\n", 0, end) <= self.maxHeaders
+            and _WHOLE_HEAD.fullmatch(data, 0, end)
+        ):
+            return end
+        return -1
+
+    def _take_head(self, data: bytes, end: int) -> None:
+        """A whole request head at the start of ``data``, as Twisted's
+        lineReceived would take it line by line, in one pass.
+
+        Twisted's checks are kept (request line, header count and size, the
+        Content-Length and Transfer-Encoding rules) and its state is left as
+        its own parser leaves it; what follows the head goes through
+        LineReceiver as usual (body, or a pipelined request).
+        """
+        lines = data[:end].split(b"\r\n")
+        self._buffer = data[end + 4 :]
+        self._busyReceiving = True
+        try:
+            self._receivedHeaderSize += end - 2 * (len(lines) - 1)
+            request = self.requestFactory(self, len(self.requests))
+            self.requests.append(request)
+            self._HTTPChannel__first_line = 0
+            try:
+                self._command, self._path, self._version = _parse_request_line(lines[0])
+            except ValueError:
+                self._respondToBadRequestAndDisconnect()
+                return
+            raw = request.requestHeaders._rawHeaders
+            encode = canonical_name
+            canonical = cached_header_name
+            for line in lines[1:]:
+                name, value = line.split(b":", 1)
+                name = canonical(name) or encode(name)
+                value = value.strip(b" \t")
+                if (
+                    name == b"Content-Length" or name == b"Transfer-Encoding"
+                ) and not self._maybeChooseTransferDecoder(name, value):
+                    return  # it has answered 400
+                values = raw.get(name)
+                if values is None:
+                    raw[name] = [value]
+                else:
+                    values.append(value)
+            self._receivedHeaderCount += len(lines) - 1
+            self.allHeadersReceived()
+            if self.length == 0:
+                self._all_content_received(request)
+            else:
+                self.line_mode = 0  # setRawMode()
+                decoder: Any = self._transferDecoder
+                transport: Any = self.transport
+                if (
+                    type(decoder) is _identity_decoder
+                    and decoder.contentLength is not None
+                    and len(self._buffer) >= decoder.contentLength
+                    and not self.paused
+                    and not (transport is not None and transport.disconnecting)
+                ):
+                    # The whole body came with the head: what LineReceiver,
+                    # rawDataReceived and the decoder would do with it.
+                    length = decoder.contentLength
+                    data, self._buffer = self._buffer, b""
+                    decoder.dataCallback = decoder.finishCallback = None
+                    decoder.contentLength = 0
+                    request.handleContentChunk(data[:length])
+                    self._dataBuffer.append(data[length:])  # _finishRequestBody
+                    self._all_content_received(request)
+        finally:
+            self._busyReceiving = False
+        if self.timeOut is not None:
+            # Twisted resets the idle timer on every read. After a read that
+            # held a whole request the timer is off (timeOut None) until the
+            # answer is done, and a reset would change nothing.
+            self.resetTimeout()
+        transport = self.transport
+        if self._buffer and not (transport is not None and transport.disconnecting):
+            _line_receiver_data_received(self, b"")  # the body, or the next request
+
+    def _all_content_received(self, request: Any) -> None:
+        """Twisted's allContentReceived, for a head _take_head took: the
+        request line is known here, and the idle timer is switched off
+        without a call (setTimeout(None) only does that)."""
+        command, path, version = self._command, self._path, self._version
+        self.length = 0
+        self._receivedHeaderCount = 0
+        self._receivedHeaderSize = 0
+        self._HTTPChannel__first_line = 1
+        self._transferDecoder = None
+        del self._command, self._path, self._version
+        if self.timeOut:
+            self._savedTimeOut, self.timeOut = self.timeOut, None
+        self._handlingRequest = True
+        self.line_mode = 0
+        request.requestReceived(command, path, version)
+
+
+class _RequestCopies(GatewayRequest):
+    """The "request" fix: twisted.web's Request methods in fewer calls, reading
+    and writing the header tables directly (``Headers._rawHeaders``),
+    installed on GatewayRequest while the fix is on."""
+
+    # Twisted's Request.__hash__ is id(self) in Python; object's is the same
+    # identity hash in C (the site's in-flight set hashes every request twice).
+    __hash__ = object.__hash__
+
+    def __init__(self, channel: http.HTTPChannel, queued: object = None) -> None:
+        # What twisted.web.server.Request.__init__ (and http.Request's and
+        # Componentized's under it) set, in one step and without asking the
+        # connection for its own address, a getsockname() call and an address
+        # object per connection: ``host`` is looked up when first read.
+        # tests/test_channel.py holds this to Twisted's.
+        self.notifications = []
+        self.channel = channel
+        self.client = channel.getPeer()
+        self.requestHeaders = _new_headers()
+        self.received_cookies = {}
+        self.responseHeaders = _new_headers()
+        self.cookies = []
+        self.transport = channel.transport
+        self.queued = False
+        self._parsePOSTFormSubmission = False  # as GatewaySite asks Twisted's
+        self._adapterCache = {}
+        self._gateway_init(channel)
+
+    @property
+    def host(self) -> Any:
+        host = self._gateway_host
+        if host is None:
+            host = self._gateway_host = self._gateway_channel.getHost()
+        return host
+
+    @host.setter
+    def host(self, address: Any) -> None:  # Request.setHost
+        self._gateway_host = address
+
+    def gotLength(self, length: int | None) -> None:
+        if self._body_cap(length):
+            return
+        # twisted.web.server.Request.gotLength for a Site without a
+        # getContentFile (GatewaySite), minus the AttributeError it raises
+        # and catches to find that out.
+        self.content = _content_file(length)
+
+    def process(self) -> None:
+        ctx = self._begin()
+        site = self._gateway_site
+        # twisted.web.server.Request.process, with the default headers put
+        # straight into the table (known names and safe values, so without
+        # setHeader's name encoding and value checks), and ours instead of its
+        # Server header: the answers the gateway writes itself (401, 404,
+        # /healthz) carry them; a proxied response takes the runner's Server
+        # header instead (proxy.py). Twisted's check for an encoding resource
+        # is left out: the gateway's tree has none.
+        self.site = site
+        headers = self.responseHeaders._rawHeaders
+        headers[_SERVER] = [b"runner-gateway"]
+        headers[_DATE] = [server.datetimeToString()]  # type: ignore[attr-defined]
+        headers[_X_REQUEST_ID] = [ctx.request_id.encode()]
+        self.prepath = []
+        segments = self.path[1:].split(b"/")
+        # unquote_to_bytes returns a segment without "%" as it is.
+        self.postpath = list(map(unquote_to_bytes, segments)) if b"%" in self.path else segments
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            self.render(site.getResourceFor(self))
+        except BaseException:
+            self.processingFailed(Failure())
+
+    def write(self, data: bytes) -> None:
+        # twisted.web's two Request.write layers in one step for the two writes
+        # every response makes: the first (the head) and a piece of a chunked
+        # body. Same bytes on the wire (tests/test_channel.py); anything else
+        # (Last-Modified, ETag or cookies to add, an encoder, a faked HEAD, a
+        # finished or disconnected request, a body of known length) is Twisted's.
+        if self.finished or self._disconnected or self._inFakeHead or self._encoder is not None:
+            server.Request.write(self, data)
+            return
+        if self.startedWriting:
+            if not self.chunked:
+                server.Request.write(self, data)
+            elif data:
+                self.sentLength += len(data)
+                self.channel.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            return
+        if self.lastModified is not None or self.etag is not None or self.cookies:
+            server.Request.write(self, data)
+            return
+        headers = self.responseHeaders
+        raw = headers._rawHeaders
+        code = self.code
+        length = raw.get(_CONTENT_LENGTH)
+        if (
+            code not in _NO_DEFAULT_TYPE
+            and _CONTENT_TYPE not in raw
+            and self.defaultContentType is not None
+            and not (length and length[0] == b"0")
+        ):
+            raw[_CONTENT_TYPE] = [self.defaultContentType]
+        self.startedWriting = 1
+        version = self.clientproto
+        method = self.method
+        if (
+            version == b"HTTP/1.1"
+            and length is None
+            and method != b"HEAD"
+            and code not in _NO_BODY_CODES
+        ):
+            raw[_TRANSFER_ENCODING] = [b"chunked"]
+            self.chunked = 1
+        self.channel.writeHeaders(version, b"%d" % (code,), self.code_message, headers)
+        if method == b"HEAD" or code in _NO_BODY_CODES:
+            self.write = _write_nothing  # type: ignore[method-assign]
+            return
+        self.sentLength += len(data)
+        if data:
+            if self.chunked:
+                self.channel.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            else:
+                self.channel.write(data)
+
+    def isSecure(self) -> bool:
+        # As Twisted's, but the channel's answer (an ISSLTransport adaptation,
+        # ~2 us) is kept on it: a connection's transport never changes.
+        if self._forceSSL:
+            return True
+        channel = self.channel
+        if channel is None:
+            return False
+        secure: bool | None = getattr(channel, "_gateway_secure", None)
+        if secure is None:
+            secure = bool(channel.isSecure())
+            channel._gateway_secure = secure  # type: ignore[attr-defined]
+        return secure
+
+
+class _SiteCopies(GatewaySite):
+    """Site methods of the "channel" (buildProtocol) and "request"
+    (getResourceFor) fixes."""
+
+    def buildProtocol(self, addr: Any) -> Any:
+        # Twisted's three layers (Site, HTTPFactory, Factory) in one.
+        channel: GatewayChannel = self.protocol()
+        channel.factory = self
+        channel.callLater = self._call_later  # type: ignore[assignment]
+        channel.timeOut = self.timeOut  # type: ignore[assignment]
+        channel.requestFactory = self.requestFactory  # type: ignore[assignment]
+        channel.site = self  # type: ignore[attr-defined]
+        return channel
+
+    def getResourceFor(self, request: Request) -> IResource:
+        self._track(request)
+        # Site.getResourceFor without its copy.copy of the (empty) prepath.
+        request.site = self
+        request.sitepath = list(request.prepath or ())  # type: ignore[attr-defined]
+        found: IResource = getChildForRequest(self.resource, request)
+        return found
+
+
+# ---------------------------------------------------------------- fastpath fixes
+# Each fix below installs its copies (the methods defined in a _*Copies class)
+# on the gateway's own classes; while a fix is off, those classes use
+# Twisted's own methods (tests/test_fastpath.py checks both ways).
+
+# (fix, the class the copies go on, the class that holds them, method names)
+COPIES: list[tuple[str, type, type, tuple[str, ...]]] = [
+    (
+        "channel",
+        GatewayChannel,
+        _ChannelCopies,
+        (
+            "setTimeout",
+            "resetTimeout",
+            "_idle_fired",
+            "requestDone",
+            "allHeadersReceived",
+            "connectionMade",
+            "getHost",
+            "getPeer",
+        ),
+    ),
+    ("channel", GatewaySite, _SiteCopies, ("buildProtocol",)),
+    (
+        "hold",
+        GatewayChannel,
+        _HoldCopies,
+        ("hold", "writeHeaders", "write", "writeSequence", "loseConnection"),
+    ),
+    (
+        "whole-head",
+        GatewayChannel,
+        _WholeHeadCopies,
+        ("dataReceived", "_whole_head_end", "_take_head", "_all_content_received"),
+    ),
+    (
+        "request",
+        GatewayRequest,
+        _RequestCopies,
+        (
+            "__init__",
+            "__hash__",
+            "host",
+            "gotLength",
+            "process",
+            "write",
+            "isSecure",
+        ),
+    ),
+    ("request", GatewaySite, _SiteCopies, ("getResourceFor",)),
+]
+
+
+def _put_copies(fix: str) -> None:
+    for name, target, copies, methods in COPIES:
+        if name == fix:
+            for method in methods:
+                setattr(target, method, vars(copies)[method])
+
+
+def _check_header_table() -> None:
+    """The header-table shortcuts read and write ``Headers._rawHeaders`` by
+    canonical name: check that this Twisted keeps its table that way."""
+    headers = Headers()
+    headers.addRawHeader(b"x-request-id", b"1")
+    if headers._rawHeaders != {_X_REQUEST_ID: [b"1"]}:
+        raise Unavailable("Headers._rawHeaders is not a table by canonical name")
+
+
+def _install_channel() -> None:
+    global _EPOLL_REACTOR
+    _check_header_table()
+    channel = http.HTTPChannel()
+    _ = (
+        channel._savedTimeOut,
+        channel._waitingForTransport,
+        channel._dataBuffer,
+        channel._handlingRequest,
+        channel._send100Continue,
+        tcp.Server._addressType,
+        tcp.Server.producer,
+    )
+    try:
+        from twisted.internet.epollreactor import EPollReactor
+    except ImportError:  # no epoll here: requestDone keeps Twisted's path
+        EPollReactor = None  # type: ignore[assignment,misc]
+    _EPOLL_REACTOR = EPollReactor
+    _put_copies("channel")
+
+
+def _install_hold() -> None:
+    _put_copies("hold")
+
+
+def _install_whole_head() -> None:
+    global _parse_request_line, _identity_decoder
+    from twisted.protocols.basic import LineReceiver
+
+    # The parser state _take_head reads and sets; a Twisted without one of
+    # them raises AttributeError here and keeps its own parser.
+    channel = http.HTTPChannel()
+    _ = (
+        channel._HTTPChannel__first_line,  # type: ignore[attr-defined]
+        channel._receivedHeaderSize,
+        channel._receivedHeaderCount,
+        channel._maybeChooseTransferDecoder,
+        channel._respondToBadRequestAndDisconnect,
+        channel.maxHeaders,
+        channel.totalHeadersSize,
+        LineReceiver._busyReceiving,
+        LineReceiver._buffer,
+        LineReceiver.paused,
+        channel._transferDecoder,
+        http._IdentityTransferDecoder(0, None, None).finishCallback,
+    )
+    _check_header_table()
+    # Bound once: twisted.web.http is a deprecation proxy module, where each
+    # attribute lookup is a Python-level __getattribute__ call (2.4 us).
+    _parse_request_line = http._parseRequestLine
+    _identity_decoder = http._IdentityTransferDecoder
+    _put_copies("whole-head")
+    GatewayChannel.whole_head = True
+
+
+def _install_request() -> None:
+    global _content_file
+    _check_header_table()
+    from twisted.python.components import Componentized
+
+    _ = (
+        Request._disconnected,
+        Request._inFakeHead,
+        Request._encoder,
+        Request._forceSSL,
+        Request._handleStar,
+        Componentized()._adapterCache,
+    )
+    _content_file = http._getContentFile
+    _put_copies("request")
+
+
+_EPOLL_REACTOR: type[Any] | None = None
+_parse_request_line: Callable[[bytes], tuple[bytes, bytes, bytes]]
+_identity_decoder: type[Any]
+_content_file: Callable[[int | None], IO[bytes]]
+fastpath.register("channel", _install_channel)
+fastpath.register("hold", _install_hold)
+fastpath.register("whole-head", _install_whole_head, needs="channel")
+fastpath.register("request", _install_request)
 
 
 def redacted_headers(request: Request) -> dict[str, str]:
