@@ -1,6 +1,7 @@
-"""The twistd service: settings -> resource tree -> listeners, plus signals.
+"""The gateway service: settings -> resource tree -> listeners, plus signals.
 
-``make_service`` is what the twistd plugin calls. A bad start (settings,
+entry.py builds it (or workers.py's supervisor and workers, which build on
+it) for the twistd plugin. A bad start (settings,
 keys, certificates, a port that cannot be bound) ends the process with one
 line on stderr and a non-zero status, never a traceback.
 
@@ -27,7 +28,6 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import ILogObserver, Logger
-from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
@@ -49,34 +49,14 @@ from runner_gateway.settings import (
     RunnerSettings,
     Settings,
     SettingsError,
-    load_settings,
 )
 from runner_gateway.site import GatewaySite
 from runner_gateway.tree import CorsPolicy, GatewayRoot, Route
 from runner_gateway.upstream import UpstreamPool
 
-__all__ = ["GatewayService", "Options", "build_root", "make_service"]
+__all__ = ["GatewayService", "StartupError", "build_root"]
 
 _log = Logger()
-
-
-class Options(usage.Options):
-    synopsis = "[--env NAME] [--settings DIR] [--logging-level LEVEL]"
-    longdesc = (
-        "Serve the runner gateway. Settings come from DIR/settings.yaml overlaid by "
-        "DIR/NAME.yaml (NAME from --env, else $RUNNER_GATEWAY_ENV, else $GO_ENV), then "
-        "LOGGING_LEVEL, PASETO_SECRET_KEY, SERVER_ADDRESS, SERVER_CERTIFICATE_PATH and "
-        "SERVER_KEY_PATH from the environment."
-    )
-    optParameters = [
-        ["env", "e", None, "settings overlay name (settings/NAME.yaml)"],
-        ["settings", "s", "settings", "settings directory"],
-        ["logging-level", None, None, "override logging.level (trace, debug, info, warn, error)"],
-        # Internal (workers.py): set by the supervisor on the worker processes it starts.
-        ["worker-fd", None, None, "internal: serve on this inherited listening socket"],
-        ["worker-index", None, None, "internal: this worker's number"],
-        ["supervisor-pid", None, None, "internal: the supervisor a worker stops without"],
-    ]
 
 
 class StartupError(SystemExit):
@@ -446,37 +426,3 @@ class _LevelControl:
         would give, for a third of the cost of twisted.logger's event path."""
         if self.access_on:
             write_line(self.stream, access_line(self.fmt, time.time(), namespace, fields))
-
-
-def make_service(options: Options | dict[str, Any], reactor: Any = None) -> MultiService:
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
-
-    def load() -> Settings:
-        return load_settings(
-            options["settings"], env=options["env"], logging_level=options["logging-level"]
-        )
-
-    try:
-        settings = load()
-    except SettingsError as exc:
-        raise StartupError(str(exc)) from None
-    control = _LevelControl(settings.logging.level, settings.logging.format)
-    from zope.interface import directlyProvides
-
-    directlyProvides(control, ILogObserver)
-    try:
-        # server.workers > 1: this process supervises workers (workers.py).
-        if options.get("worker-fd") is not None:
-            from runner_gateway.workers import make_worker
-
-            return make_worker(options, load, reactor, control)
-        if settings.server.workers > 1:
-            from runner_gateway.workers import Supervisor
-
-            return Supervisor(options, settings, reactor, observer=control)  # type: ignore[arg-type]
-        return GatewayService(load, reactor, observer=control)  # type: ignore[arg-type]
-    except (SettingsError, ValueError) as exc:  # ValueError: TLSConfigError, key errors
-        raise StartupError(str(exc)) from None
