@@ -683,8 +683,6 @@ VARIANTS = {
     "without send-now": "send-now",
     "without whole-head": "whole-head",
     "without dispatch": "dispatch",
-    "without accept": "accept",
-    "without loop": "loop",
     "without date cache": "date",
     "all fixes on": "",
 }

@@ -29,31 +29,12 @@ equivalent that gives the same result for less work:
   anew for every request (``time.gmtime`` and string formatting, ~3 µs, and
   tens of µs when the process has been idle and its caches are cold). The
   value only changes once a second, so it is kept for the second it names.
-* ``accept`` (:func:`install_accept`, on the service's plain TCP listening
-  ports only): Twisted's ``Port.doRead`` wraps each accept in a log-buffering
-  context (a new ``Logger``), converts the socket's family and type to enums
-  (six calls), builds an address object the Site ignores and goes through
-  three ``buildProtocol`` layers. The replacement keeps Twisted's accept
-  budget and transport class, builds the channel and (on an epoll reactor)
-  the ``tcp.Server`` each in one step, and sets TCP_NODELAY
-  once on the listening socket (Linux copies it to every accepted one)
-  instead of once per connection. Any accept error other than "nothing
-  waiting" goes back to Twisted's own ``doRead``, which handles and logs it
-  (EMFILE and the like).
 * ``dispatch`` (:func:`install_dispatch`, on the service's running epoll
   reactor only): Twisted's ``doPoll`` calls each ready connection through
   ``log.callWithLogger``, which sets the legacy log "system" context (four
   calls and a dict per event; our log lines do not show it) and logs what
   escapes the handler. The replacement calls the handler directly and keeps
   the catch-and-log.
-
-* ``loop`` (:func:`install_loop`, on the service's epoll reactor only):
-  Twisted's ``mainLoop`` goes through a failure-logging context manager,
-  ``runUntilCurrent`` and ``timeout`` (with two looks at new timed calls) on
-  every turn. The replacement files new timed calls and works out the poll
-  timeout inline, and calls ``runUntilCurrent`` only on a turn with
-  something for it to do (a call due, a call from a thread, a clean-up, a
-  stop); what it does then is Twisted's own.
 
 The gateway's own classes (site.py) register more fixes here, each a set of
 copies of Twisted methods installed on GatewayChannel, GatewayRequest and
@@ -77,16 +58,12 @@ code serves, one warning says which fix and why, and
 from __future__ import annotations
 
 import functools
-import heapq
 import os
-import select
-import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.internet import address, tcp
-from twisted.internet.protocol import Protocol
+from twisted.internet import tcp
 from twisted.logger import Logger
 from twisted.web import http_headers
 
@@ -121,9 +98,7 @@ __all__ = [
     "cached_header_name",
     "canonical_name",
     "install",
-    "install_accept",
     "install_dispatch",
-    "install_loop",
     "installed",
     "register",
     "states",
@@ -232,7 +207,7 @@ def _date() -> None:
 
 
 # Installed on a reactor or a port by the service, not by install().
-_PER_OBJECT = ("dispatch", "accept", "loop")
+_PER_OBJECT = ("dispatch",)
 
 # Each fix's installer: it raises AttributeError, ImportError or Unavailable,
 # having changed nothing, when this Twisted lacks what the fix relies on.
@@ -330,203 +305,3 @@ def install_dispatch(reactor: Any, environ: Mapping[str, str] | None = None) -> 
     reactor.doIteration = functools.partial(_poll, reactor)  # type: ignore[method-assign]
     _mark("dispatch", "on")
     return True
-
-
-def install_loop(reactor: Any, environ: Mapping[str, str] | None = None) -> bool:
-    """The ``loop`` fix: ``reactor.mainLoop`` is :func:`_main_loop`, for an epoll
-    reactor not running yet. False when switched off or not applicable."""
-    from twisted.internet.epollreactor import EPollReactor
-
-    if "loop" in _skipped(environ):
-        _mark("loop", "switched-off")
-        return False
-    if type(reactor) is not EPollReactor:
-        _mark("loop", "not-applicable")
-        return False
-    if isinstance(reactor.__dict__.get("mainLoop"), functools.partial):
-        return True
-    try:
-        _ = (
-            reactor._started,
-            reactor.running,
-            reactor.threadCallQueue,
-            reactor._justStopped,
-            reactor._cancellations,
-            reactor._pendingTimedCalls,
-            reactor._newTimedCalls,
-            reactor.runUntilCurrent,
-            reactor.timeout,
-        )
-    except AttributeError as exc:  # a Twisted without them: keep its mainLoop
-        _mark("loop", "unavailable", f"AttributeError: {exc}")
-        return False
-    owner: Any = reactor  # an instance attribute, as doIteration's
-    owner.mainLoop = functools.partial(_main_loop, reactor)
-    _mark("loop", "on")
-    return True
-
-
-def _main_loop(reactor: Any) -> None:
-    """``ReactorBase.mainLoop``: each turn, run what is due, then poll until
-    the next timed call. See the module's ``loop``."""
-    seconds = reactor.seconds
-    while reactor._started:
-        try:
-            while reactor._started:
-                new = reactor._newTimedCalls
-                if new:  # as _insertNewDelayedCalls
-                    reactor._newTimedCalls = []
-                    pending = reactor._pendingTimedCalls
-                    for call in new:
-                        if call.cancelled:
-                            reactor._cancellations -= 1
-                        else:
-                            call.activate_delay()
-                            heapq.heappush(pending, call)
-                pending = reactor._pendingTimedCalls
-                cancellations = reactor._cancellations
-                if (
-                    reactor.threadCallQueue
-                    or reactor._justStopped
-                    or (pending and pending[0].time <= seconds())
-                    or (cancellations > 50 and cancellations > len(pending) >> 1)
-                ):
-                    reactor.runUntilCurrent()
-                    timeout = reactor.timeout()
-                elif pending:  # as timeout()
-                    timeout = max(0, min(2147483, pending[0].time - seconds()))
-                else:
-                    timeout = None
-                reactor.doIteration(reactor.running and timeout)
-        except BaseException:
-            # What Twisted's loop does: log it and go on.
-            _dispatch_log.failure("Unexpected error in main loop")
-    _dispatch_log.info("Main loop terminated.")
-
-
-def install_accept(port: Any, environ: Mapping[str, str] | None = None) -> bool:
-    """The ``accept`` fix on a listening plain-TCP ``port`` whose factory builds
-    its protocol without looking at the address (``GatewaySite``). False when
-    switched off or not applicable."""
-    if "accept" in _skipped(environ):
-        _mark("accept", "switched-off")
-        return False
-    listener: Any = port  # the internals below are not in tcp.Port's annotations
-    if type(port) is not tcp.Port or not getattr(listener.factory, "address_unused", False):
-        _mark("accept", "not-applicable")
-        return False
-    try:
-        _ = (listener.socket._accept, listener.numberAccepts, listener.sessionno)
-    except AttributeError as exc:  # a Twisted without them: keep its doRead
-        _mark("accept", "unavailable", f"AttributeError: {exc}")
-        return False
-    listener.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    # The transport is built in one step (_server) only where it is Twisted's
-    # own tcp.Server on an epoll reactor, the case _server reproduces.
-    build = _server if _builds_servers(listener) else None
-    listener.doRead = functools.partial(_accept, listener, build)
-    _mark("accept", "on")
-    return True
-
-
-def _builds_servers(port: Any) -> bool:
-    from twisted.internet.epollreactor import EPollReactor
-
-    reactor = port.reactor
-    if port.transport is not tcp.Server or type(reactor) is not EPollReactor:
-        return False
-    try:
-        _ = (reactor._poller.register, reactor._reads, reactor._writes, reactor._selectables)
-        _ = port._realPortNumber
-    except AttributeError:
-        return False
-    return True
-
-
-def _server(port: Any, skt: socket.socket, protocol: Any, addr: Any, session: int) -> Any:
-    """``tcp.Server(skt, protocol, addr, port, session, reactor)``, reading for
-    events, in one step: the same attributes (tests/test_fastpath.py compares
-    them) without its chain of five initialisers, two log-prefix look-ups
-    and three calls to register with epoll."""
-    reactor = port.reactor
-    skt.setblocking(False)
-    transport = object.__new__(tcp.Server)
-    kind = type(protocol)
-    if kind.logPrefix is Protocol.logPrefix:
-        prefix = kind.__name__  # what _getLogPrefix answers, without its two calls
-    else:
-        prefix = transport._getLogPrefix(protocol)
-    state = vars(transport)
-    state.update(
-        reactor=reactor,
-        _tempDataBuffer=[],
-        _tempDataLen=0,
-        socket=skt,
-        fileno=skt.fileno,
-        protocol=protocol,
-        server=port,
-        client=addr,
-        sessionno=session,
-        hostname=addr[0],
-        logstr=f"{prefix},{session},{addr[0]}",
-        repstr=f"<{type(protocol).__name__} #{session} on {port._realPortNumber}>",
-    )
-    if len(addr) != 2:
-        state["_addressType"] = address.IPv6Address
-    fd = skt.fileno()
-    if fd in reactor._reads or fd in reactor._writes:
-        transport.startReading()  # a descriptor the reactor still knows: its own rules
-    else:
-        # startReading() for a descriptor epoll has not seen: EPollReactor._add.
-        reactor._poller.register(fd, select.EPOLLIN)
-        reactor._reads.add(fd)
-        reactor._selectables[fd] = transport
-    state["connected"] = 1
-    return transport
-
-
-def _accept(port: Any, build: Callable[..., Any] | None) -> None:
-    """``tcp.Port.doRead`` for the common case: see the module's ``accept``."""
-    listening = port.socket
-    family = port.addressFamily
-    kind = port.socketType
-    factory = port.factory
-    budget = port.numberAccepts
-    accepted = 0
-    while accepted < budget:
-        try:
-            fd, addr = listening._accept()
-        except BlockingIOError:
-            break
-        except OSError:
-            # EMFILE, ENOBUFS, ECONNABORTED...: Twisted's doRead meets the same
-            # condition again and deals with it as it always has.
-            type(port).doRead(port)
-            return
-        accepted += 1
-        skt = socket.socket(family, kind, 0, fd)
-        if len(addr) == 4:
-            # IPv6: the scope id in the host, as Twisted's doRead gives it.
-            host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
-            addr = (host[0], *addr[1:])
-        transport = None
-        try:
-            protocol = factory.buildProtocol(None)
-            if protocol is None:  # the factory refuses the connection
-                skt.close()
-                continue
-            session = port.sessionno
-            port.sessionno = session + 1
-            if build is not None:
-                transport = build(port, skt, protocol, addr, session)
-            else:
-                transport = port.transport(skt, protocol, addr, port, session, port.reactor)
-            transport.nodelay_set = True  # inherited from the listening socket
-            protocol.makeConnection(transport)
-        except Exception:
-            # Logged, as Twisted's doRead does; a transport, once made, owns the socket.
-            _dispatch_log.failure("could not set up an accepted connection")
-            if transport is None:
-                skt.close()
-    # As Twisted's: a full budget means more may be waiting next time.
-    port.numberAccepts = budget + 20 if accepted == budget else max(1, accepted)

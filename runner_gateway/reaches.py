@@ -167,20 +167,8 @@ COPIES: tuple[Copy, ...] = (
     Copy("twisted.web.http:datetimeToString", _FP + "_date", "date"),
     # -- fix "content-type": the media type cached by the raw header value
     Copy("twisted.web.http:_parseContentType", _FP + "_content_type", "content-type"),
-    # -- fix "accept": the listening port's accept and the transport built in one step
-    Copy("twisted.internet.tcp:Port.doRead", _FP + "_accept", "accept"),
-    Copy("twisted.internet.tcp:Server.__init__", _FP + "_server", "accept"),
-    Copy("twisted.internet.tcp:Connection.__init__", _FP + "_server", "accept"),
-    Copy("twisted.internet.abstract:FileDescriptor.__init__", _FP + "_server", "accept"),
-    Copy("twisted.internet.abstract:FileDescriptor._getLogPrefix", _FP + "_server", "accept"),
-    Copy("twisted.internet.epollreactor:EPollReactor._add", _FP + "_server", "accept"),
     # -- fix "dispatch": the epoll reactor's poll, without callWithLogger
     Copy("twisted.internet.epollreactor:EPollReactor.doPoll", _FP + "_poll", "dispatch"),
-    # -- fix "loop": the reactor's main loop
-    Copy("twisted.internet.base:ReactorBase.mainLoop", _FP + "_main_loop", "loop"),
-    Copy("twisted.internet.base:ReactorBase._insertNewDelayedCalls", _FP + "_main_loop", "loop"),
-    Copy("twisted.internet.base:ReactorBase.timeout", _FP + "_main_loop", "loop"),
-    Copy("twisted.internet.base:ReactorBase.runUntilCurrent", _FP + "_main_loop", "loop"),
 )
 
 PRIVATE: tuple[Private, ...] = (
@@ -276,14 +264,12 @@ PRIVATE: tuple[Private, ...] = (
         "read, write",
         "site, fastpath",
         "channel",
-        "and accept",
     ),
     Private(
         "twisted.internet.abstract:FileDescriptor()._tempDataBuffer/_tempDataLen",
         "read, write",
         "fastpath",
         "send-now",
-        "and accept",
     ),
     Private(
         "twisted.internet.abstract:FileDescriptor()._writeDisconnected",
@@ -291,36 +277,21 @@ PRIVATE: tuple[Private, ...] = (
         "fastpath",
         "send-now",
     ),
-    Private("twisted.internet.abstract:FileDescriptor._getLogPrefix", "call", "fastpath", "accept"),
-    Private("twisted.internet.tcp:Port()._realPortNumber", "read", "fastpath", "accept"),
     Private(
-        "twisted.internet.tcp:Port._logger",
-        "write",
-        "service",
-        None,
-        "a descriptor replaced by the Logger it makes (attribute set once per port)",
+        "twisted.internet.epollreactor:EPollReactor()._poller/_selectables",
+        "read",
+        "fastpath",
+        "dispatch",
     ),
     Private(
-        "twisted.internet.epollreactor:EPollReactor()._poller/_reads/_writes/_selectables",
-        "read, write",
-        "fastpath, site",
-        "accept",
-        "and dispatch, channel (requestDone)",
+        "twisted.internet.epollreactor:EPollReactor()._reads",
+        "read",
+        "site",
+        "channel",
+        "requestDone: is the connection registered for reading",
     ),
     Private(
         "twisted.internet.epollreactor:EPollReactor._doReadOrWrite", "call", "fastpath", "dispatch"
-    ),
-    Private(
-        "twisted.internet.base:ReactorBase()._started/_justStopped/_cancellations",
-        "read, write",
-        "fastpath",
-        "loop",
-    ),
-    Private(
-        "twisted.internet.base:ReactorBase()._pendingTimedCalls/_newTimedCalls",
-        "read, write",
-        "fastpath",
-        "loop",
     ),
     Private(
         "twisted.web.client:_HTTP11ClientFactory",
@@ -329,7 +300,6 @@ PRIVATE: tuple[Private, ...] = (
         None,
         "the runner health probe's quiet client factory",
     ),
-    Private("socket:socket._accept", "call", "fastpath", "accept", "Python's, not Twisted's"),
 )
 
 # Each reviewed release's fingerprint of every original in COPIES
@@ -374,17 +344,7 @@ FINGERPRINTS: dict[str, dict[str, str]] = {
         "twisted.internet.abstract:FileDescriptor.write": "9e7a31e75773af52",
         "twisted.web.http:datetimeToString": "c4583cb31dce357a",
         "twisted.web.http:_parseContentType": "77abec6adf27ed61",
-        "twisted.internet.tcp:Port.doRead": "41004bc1df7f8751",
-        "twisted.internet.tcp:Server.__init__": "989f0a88c4fc5f19",
-        "twisted.internet.tcp:Connection.__init__": "dfc60057c1773280",
-        "twisted.internet.abstract:FileDescriptor.__init__": "49247ddef4f93952",
-        "twisted.internet.abstract:FileDescriptor._getLogPrefix": "2d9c034c81257bad",
-        "twisted.internet.epollreactor:EPollReactor._add": "71832ceb7c945d6b",
         "twisted.internet.epollreactor:EPollReactor.doPoll": "2e0a3ee0b5f1a570",
-        "twisted.internet.base:ReactorBase.mainLoop": "ca27e815945e5762",
-        "twisted.internet.base:ReactorBase._insertNewDelayedCalls": "4051d2f790dc7af2",
-        "twisted.internet.base:ReactorBase.timeout": "14fe535dc6eca024",
-        "twisted.internet.base:ReactorBase.runUntilCurrent": "064616697e4a8b98",
     },
     "26.10.0": {
         "twisted.web.server:Request.__init__": "cd00415f94b995d0",
@@ -425,17 +385,7 @@ FINGERPRINTS: dict[str, dict[str, str]] = {
         "twisted.internet.abstract:FileDescriptor.write": "9e7a31e75773af52",
         "twisted.web.http:datetimeToString": "c4583cb31dce357a",
         "twisted.web.http:_parseContentType": "77abec6adf27ed61",
-        "twisted.internet.tcp:Port.doRead": "419a30ed0e214c4b",
-        "twisted.internet.tcp:Server.__init__": "27459fbeaa8489cf",
-        "twisted.internet.tcp:Connection.__init__": "e347cace31d4629c",
-        "twisted.internet.abstract:FileDescriptor.__init__": "49247ddef4f93952",
-        "twisted.internet.abstract:FileDescriptor._getLogPrefix": "2d9c034c81257bad",
-        "twisted.internet.epollreactor:EPollReactor._add": "71832ceb7c945d6b",
         "twisted.internet.epollreactor:EPollReactor.doPoll": "2e0a3ee0b5f1a570",
-        "twisted.internet.base:ReactorBase.mainLoop": "ca27e815945e5762",
-        "twisted.internet.base:ReactorBase._insertNewDelayedCalls": "4051d2f790dc7af2",
-        "twisted.internet.base:ReactorBase.timeout": "14fe535dc6eca024",
-        "twisted.internet.base:ReactorBase.runUntilCurrent": "064616697e4a8b98",
     },
 }
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet import defer, tcp
+from twisted.internet import defer
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
@@ -233,11 +233,6 @@ class GatewayService(MultiService):
         outcome = result[0]
         if hasattr(outcome, "raiseException"):
             outcome.raiseException()
-        if isinstance(outcome, tcp.Port):
-            # Port._logger is a descriptor that makes a new Logger on each use,
-            # twice per accepted connection; the port keeps one instead.
-            outcome._logger = outcome._logger
-            fastpath.install_accept(outcome)
         self.ports.append(outcome)
 
     def startService(self) -> None:
@@ -268,7 +263,6 @@ class GatewayService(MultiService):
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, self._on_sighup)
         fastpath.install_dispatch(self.reactor)
-        fastpath.install_loop(self.reactor)
         _settle_gc()
 
     def _on_sighup(self, signum: int, frame: object) -> None:

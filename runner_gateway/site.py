@@ -388,12 +388,6 @@ class GatewaySite(Site):
         self.displayTracebacks = False
         self.noisy = False
 
-    # fastpath's "accept" fix may pass no address: buildProtocol never reads it.
-    address_unused = True
-
-    # fastpath's "accept" fix may pass no address: buildProtocol never reads it.
-    address_unused = True
-
     def _track(self, request: Request) -> GatewayRequest:
         gateway_request: GatewayRequest = request  # type: ignore[assignment]
         self.inflight.add(gateway_request)
@@ -529,8 +523,7 @@ class _ChannelCopies(GatewayChannel):
             return
         # Twisted's, without its two zope interface look-ups, whose answers are
         # known for a plain TCP connection: an ITCPTransport and its own producer.
-        if not getattr(transport, "nodelay_set", False):  # fastpath "accept" sets it
-            transport.setTcpNoDelay(True)
+        transport.setTcpNoDelay(True)
         self.setTimeout(self.timeOut)
         self._networkProducer = transport
         if transport.producer is None and not transport.disconnected and not transport.TLS:
