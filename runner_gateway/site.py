@@ -12,7 +12,7 @@ import itertools
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, Any, cast
 from urllib.parse import unquote_to_bytes
 
@@ -305,10 +305,10 @@ class GatewayRequest(Request):
             return
         super().handleContentChunk(data)
 
-    def _begin(self) -> RequestContext:
-        """process's first part: the request id, the finish hook, the trace line."""
+    def _begin(self, given: Sequence[bytes] | None) -> RequestContext:
+        """process's first part: the request id (``given``: the client's
+        X-Request-Id values), the finish hook, the trace line."""
         ctx = self.gateway_context
-        given = self.requestHeaders.getRawHeaders(b"x-request-id")
         if given and len(given) == 1 and _REQUEST_ID.match(given[0]):
             ctx.request_id = given[0].decode("ascii")
         else:
@@ -325,7 +325,7 @@ class GatewayRequest(Request):
         return ctx
 
     def process(self) -> None:
-        ctx = self._begin()
+        ctx = self._begin(self.requestHeaders.getRawHeaders(b"x-request-id"))
         self.setHeader(b"x-request-id", ctx.request_id.encode())
         # Twisted's, which sets its own Server header: GatewaySite.getResourceFor
         # puts ours back. The answers the gateway writes itself (401, 404,
@@ -757,15 +757,30 @@ class _RequestCopies(GatewayRequest):
         self._gateway_host = address
 
     def gotLength(self, length: int | None) -> None:
-        if self._body_cap(length):
+        self.head_done = True
+        if length is not None and length > self._gateway_site.max_body_size:
+            self.body_too_large = True
+            self.content = cast(IO[bytes], _Discard())
             return
         # twisted.web.server.Request.gotLength for a Site without a
         # getContentFile (GatewaySite), minus the AttributeError it raises
         # and catches to find that out.
         self.content = _content_file(length)
 
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        self._body_received += len(data)
+        if self._body_received > self._gateway_site.max_body_size:
+            self.body_too_large = True
+            if self.content is not None:
+                self.content.close()
+            self.content = cast(IO[bytes], _Discard())
+            return
+        self.content.write(data)  # type: ignore[union-attr]  # Twisted's handleContentChunk
+
     def process(self) -> None:
-        ctx = self._begin()
+        ctx = self._begin(self.requestHeaders._rawHeaders.get(_X_REQUEST_ID))
         site = self._gateway_site
         # twisted.web.server.Request.process, with the default headers put
         # straight into the table (known names and safe values, so without
@@ -873,7 +888,9 @@ class _SiteCopies(GatewaySite):
         return channel
 
     def getResourceFor(self, request: Request) -> IResource:
-        self._track(request)
+        gateway_request: GatewayRequest = request  # type: ignore[assignment]
+        self.inflight.add(gateway_request)
+        gateway_request.gateway_context.observers = self.observers
         # Site.getResourceFor without its copy.copy of the (empty) prepath.
         request.site = self
         request.sitepath = list(request.prepath or ())  # type: ignore[attr-defined]
@@ -925,6 +942,7 @@ COPIES: list[tuple[str, type, type, tuple[str, ...]]] = [
             "__hash__",
             "host",
             "gotLength",
+            "handleContentChunk",
             "process",
             "write",
             "isSecure",
