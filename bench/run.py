@@ -682,7 +682,6 @@ VARIANTS = {
     "without content-type cache": "content-type",
     "without send-now": "send-now",
     "without whole-head": "whole-head",
-    "without dispatch": "dispatch",
     "without date cache": "date",
     "all fixes on": "",
 }

@@ -29,12 +29,6 @@ equivalent that gives the same result for less work:
   anew for every request (``time.gmtime`` and string formatting, ~3 µs, and
   tens of µs when the process has been idle and its caches are cold). The
   value only changes once a second, so it is kept for the second it names.
-* ``dispatch`` (:func:`install_dispatch`, on the service's running epoll
-  reactor only): Twisted's ``doPoll`` calls each ready connection through
-  ``log.callWithLogger``, which sets the legacy log "system" context (four
-  calls and a dict per event; our log lines do not show it) and logs what
-  escapes the handler. The replacement calls the handler directly and keeps
-  the catch-and-log.
 
 The gateway's own classes (site.py) register more fixes here, each a set of
 copies of Twisted methods installed on GatewayChannel, GatewayRequest and
@@ -67,8 +61,7 @@ from twisted.internet import tcp
 from twisted.logger import Logger
 from twisted.web import http_headers
 
-_dispatch_log = Logger(namespace="runner_gateway.fastpath")
-_log = _dispatch_log
+_log = Logger(namespace="runner_gateway.fastpath")
 
 # twisted.web's cache of canonical header names, read without a method call:
 # ``cached_header_name(name) or canonical_name(name)`` is the name encoder's
@@ -98,7 +91,6 @@ __all__ = [
     "cached_header_name",
     "canonical_name",
     "install",
-    "install_dispatch",
     "installed",
     "register",
     "states",
@@ -206,9 +198,6 @@ def _date() -> None:
     server.datetimeToString = per_second  # type: ignore[attr-defined]
 
 
-# Installed on a reactor or a port by the service, not by install().
-_PER_OBJECT = ("dispatch",)
-
 # Each fix's installer: it raises AttributeError, ImportError or Unavailable,
 # having changed nothing, when this Twisted lacks what the fix relies on.
 # site.py adds its own (register) when it is imported.
@@ -236,7 +225,7 @@ def _skipped(environ: Mapping[str, str] | None) -> set[str]:
     env = os.environ if environ is None else environ
     setting = env.get("RUNNER_GATEWAY_FASTPATH", "").strip().lower()
     if setting == "off":
-        return {*FIXES, *_PER_OBJECT}
+        return set(FIXES)
     return {s.strip() for s in setting.split(",") if s}
 
 
@@ -262,46 +251,3 @@ def install(environ: Mapping[str, str] | None = None) -> frozenset[str]:
             continue
         _mark(name, "on")
     return installed()
-
-
-def _poll(reactor: Any, timeout: float | None) -> None:
-    """``EPollReactor.doPoll`` without ``log.callWithLogger`` around each event."""
-    try:
-        events = reactor._poller.poll(-1 if timeout is None else timeout, len(reactor._selectables))
-    except InterruptedError:
-        return
-    selectables = reactor._selectables
-    handle = reactor._doReadOrWrite
-    for fd, event in events:
-        selectable = selectables.get(fd)
-        if selectable is not None:
-            try:
-                handle(selectable, fd, event)
-            except KeyboardInterrupt:
-                raise
-            except BaseException:
-                # What callWithLogger did: log it, and serve the other events.
-                _dispatch_log.failure("unhandled error in an I/O event")
-
-
-def install_dispatch(reactor: Any, environ: Mapping[str, str] | None = None) -> bool:
-    """The ``dispatch`` fix on ``reactor``: an epoll reactor's own ``doIteration``
-    (the instance's, not the class's). False when switched off or not applicable."""
-    from twisted.internet.epollreactor import EPollReactor
-
-    if "dispatch" in _skipped(environ):
-        _mark("dispatch", "switched-off")
-        return False
-    if type(reactor) is not EPollReactor:
-        _mark("dispatch", "not-applicable")
-        return False
-    if isinstance(reactor.__dict__.get("doIteration"), functools.partial):
-        return True
-    try:
-        _ = (reactor._poller.poll, reactor._selectables, reactor._doReadOrWrite)
-    except AttributeError as exc:  # a Twisted without them: keep its doPoll
-        _mark("dispatch", "unavailable", f"AttributeError: {exc}")
-        return False
-    reactor.doIteration = functools.partial(_poll, reactor)  # type: ignore[method-assign]
-    _mark("dispatch", "on")
-    return True

@@ -168,8 +168,6 @@ COPIES: tuple[Copy, ...] = (
     Copy("twisted.web.http:datetimeToString", _FP + "_date", "date"),
     # -- fix "content-type": the media type cached by the raw header value
     Copy("twisted.web.http:_parseContentType", _FP + "_content_type", "content-type"),
-    # -- fix "dispatch": the epoll reactor's poll, without callWithLogger
-    Copy("twisted.internet.epollreactor:EPollReactor.doPoll", _FP + "_poll", "dispatch"),
 )
 
 PRIVATE: tuple[Private, ...] = (
@@ -279,20 +277,11 @@ PRIVATE: tuple[Private, ...] = (
         "send-now",
     ),
     Private(
-        "twisted.internet.epollreactor:EPollReactor()._poller/_selectables",
-        "read",
-        "fastpath",
-        "dispatch",
-    ),
-    Private(
         "twisted.internet.epollreactor:EPollReactor()._reads",
         "read",
         "site",
         "channel",
         "requestDone: is the connection registered for reading",
-    ),
-    Private(
-        "twisted.internet.epollreactor:EPollReactor._doReadOrWrite", "call", "fastpath", "dispatch"
     ),
     Private(
         "twisted.web.client:_HTTP11ClientFactory",
@@ -346,7 +335,6 @@ FINGERPRINTS: dict[str, dict[str, str]] = {
         "twisted.internet.abstract:FileDescriptor.write": "9e7a31e75773af52",
         "twisted.web.http:datetimeToString": "c4583cb31dce357a",
         "twisted.web.http:_parseContentType": "77abec6adf27ed61",
-        "twisted.internet.epollreactor:EPollReactor.doPoll": "2e0a3ee0b5f1a570",
     },
     "26.10.0": {
         "twisted.web.server:Request.__init__": "cd00415f94b995d0",
@@ -388,7 +376,6 @@ FINGERPRINTS: dict[str, dict[str, str]] = {
         "twisted.internet.abstract:FileDescriptor.write": "9e7a31e75773af52",
         "twisted.web.http:datetimeToString": "c4583cb31dce357a",
         "twisted.web.http:_parseContentType": "77abec6adf27ed61",
-        "twisted.internet.epollreactor:EPollReactor.doPoll": "2e0a3ee0b5f1a570",
     },
 }
 

@@ -35,7 +35,7 @@ from twisted.web.client import _HTTP11ClientFactory as HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
-from runner_gateway import __version__, fastpath
+from runner_gateway import __version__
 from runner_gateway.context import RequestObserver
 from runner_gateway.logs import (
     ACCESS_NAMESPACE,
@@ -262,7 +262,6 @@ class GatewayService(MultiService):
             probe_runner(self.reactor, runner)
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, self._on_sighup)
-        fastpath.install_dispatch(self.reactor)
         _settle_gc()
 
     def _on_sighup(self, signum: int, frame: object) -> None:

@@ -14,7 +14,6 @@ from typing import Any, cast
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -299,59 +298,3 @@ def test_log_record_fallback_and_other_types() -> None:
     assert json.loads(_encode({"s": "\ud800", "n": 2**70})) == {"s": "\ud800", "n": 2**70}
     when = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
     assert json.loads(_encode({"t": when, "b": b"x"})) == {"t": str(when), "b": "b'x'"}
-
-
-def test_dispatch_serves_and_logs_what_escapes_a_handler() -> None:
-    """On a real epoll reactor of its own: bytes still flow both ways, and an
-    exception that escapes an I/O handler is logged, not fatal (as Twisted's
-    callWithLogger did)."""
-    from twisted.internet.epollreactor import EPollReactor
-    from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
-    from twisted.logger import globalLogPublisher
-    from twisted.python.failure import Failure
-
-    reactor = EPollReactor()
-    assert not fastpath.install_dispatch(reactor, {"RUNNER_GATEWAY_FASTPATH": "dispatch"})
-    assert fastpath.install_dispatch(reactor, {})
-    assert fastpath.install_dispatch(reactor, {})  # once is enough
-    assert not fastpath.install_dispatch(MemoryReactorClock(), {})
-    got: list[bytes] = []
-    logged: list[dict[str, Any]] = []
-
-    class Echo(Protocol):
-        def dataReceived(self, data: bytes) -> None:
-            assert self.transport is not None
-            self.transport.write(data)
-
-    class Client(Protocol):
-        def connectionMade(self) -> None:
-            assert self.transport is not None
-            self.transport.write(b"ping")
-
-        def dataReceived(self, data: bytes) -> None:
-            got.append(data)
-            assert self.transport is not None
-            self.transport.loseConnection()
-
-        def connectionLost(self, reason: Failure = connectionDone) -> None:
-            reactor.callLater(0.05, reactor.stop)  # the loop must still be running then
-            raise RuntimeError("a buggy connectionLost")
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("log_namespace") == "runner_gateway.fastpath":
-            logged.append(event)
-
-    port = reactor.listenTCP(0, Factory.forProtocol(Echo), interface="127.0.0.1")
-    reactor.connectTCP(
-        "127.0.0.1", port.getHost().port, cast(Any, ClientFactory.forProtocol(Client))
-    )
-    guard = reactor.callLater(10, reactor.stop)
-    globalLogPublisher.addObserver(cast(ILogObserver, observe))
-    try:
-        reactor.run(installSignalHandlers=False)
-    finally:
-        globalLogPublisher.removeObserver(cast(ILogObserver, observe))
-    assert guard.active()  # stopped by the client's callLater, not the guard
-    guard.cancel()
-    assert got == [b"ping"]
-    assert len(logged) == 1 and "a buggy connectionLost" in str(logged[0]["log_failure"].value)

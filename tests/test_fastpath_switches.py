@@ -24,7 +24,6 @@ from runner_gateway.tree import CorsPolicy, GatewayRoot
 reactor = epollreactor.EPollReactor()
 gateway = site.GatewaySite(GatewayRoot([], CorsPolicy(()), list), reactor, max_body_size=1024)
 port = reactor.listenTCP(0, gateway, interface="127.0.0.1")
-per_object = [fastpath.install_dispatch(reactor)]
 ours = []
 for fix, target, copies, names in site.COPIES:
     ours += [f"{target.__name__}.{n}" for n in names if target.__dict__.get(n) is vars(copies)[n]]
@@ -41,9 +40,8 @@ resolved.update({
 resolved["Site.buildProtocol"] = site.GatewaySite.buildProtocol is server.Site.buildProtocol
 channel = gateway.buildProtocol(None)
 resolved["whole_head"] = not channel.whole_head
-resolved["doIteration"] = "doIteration" not in vars(reactor)
 port.stopListening()
-print(json.dumps({"per_object": per_object, "ours": ours, "resolved": resolved,
+print(json.dumps({"ours": ours, "resolved": resolved,
                   "installed": sorted(fastpath.installed()), "states": fastpath.states()}))
 """
 
@@ -69,14 +67,15 @@ def test_off_installs_none_of_our_copies() -> None:
     got = _run(_OFF_PROBE, fastpath="off")
     assert got["ours"] == []
     assert got["installed"] == []
-    assert got["per_object"] == [False]
     resolved = got["resolved"]
     assert isinstance(resolved, dict)
     assert [name for name, twisted in resolved.items() if not twisted] == []
     states = got["states"]
     assert isinstance(states, dict)
     assert set(states.values()) == {"switched-off"}
-    assert {"channel", "request", "hold", "whole-head", "dispatch"} <= set(states)
+    assert set(states) == {"channel", "request", "hold", "whole-head", "send-now", "date"} | {
+        "content-type"
+    }
 
 
 def test_on_installs_every_copy() -> None:
@@ -125,7 +124,6 @@ from runner_gateway.tree import CorsPolicy, GatewayRoot
 site = GatewaySite(GatewayRoot([], CorsPolicy(()), list), reactor, max_body_size=1 << 20)
 GatewaySite(GatewayRoot([], CorsPolicy(()), list), reactor, max_body_size=1)  # installs again
 port = reactor.listenTCP(0, site, interface="127.0.0.1")
-fastpath.install_dispatch(reactor)
 answers = []
 
 def client():
@@ -175,4 +173,4 @@ def test_a_missing_twisted_name_turns_its_fix_off_and_the_gateway_answers(
     for fix in off:
         assert f'runner_gateway_fastpath_info{{fix="{fix}",state="unavailable"}} 0.0' in got["info"]
         assert any(f"fix {fix} is off" in line for line in warnings)
-    assert 'runner_gateway_fastpath_info{fix="dispatch",state="on"} 1.0' in got["info"]
+    assert 'runner_gateway_fastpath_info{fix="send-now",state="on"} 1.0' in got["info"]
