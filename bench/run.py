@@ -675,7 +675,7 @@ def paired(
     }
 
 
-# What each hot-path fix (runner_gateway/fastpath.py) is worth, in the same run:
+# What each hot-path fix (runner_gateway/edge/fastpath.py) is worth, in the same run:
 # one gateway per variant, measured in turns so all see the same background load.
 VARIANTS = {
     "all fixes off": "off",

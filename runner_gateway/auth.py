@@ -24,8 +24,8 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from runner_gateway.context import RequestContext, context_of
+from runner_gateway.edge.fastpath import canonical_name
 from runner_gateway.errors import send_error
-from runner_gateway.fastpath import canonical_name
 from runner_gateway.paseto import PasetoError, TokenVerifier, VerifiedToken
 from runner_gateway.settings import PasetoSettings
 

@@ -28,8 +28,8 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from runner_gateway import fastpath
 from runner_gateway.context import RequestContext
+from runner_gateway.edge import fastpath
 from runner_gateway.paseto.errors import REASONS as PASETO_REASONS
 from runner_gateway.settings import MetricsSettings
 

@@ -38,10 +38,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from runner_gateway.context import RequestContext, context_of
+from runner_gateway.edge.fastpath import cached_header_name, canonical_name
+from runner_gateway.edge.site import on_finish
 from runner_gateway.errors import send_error
-from runner_gateway.fastpath import cached_header_name, canonical_name
 from runner_gateway.settings import RunnerSettings
-from runner_gateway.site import on_finish
 from runner_gateway.upstream import (
     UpstreamCall,
     UpstreamClient,

@@ -37,6 +37,7 @@ from twisted.web.server import Site
 
 from runner_gateway import __version__
 from runner_gateway.context import RequestObserver
+from runner_gateway.edge.site import GatewaySite
 from runner_gateway.logs import (
     ACCESS_NAMESPACE,
     access_line,
@@ -50,7 +51,6 @@ from runner_gateway.settings import (
     Settings,
     SettingsError,
 )
-from runner_gateway.site import GatewaySite
 from runner_gateway.tree import CorsPolicy, GatewayRoot, Route
 from runner_gateway.upstream import UpstreamPool
 

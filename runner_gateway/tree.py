@@ -18,8 +18,8 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from runner_gateway.context import context_of
+from runner_gateway.edge.fastpath import canonical_name
 from runner_gateway.errors import send_error
-from runner_gateway.fastpath import canonical_name
 from runner_gateway.settings import RunnerSettings
 
 __all__ = ["CorsPolicy", "GatewayRoot", "Route", "match_route"]

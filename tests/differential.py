@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource
 from twisted.web.server import Request, Site
 
-from runner_gateway.site import GatewayChannel, GatewaySite
+from runner_gateway.edge.site import GatewayChannel, GatewaySite
 
 T = TypeVar("T")
 Choose = Callable[[Sequence[T]], T]

@@ -23,7 +23,7 @@ from twisted.web import http, resource
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
-from runner_gateway.site import GatewayChannel, GatewaySite
+from runner_gateway.edge.site import GatewayChannel, GatewaySite
 from tests.helpers_site import Unanswered, needs_fastpath
 
 
@@ -635,7 +635,7 @@ def test_on_finish_fires_as_a_notify_finish_deferred(ending: str) -> None:
     raises is logged and the others still hear it."""
     from twisted.logger import globalLogPublisher
 
-    from runner_gateway.site import on_finish
+    from runner_gateway.edge.site import on_finish
 
     request, _ = _finishing_request()
     heard: list[tuple[str, Any]] = []
@@ -674,7 +674,7 @@ def test_on_finish_fires_as_a_notify_finish_deferred(ending: str) -> None:
 def test_on_finish_on_a_request_double_uses_its_deferred() -> None:
     from twisted.internet.defer import Deferred
 
-    from runner_gateway.site import on_finish
+    from runner_gateway.edge.site import on_finish
 
     class Double:
         def __init__(self) -> None:
@@ -696,7 +696,7 @@ def test_a_body_is_not_taken_once_the_connection_is_closing(
 ) -> None:
     """If the connection starts closing while the head is taken, the body that
     came with it is left alone, as Twisted's line parser leaves it."""
-    from runner_gateway.site import GatewayRequest
+    from runner_gateway.edge.site import GatewayRequest
 
     got_length = GatewayRequest.gotLength
 
@@ -733,7 +733,7 @@ def test_request_done_leaves_the_state_twisteds_leaves_without_its_resume(
     channel, the reactor and the bytes sent as Twisted's requestDone does."""
     from twisted.internet.epollreactor import EPollReactor
 
-    import runner_gateway.site as site_module
+    import runner_gateway.edge.site as site_module
 
     resumes: list[object] = []
     resume = tcp.Server.resumeProducing

@@ -23,7 +23,7 @@ from twisted.logger import (
 )
 from twisted.web import http
 
-from runner_gateway import fastpath
+from runner_gateway.edge import fastpath
 from runner_gateway.logs import (
     ACCESS_FORMAT,
     ACCESS_NAMESPACE,
@@ -42,7 +42,7 @@ from runner_gateway.workers import _WorkerLogControl
 from tests.helpers_site import needs_fastpath
 
 _PROBE = (
-    "from runner_gateway import fastpath, site; from twisted.web import http; "
+    "from runner_gateway.edge import fastpath, site; from twisted.web import http; "
     "print(sorted(fastpath.install()), hasattr(http._parseContentType, 'cache_info'))"
 )
 _ALL = ["channel", "content-type", "date", "hold", "request", "send-now", "whole-head"]

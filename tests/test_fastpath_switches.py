@@ -18,7 +18,7 @@ _OFF_PROBE = """
 import json
 from twisted.internet import epollreactor
 from twisted.web import http, server
-from runner_gateway import fastpath, site
+from runner_gateway.edge import fastpath, site
 from runner_gateway.tree import CorsPolicy, GatewayRoot
 
 reactor = epollreactor.EPollReactor()
@@ -111,14 +111,14 @@ from twisted.logger import formatEvent, globalLogPublisher
 warnings = []
 globalLogPublisher.addObserver(
     lambda e: warnings.append(formatEvent(e))
-    if e.get("log_namespace") == "runner_gateway.fastpath" and e["log_level"].name == "warn"
+    if e.get("log_namespace") == "runner_gateway.edge.fastpath" and e["log_level"].name == "warn"
     else None
 )
 from prometheus_client import generate_latest
-from runner_gateway import fastpath
+from runner_gateway.edge import fastpath
 from runner_gateway.metrics import Metrics
 from runner_gateway.settings import MetricsSettings
-from runner_gateway.site import GatewaySite
+from runner_gateway.edge.site import GatewaySite
 from runner_gateway.tree import CorsPolicy, GatewayRoot
 
 site = GatewaySite(GatewayRoot([], CorsPolicy(()), list), reactor, max_body_size=1 << 20)

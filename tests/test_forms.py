@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web import http, resource
 from twisted.web.server import Request
 
-from runner_gateway.site import GatewaySite
+from runner_gateway.edge.site import GatewaySite
 
 _SIZE = 20 * 1024 * 1024
 

@@ -1,4 +1,4 @@
-"""runner_gateway/reaches.py: the list of our reaches beneath Twisted's public
+"""runner_gateway/edge/reaches.py: the list of our reaches beneath Twisted's public
 API, checked against the installed Twisted."""
 
 from __future__ import annotations
@@ -6,8 +6,15 @@ from __future__ import annotations
 import pytest
 
 import twisted
-from runner_gateway import fastpath, reaches, site  # site registers its fixes
-from runner_gateway.reaches import COPIES, FINGERPRINTS, PRIVATE, REVIEWED, fingerprint, resolve
+from runner_gateway.edge import fastpath, reaches, site  # site registers its fixes
+from runner_gateway.edge.reaches import (
+    COPIES,
+    FINGERPRINTS,
+    PRIVATE,
+    REVIEWED,
+    fingerprint,
+    resolve,
+)
 
 _ORIGINALS = list(dict.fromkeys(copy.original for copy in COPIES))
 _FIXES = {*fastpath.FIXES, "accept", "dispatch", "loop"}
@@ -29,7 +36,7 @@ def test_each_copied_original_is_the_source_we_reviewed(original: str) -> None:
         + ", ".join(f"{release} {value}" for release, value in reviewed.items())
         + f"). Review our copy {ours} against it; once in line, add "
         f'"{original}": "{found}" under "{twisted.__version__}" in '
-        "runner_gateway/reaches.py FINGERPRINTS (python -m runner_gateway.reaches).",
+        "runner_gateway/edge/reaches.py FINGERPRINTS (python -m runner_gateway.edge.reaches).",
         pytrace=False,
     )
 

@@ -56,5 +56,5 @@ def test_no_import_circles() -> None:
 
 def test_the_gateway_modules_are_seen() -> None:
     graph = _imports()
-    assert "runner_gateway.site" in graph["runner_gateway.service"]
+    assert "runner_gateway.edge.site" in graph["runner_gateway.service"]
     assert "runner_gateway.service" in graph["runner_gateway.workers"]

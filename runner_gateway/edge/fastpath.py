@@ -44,7 +44,7 @@ leave out) keeps Twisted's own code: the benchmark suite uses it to measure
 each fix's effect in the same run, and CI runs the test suite once that way.
 
 A fix whose Twisted internals are missing or changed on the installed
-Twisted (runner_gateway/reaches.py lists them) is left off: Twisted's own
+Twisted (runner_gateway/edge/reaches.py lists them) is left off: Twisted's own
 code serves, one warning says which fix and why, and
 ``runner_gateway_fastpath_info{fix,state}`` (metrics.py) shows it.
 """
@@ -61,7 +61,7 @@ from twisted.internet import tcp
 from twisted.logger import Logger
 from twisted.web import http_headers
 
-_log = Logger(namespace="runner_gateway.fastpath")
+_log = Logger(namespace="runner_gateway.edge.fastpath")
 
 # twisted.web's cache of canonical header names, read without a method call:
 # ``cached_header_name(name) or canonical_name(name)`` is the name encoder's

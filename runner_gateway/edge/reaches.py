@@ -10,7 +10,7 @@ where there is one; ``RUNNER_GATEWAY_FASTPATH=off`` switches them all.
 tests/test_reaches.py fingerprints the installed Twisted's originals: when
 one differs from every fingerprint here, the test fails naming our copy to
 review. Once reviewed (and our copy brought in line), add the new
-fingerprint under the new release (``python -m runner_gateway.reaches``
+fingerprint under the new release (``python -m runner_gateway.edge.reaches``
 prints them all for the installed Twisted).
 
 To add a reviewed Twisted release: add it to :data:`REVIEWED`, install it,
@@ -97,11 +97,11 @@ def resolve(path: str) -> Any:
     return found
 
 
-_CH = "runner_gateway.site:_ChannelCopies."
-_WH = "runner_gateway.site:_WholeHeadCopies."
-_RQ = "runner_gateway.site:_RequestCopies."
-_SC = "runner_gateway.site:_SiteCopies."
-_FP = "runner_gateway.fastpath:"
+_CH = "runner_gateway.edge.site:_ChannelCopies."
+_WH = "runner_gateway.edge.site:_WholeHeadCopies."
+_RQ = "runner_gateway.edge.site:_RequestCopies."
+_SC = "runner_gateway.edge.site:_SiteCopies."
+_FP = "runner_gateway.edge.fastpath:"
 
 COPIES: tuple[Copy, ...] = (
     # -- fix "request": twisted.web's Request
@@ -150,16 +150,18 @@ COPIES: tuple[Copy, ...] = (
         "twisted.web.http:_IdentityTransferDecoder.dataReceived", _WH + "_take_head", "whole-head"
     ),
     Copy("twisted.protocols.basic:LineReceiver.dataReceived", _WH + "_take_head", "whole-head"),
-    Copy("twisted.web.http:_parseRequestLine", "runner_gateway.site:_WHOLE_HEAD", "whole-head"),
+    Copy(
+        "twisted.web.http:_parseRequestLine", "runner_gateway.edge.site:_WHOLE_HEAD", "whole-head"
+    ),
     Copy(
         "twisted.web.http_headers:_NameEncoder.encode",
-        "runner_gateway.site:_WHOLE_HEAD",
+        "runner_gateway.edge.site:_WHOLE_HEAD",
         "whole-head",
     ),
     # -- fix "hold": the response head written into the held pieces
     Copy(
         "twisted.web.http:HTTPChannel.writeHeaders",
-        "runner_gateway.site:_HoldCopies.writeHeaders",
+        "runner_gateway.edge.site:_HoldCopies.writeHeaders",
         "hold",
     ),
     # -- fix "send-now": a write sent at once when nothing is queued
@@ -293,7 +295,7 @@ PRIVATE: tuple[Private, ...] = (
 )
 
 # Each reviewed release's fingerprint of every original in COPIES
-# (python -m runner_gateway.reaches prints this block for the installed Twisted).
+# (python -m runner_gateway.edge.reaches prints this block for the installed Twisted).
 FINGERPRINTS: dict[str, dict[str, str]] = {
     "26.4.0": {
         "twisted.web.server:Request.__init__": "cd00415f94b995d0",

@@ -28,9 +28,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, getChildForRequest
 from twisted.web.server import Request, Site
 
-from runner_gateway import fastpath
 from runner_gateway.context import RequestContext, RequestObserver
-from runner_gateway.fastpath import Unavailable, cached_header_name, canonical_name, write_now
+from runner_gateway.edge import fastpath
+from runner_gateway.edge.fastpath import Unavailable, cached_header_name, canonical_name, write_now
 from runner_gateway.logs import ACCESS_FORMAT, ACCESS_NAMESPACE
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewaySite", "RequestObserver"]
@@ -132,7 +132,7 @@ class GatewayChannel(http.HTTPChannel):
     the site's header_timeout; the deadline is armed only while a head is
     still coming. Everything else is Twisted's, unless a fastpath fix puts
     its copies in (``channel``, ``hold``, ``whole-head``: see the classes
-    below and runner_gateway/reaches.py).
+    below and runner_gateway/edge/reaches.py).
     """
 
     _held: list[bytes] | None = None
@@ -557,7 +557,7 @@ class _HoldCopies(GatewayChannel):
     """The "hold" fix: between :meth:`hold` and :meth:`release` (the proxy
     brackets each read from the runner with them) the response's head, body
     pieces and closing chunk are kept, then handed over with
-    :func:`~runner_gateway.fastpath.write_now`: one ``send()`` at once instead
+    :func:`~runner_gateway.edge.fastpath.write_now`: one ``send()`` at once instead
     of several queued writes sent on the reactor's next turn."""
 
     def hold(self) -> None:
