@@ -278,19 +278,13 @@ class GatewayRequest(Request):
         self._ended = False
         self.head_done = False
 
-    def _body_cap(self, length: int | None) -> bool:
-        """gotLength's first part: True when the body is over the cap (and
-        will not be kept)."""
+    def gotLength(self, length: int | None) -> None:
         self.head_done = True
         if length is not None and length > self._gateway_site.max_body_size:
-            self.body_too_large = True
+            self.body_too_large = True  # not kept: answered 413 by the tree
             self.content = cast(IO[bytes], _Discard())
-            return True
-        return False
-
-    def gotLength(self, length: int | None) -> None:
-        if not self._body_cap(length):
-            super().gotLength(length)
+            return
+        super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.body_too_large:
@@ -370,8 +364,8 @@ class GatewaySite(Site):
         observers: list[RequestObserver] | None = None,
         trace: bool = False,
     ) -> None:
-        # Never parse form bodies into request.args (the gateway never reads
-        # them; a big one would cost seconds of CPU before auth is checked).
+        # Never parse form bodies into request.args: the gateway never reads
+        # them, and Twisted would parse a big one whole before auth is checked.
         super().__init__(
             resource, timeout=keep_alive_timeout, reactor=reactor, parsePOSTFormSubmission=False
         )
@@ -388,14 +382,10 @@ class GatewaySite(Site):
         self.displayTracebacks = False
         self.noisy = False
 
-    def _track(self, request: Request) -> GatewayRequest:
+    def getResourceFor(self, request: Request) -> IResource:
         gateway_request: GatewayRequest = request  # type: ignore[assignment]
         self.inflight.add(gateway_request)
         gateway_request.gateway_context.observers = self.observers
-        return gateway_request
-
-    def getResourceFor(self, request: Request) -> IResource:
-        self._track(request)
         request.setHeader(b"server", b"runner-gateway")
         found: IResource = super().getResourceFor(request)
         return found
