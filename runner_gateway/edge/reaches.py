@@ -283,7 +283,7 @@ PRIVATE: tuple[Private, ...] = (
         "read",
         "site",
         "channel",
-        "requestDone: is the connection registered for reading",
+        "requestDone: is the connection registered for reading (if absent: Twisted's path)",
     ),
     Private(
         "twisted.web.client:_HTTP11ClientFactory",

@@ -473,7 +473,8 @@ class _ChannelCopies(GatewayChannel):
             or self._waitingForTransport
             or type(transport) is not tcp.Server
             or type(transport.reactor) is not _EPOLL_REACTOR
-            or transport.fileno() not in transport.reactor._reads  # type: ignore[attr-defined]
+            # (a reactor without this set: Twisted's path)
+            or transport.fileno() not in getattr(transport.reactor, "_reads", ())
         ):
             http.HTTPChannel.requestDone(self, request)
             return
