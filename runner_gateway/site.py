@@ -691,7 +691,7 @@ class GatewayRequest(Request):
             return
         self._ended = True
         ctx = self.gateway_context
-        if isinstance(result, Failure):
+        if isinstance(result, Failure) and not ctx.stream_complete():
             ctx.aborted = True
         if ctx.status is None:
             ctx.status = self.code
