@@ -215,6 +215,11 @@ def make_observer(
     return _LevelFilter(write, twisted_level(level))
 
 
+# twisted.internet.protocol.Factory's doStart/doStop lines (info): one pair
+# per client connection for factories that do not set noisy = False.
+_FACTORY_CHATTER = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}"})
+
+
 class _LevelFilter(FilteringLogObserver):
     """FilteringLogObserver with one LogLevelFilterPredicate(defaultLogLevel=level),
     decided by a set lookup: the predicate compares LogLevel constants (slow in
@@ -227,7 +232,12 @@ class _LevelFilter(FilteringLogObserver):
 
     def __call__(self, event: dict[str, Any]) -> None:
         # As the predicate: no level or no namespace, or a lower level: dropped.
-        if event.get("log_level") in self._levels and event.get("log_namespace"):
+        # Twisted's factory start/stop chatter goes too, from any factory.
+        if (
+            event.get("log_level") in self._levels
+            and event.get("log_namespace")
+            and event.get("log_format") not in _FACTORY_CHATTER
+        ):
             if "log_trace" in event:
                 event["log_trace"].append((self, self._write))
             self._write(event)
