@@ -93,7 +93,6 @@ class RequestContext:
                 for data in unread:
                     usage.feed(data)
 
-
     def stream_complete(self) -> bool:
         """Whether the runner's last event has gone to the client (usage.py's
         ``ended``): a client that leaves after it did not abort the stream."""

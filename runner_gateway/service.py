@@ -49,6 +49,7 @@ from runner_gateway.settings import (
     Settings,
     SettingsError,
     load_settings,
+    restart_needed,
 )
 from runner_gateway.site import GatewaySite, RequestObserver
 from runner_gateway.tree import CorsPolicy, GatewayRoot, Route
@@ -112,7 +113,7 @@ def build_root(
     from runner_gateway.paseto import build_verifier
     from runner_gateway.proxy import ReverseProxyResource
 
-    verifier = build_verifier(settings.paseto, clock=reactor.seconds)
+    verifier = build_verifier(settings.paseto, reactor.seconds, settings.source_of)
     cache = TokenCache.from_settings(settings.paseto)
     routes = []
     for runner in settings.runners:
@@ -174,6 +175,7 @@ class GatewayService(MultiService):
                     settings.server.client_ca_path,
                     reactor=reactor,
                     interval=settings.server.certificate_reload_interval,
+                    labels=_tls_labels(settings),
                 )
             except TLSConfigError as exc:
                 raise StartupError(str(exc)) from None
@@ -305,9 +307,12 @@ class GatewayService(MultiService):
                 "settings reload refused, keeping the running settings: {error}", error=str(exc)
             )
             return False
-        old = self.settings
-        if settings.server != old.server:
-            _log.warn("server.* changes (address, TLS paths, timeouts) need a restart")
+        restart = restart_needed(self.settings, settings)
+        if restart:
+            _log.warn(
+                "settings reloaded, but these changes need a restart: {keys}",
+                keys=", ".join(restart),
+            )
         self.generation = generation
         self.site.resource = generation.root
         self.site.max_body_size = max(r.max_body_size for r in settings.runners)
@@ -342,6 +347,13 @@ class GatewayService(MultiService):
             return self.pool.closeCachedConnections()
 
         return idle.addBoth(done)
+
+
+def _tls_labels(settings: Settings) -> tuple[str, str, str]:
+    """How TLS errors name the files: settings key and where it was set."""
+    keys = ("server.certificatePath", "server.keyPath", "server.clientCAPath")
+    a, b, c = (f"{settings.source_of(key)}: {key}" for key in keys)
+    return a, b, c
 
 
 def probe_runner(reactor: Any, runner: RunnerSettings) -> defer.Deferred[bool]:

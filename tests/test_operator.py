@@ -308,3 +308,45 @@ def test_demo_stops_everything_on_sigint_and_sighup(
 ) -> None:
     proc, port, _ = demo
     _stop_demo(proc, port, signum)
+
+
+def test_secret_key_file_as_the_readme_makes_it(checkout: Path) -> None:
+    [make_key] = [
+        line.strip()
+        for line in README.splitlines()
+        if "paseto-tool -action=symmetric" in line and line.startswith("(umask")
+    ]
+    done = _shell(make_key, checkout, checkout)
+    assert done.returncode == 0, done.stderr
+    key_file = checkout / "settings" / "paseto-local.key"
+    assert key_file.stat().st_mode & 0o077 == 0
+    assert re.fullmatch(r"[0-9a-f]{64}\n", key_file.read_text())
+    assert "secretKeyPath: settings/paseto-local.key" in README
+    (checkout / "settings" / "my-domain.yaml").write_text(
+        "paseto:\n  secretKeyPath: settings/paseto-local.key\n"
+    )
+    minted = _shell("bin/paseto-tool -action=private -sub=alice -env=my-domain", checkout, checkout)
+    assert minted.returncode == 0, minted.stderr
+    assert minted.stdout.startswith("v4.local.")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "settings/my-domain.yaml",
+        "settings/paseto.key",
+        "settings/paseto.pub",
+        "settings/paseto-local.key",
+        "twistd.pid",
+    ],
+)
+def test_gitignore_covers_what_the_readme_has_you_create(path: str) -> None:
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    assert path in README or path == "twistd.pid" or path.endswith(".pub")
+    done = subprocess.run(["git", "check-ignore", "--no-index", "-q", path], cwd=ROOT, check=False)
+    assert done.returncode == 0, f"{path} is not ignored"
+    kept = subprocess.run(
+        ["git", "check-ignore", "--no-index", "-q", "settings/settings.yaml"], cwd=ROOT, check=False
+    )
+    assert kept.returncode == 1
