@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 
 from runner_gateway.service import GatewayService
 from runner_gateway.settings import load_settings, restart_needed
@@ -44,12 +44,13 @@ def test_reload_warns_naming_metrics_address(tmp_path: Path) -> None:
     (tmp_path / "settings.yaml").write_text(BASE)
     service = GatewayService(lambda: load_settings(tmp_path, environ={}), MemoryReactorClock())
     events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
     try:
         (tmp_path / "settings.yaml").write_text(BASE + "metrics: {address: '127.0.0.1:9464'}\n")
         assert service.reload()
     finally:
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(observer)
     warnings = [
         e for e in events if e.get("log_level") is not None and e["log_level"].name == "warn"
     ]
