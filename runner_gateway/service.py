@@ -22,7 +22,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import defer, tcp
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Protocol
@@ -127,7 +127,9 @@ def build_root(
 def _endpoint(reactor: Any, address: Address, tls_creator: Any = None) -> IStreamServerEndpoint:
     host = address.host
     if tls_creator is not None:
-        return SSL4ServerEndpoint(reactor, address.port, tls_creator, interface=host)
+        from runner_gateway.httpsonly import HTTPSOnlyEndpoint
+
+        return HTTPSOnlyEndpoint(_endpoint(reactor, address), tls_creator)
     if ":" in host:
         return TCP6ServerEndpoint(reactor, address.port, interface=host)
     return TCP4ServerEndpoint(reactor, address.port, interface=host)

@@ -246,7 +246,9 @@ class AdoptedEndpoint:
         probe.detach()
         wrapped: IProtocolFactory = factory
         if self.tls_creator is not None:
-            wrapped = TLSMemoryBIOFactory(self.tls_creator, False, factory)
+            from runner_gateway.httpsonly import refuse_plain_http
+
+            wrapped = refuse_plain_http(TLSMemoryBIOFactory(self.tls_creator, False, factory))
         try:
             port = self.reactor.adoptStreamPort(self.fd, family, wrapped)
         except Exception:
