@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from runner_gateway.cpus import usable_cpus
+
 __all__ = [
     "LEVELS",
     "SCOPES",
@@ -193,8 +195,9 @@ class ServerSettings:
     keep_alive_timeout: float = 75.0
     drain_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
-    # One worker process per CPU (workers.py); 1 serves from the twistd process itself.
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # One worker process per CPU this process may use (cpus.py: affinity and the
+    # cgroup quota, not the host's count); 1 serves from the twistd process itself.
+    workers: int = field(default_factory=lambda: usable_cpus())
 
     @property
     def tls(self) -> bool:
@@ -503,7 +506,7 @@ def _convert(kind: str, value: object) -> Any:
         return n
     if kind == "workers":
         if value == "auto":
-            return os.cpu_count() or 1
+            return usable_cpus()
         n = _expect(value, int, "a number of worker processes or 'auto'")
         if n < 1:
             raise ValueError("must be at least 1")
