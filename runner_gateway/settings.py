@@ -1,9 +1,11 @@
 """Layered settings: defaults, settings.yaml, <env>.yaml, environment, flags.
 
-Pure logic, no Twisted. Everything is parsed once into frozen dataclasses;
-anything unknown or ill-typed raises :class:`SettingsError`, which names the
-file (or environment variable) and the dotted key, so a start-up failure is a
-single readable line.
+Pure logic, no Twisted (it reads the YAML files and the one key file
+``paseto.secretKeyPath`` names). Everything is parsed once into frozen
+dataclasses; anything unknown or ill-typed raises :class:`SettingsError`,
+which names the source (file, environment variable or flag) and the dotted
+key, one readable line per problem; a load reports all it finds at once
+(:class:`SettingsErrors`).
 """
 
 from __future__ import annotations
