@@ -59,6 +59,11 @@ def test_metrics_scrapes_log_nothing(
     )
     with start_gateway(settings.directory) as gw:
         _scrape_until_workers(metrics_port, workers)
+        # Start-up lines that come late (each serving process probes the runner).
+        deadline = time.monotonic() + 30
+        while sum("runner r0 at" in line for line in list(gw.lines)) < workers:
+            assert time.monotonic() < deadline, gw.output
+            time.sleep(0.05)
         gw_port = int(gw.url.rsplit(":", 1)[1])
         _mark(gw, gw_port, "before")
         start = len(gw.lines)
