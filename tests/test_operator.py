@@ -351,3 +351,29 @@ def test_gitignore_covers_what_the_readme_has_you_create(path: str) -> None:
         ["git", "check-ignore", "--no-index", "-q", "settings/settings.yaml"], cwd=ROOT, check=False
     )
     assert kept.returncode == 1
+
+
+def test_every_paseto_tool_line_of_the_readme_works(checkout: Path) -> None:
+    """In the README's order, with the settings its Settings section shows."""
+    [example] = [b for b in re.findall(r"```yaml\n(.*?)```", README, re.S) if "secretKeyPath" in b]
+    (checkout / "settings" / "my-domain.yaml").write_text(example)
+    lines = [
+        line.split("  #")[0].strip()
+        for block in re.findall(r"```bash\n(.*?)```", README, re.S)
+        for line in block.splitlines()
+        if "bin/paseto-tool" in line
+    ]
+    assert len(lines) >= 10
+    token = ""
+    for line in lines:
+        if "-action=validate" in line:
+            assert token
+            line = re.sub(r"-token=\S+", f"-token={token}", line)
+        done = _shell(line, checkout, checkout)
+        assert done.returncode == 0, (line, done.stderr)
+        if "-action=public -sub=alice" in line:
+            token = done.stdout.strip()
+        if line.startswith("(umask"):  # the key file made: now name it, as the README does
+            (checkout / "settings" / "settings.yaml").write_text(
+                "paseto:\n  secretKeyPath: settings/paseto-local.key\n"
+            )
