@@ -286,6 +286,13 @@ PRIVATE: tuple[Private, ...] = (
         "requestDone: is the connection registered for reading (if absent: Twisted's path)",
     ),
     Private(
+        "twisted.web._newclient:ParseError",
+        "import",
+        "proxy",
+        None,
+        "the error Twisted's client raises on a bad response, caught by the proxy",
+    ),
+    Private(
         "twisted.web.client:_HTTP11ClientFactory",
         "import",
         "service",
