@@ -36,6 +36,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from runner_gateway import __version__, fastpath
+from runner_gateway.admission import Limiter
 from runner_gateway.logs import (
     ACCESS_NAMESPACE,
     access_line,
@@ -105,8 +106,10 @@ def build_root(
     reactor: Any,
     pool: UpstreamPool,
     readiness: Callable[[], list[str]],
+    limiter: Limiter | None = None,
 ) -> GatewayRoot:
     """The resource tree for one settings generation; raises SettingsError on bad keys."""
+    from runner_gateway.admission import AdmissionResource
     from runner_gateway.auth import AuthResource, TokenCache
     from runner_gateway.authz import AuthorizationResource
     from runner_gateway.paseto import build_verifier
@@ -116,7 +119,9 @@ def build_root(
     cache = TokenCache.from_settings(settings.paseto)
     routes = []
     for runner in settings.runners:
-        proxy = ReverseProxyResource(runner, reactor, pool)
+        proxy: Any = ReverseProxyResource(runner, reactor, pool)
+        if limiter is not None:
+            proxy = AdmissionResource(proxy, limiter)
         policy = AuthorizationResource(proxy, runner, settings.authorization)
         guarded = AuthResource(policy, verifier, cache, reactor.seconds)
         routes.append(Route(runner, guarded))
@@ -152,6 +157,8 @@ class GatewayService(MultiService):
         self.observers: list[RequestObserver] = []
         self.metrics: Any = None
         settings = load()
+        self.limiter = Limiter(reactor, settings.limits, self._limits_store())
+        self.observers.append(self.limiter)
         self.generation = self._build(settings)
         self.site = GatewaySite(
             self.generation.root,
@@ -180,7 +187,7 @@ class GatewayService(MultiService):
         if settings.metrics.address is not None:
             from runner_gateway.metrics import Metrics
 
-            self.metrics = Metrics(settings.metrics, reactor.seconds)
+            self.metrics = Metrics(settings.metrics, reactor.seconds, self.limiter)
             self.observers.append(self.metrics)
 
     @property
@@ -188,7 +195,12 @@ class GatewayService(MultiService):
         return self.generation.settings
 
     def _build(self, settings: Settings) -> _Generation:
-        return _Generation(settings, build_root(settings, self.reactor, self.pool, self.problems))
+        root = build_root(settings, self.reactor, self.pool, self.problems, self.limiter)
+        return _Generation(settings, root)
+
+    def _limits_store(self) -> str | None:
+        """The limits' shared store (a worker's is its supervisor's); None: make one."""
+        return None
 
     def problems(self) -> list[str]:
         """What keeps the gateway from being ready (for /readyz)."""
@@ -286,6 +298,7 @@ class GatewayService(MultiService):
             probe_runner(self.reactor, runner)
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, self._on_sighup)
+        self.limiter.start()
         fastpath.install_dispatch(self.reactor)
         fastpath.install_loop(self.reactor)
         _settle_gc()
@@ -309,6 +322,7 @@ class GatewayService(MultiService):
         if settings.server != old.server:
             _log.warn("server.* changes (address, TLS paths, timeouts) need a restart")
         self.generation = generation
+        self.limiter.configure(settings.limits)
         self.site.resource = generation.root
         self.site.max_body_size = max(r.max_body_size for r in settings.runners)
         self.site.trace = settings.logging.level == "trace"
@@ -339,6 +353,7 @@ class GatewayService(MultiService):
             if self.site.inflight:
                 _log.warn("drain timeout: cutting {n} request(s)", n=len(self.site.inflight))
                 self.site.abort_inflight()
+            self.limiter.stop()
             return self.pool.closeCachedConnections()
 
         return idle.addBoth(done)

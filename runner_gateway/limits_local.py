@@ -1,0 +1,261 @@
+"""The ``local`` limits backend: one SQLite file shared by every worker process.
+
+Workers are separate processes (workers.py), so counts kept in memory would
+multiply every limit by ``server.workers``. They share one small SQLite
+database instead (in ``/dev/shm`` where it exists, so it never touches a
+disk), opened by each process; every admission is one ``BEGIN IMMEDIATE``
+transaction (read the counts, decide with :func:`limits.decide`, record), so
+two workers can never both take the last slot. SQLite's lock is a POSIX
+record lock: the kernel drops it when a process dies, even mid-transaction,
+and the journal rolls the half-done transaction back.
+
+Why SQLite: it is in the standard library, exact (transactions), crash-safe
+(above), and holds any subject name; one admission plus one finish cost
+~40-50 µs on this machine (docs/benchmarks.md). A hand-made shared-memory
+hash table would be faster but needs its own fixed-size layout, eviction and
+crash recovery; the supervisor holding the counters would add a round trip
+per request and does not exist with ``server.workers: 1``.
+
+Concurrency slots belong to a *holder* (one per process) with a lease: the
+holder renews it every second (:meth:`LocalBackend.renew`, from a timer) and
+slots count only while their holder's lease (``LEASE`` seconds) runs, so a
+worker killed with SIGKILL gives its slots back within ``LEASE`` seconds.
+The Redis backend will keep the same shape (leases per replica, expiring keys).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from runner_gateway.limits import (
+    DAY,
+    WINDOW,
+    Counts,
+    Verdict,
+    day_of,
+    decide,
+    display_key,
+    remaining,
+    window,
+)
+from runner_gateway.settings import LimitsSettings, TierLimits
+
+__all__ = ["LEASE", "STORE_VARIABLE", "LocalBackend", "new_store_path", "remove_store"]
+
+LEASE = 5.0  # seconds a holder's slots count without a renewal
+_FORGET_HOLDER = 60.0  # a holder expired this long is deleted with its slots
+_BUSY_TIMEOUT_MS = 2000  # another worker's transaction takes microseconds
+# The supervisor names the shared file in this variable for its workers.
+STORE_VARIABLE = "RUNNER_GATEWAY_LIMITS_STORE"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS hits (key TEXT, second INTEGER, n INTEGER,
+    PRIMARY KEY (key, second)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS slots (key TEXT, holder TEXT, n INTEGER,
+    PRIMARY KEY (key, holder)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS holders (holder TEXT PRIMARY KEY, expires REAL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tokens (key TEXT, day INTEGER, n INTEGER, estimated INTEGER,
+    PRIMARY KEY (key, day)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS subjects (key TEXT PRIMARY KEY, tier TEXT, seen REAL) WITHOUT ROWID;
+"""
+
+
+def new_store_path() -> str:
+    """A fresh file name in a new private directory (tmpfs where there is one)."""
+    shm = Path("/dev/shm")  # noqa: S108 - a private mkdtemp directory inside it
+    base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    directory = tempfile.mkdtemp(prefix="runner-gateway-limits-", dir=base)
+    return os.path.join(directory, "limits.db")
+
+
+def remove_store(path: str) -> None:
+    """Delete a store made by :func:`new_store_path` (its files and directory)."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with suppress(FileNotFoundError):
+            os.unlink(path + suffix)
+    with suppress(OSError):
+        os.rmdir(os.path.dirname(path))
+
+
+class LocalBackend:
+    """The counts of every worker on this machine, in one SQLite file."""
+
+    def __init__(self, path: str, now: float) -> None:
+        self.path = path
+        self.holder = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._db = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_MS / 1000
+        )
+        db = self._db
+        # WAL: readers never wait; synchronous=OFF: a crashed machine loses
+        # its counters anyway (tmpfs), a crashed process loses nothing.
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=OFF")
+        # IF NOT EXISTS: workers starting together all run this harmlessly.
+        db.executescript(_SCHEMA)
+        self._tiers: dict[str, str] = {}  # key -> tier this process recorded
+        self._lease(now)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _lease(self, now: float) -> None:
+        self._db.execute(
+            "INSERT INTO holders VALUES (?, ?) "
+            "ON CONFLICT DO UPDATE SET expires = excluded.expires",
+            (self.holder, now + LEASE),
+        )
+
+    # ------------------------------------------------------------ Backend
+
+    def admit(self, key: str, tier: str, limits: TierLimits, now: float) -> Verdict:
+        rpm, slots, tpd = (
+            limits.requests_per_minute,
+            limits.concurrent_requests,
+            limits.tokens_per_day,
+        )
+        second = int(now)
+        with self._transaction() as db:
+            counts = self._counts(db, key, limits, now)
+            verdict = decide(limits, counts, now)
+            if verdict.allowed:
+                if rpm:
+                    db.execute(
+                        "INSERT INTO hits VALUES (?, ?, 1) ON CONFLICT DO UPDATE SET n = n + 1",
+                        (key, second),
+                    )
+                    db.execute(
+                        "DELETE FROM hits WHERE key = ? AND second <= ?", (key, second - WINDOW)
+                    )
+                if slots:
+                    self._lease(now)
+                    db.execute(
+                        "INSERT INTO slots VALUES (?, ?, 1) ON CONFLICT DO UPDATE SET n = n + 1",
+                        (key, self.holder),
+                    )
+            if self._tiers.get(key) != tier and (rpm or slots or tpd):
+                self._tiers[key] = tier
+                db.execute(
+                    "INSERT INTO subjects VALUES (?, ?, ?) ON CONFLICT DO UPDATE "
+                    "SET tier = excluded.tier, seen = excluded.seen",
+                    (key, tier, now),
+                )
+        return verdict
+
+    def _counts(self, db: sqlite3.Connection, key: str, limits: TierLimits, now: float) -> Counts:
+        requests = Counts()
+        if limits.requests_per_minute:
+            rows = db.execute(
+                "SELECT second, n FROM hits WHERE key = ? AND second > ?",
+                (key, int(now) - WINDOW),
+            ).fetchall()
+            requests = window(rows, now, limits.requests_per_minute)
+        concurrent = 0
+        if limits.concurrent_requests:
+            (concurrent,) = db.execute(
+                "SELECT coalesce(sum(s.n), 0) FROM slots s JOIN holders h USING (holder) "
+                "WHERE s.key = ? AND h.expires > ?",
+                (key, now),
+            ).fetchone()
+        tokens = 0
+        if limits.tokens_per_day:
+            row = db.execute(
+                "SELECT n FROM tokens WHERE key = ? AND day = ?", (key, day_of(now))
+            ).fetchone()
+            tokens = row[0] if row else 0
+        return Counts(
+            requests.requests,
+            requests.requests_free_in,
+            requests.retry_requests,
+            max(0, concurrent),
+            tokens,
+        )
+
+    def finish(self, key: str, slot: bool, tokens: int, estimated: bool, now: float) -> None:
+        if not slot and not tokens:
+            return
+        with self._transaction() as db:
+            if slot:
+                db.execute(
+                    "UPDATE slots SET n = n - 1 WHERE key = ? AND holder = ?", (key, self.holder)
+                )
+                db.execute(
+                    "DELETE FROM slots WHERE key = ? AND holder = ? AND n <= 0", (key, self.holder)
+                )
+            if tokens:
+                db.execute(
+                    "INSERT INTO tokens VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE "
+                    "SET n = n + excluded.n, estimated = estimated + excluded.estimated",
+                    (key, day_of(now), tokens, tokens if estimated else 0),
+                )
+
+    def renew(self, now: float) -> None:
+        with self._transaction() as db:
+            self._lease(now)
+            db.execute("DELETE FROM holders WHERE expires < ?", (now - _FORGET_HOLDER,))
+            db.execute("DELETE FROM slots WHERE holder NOT IN (SELECT holder FROM holders)")
+            db.execute("DELETE FROM hits WHERE second <= ?", (int(now) - WINDOW,))
+            db.execute("DELETE FROM tokens WHERE day < ?", (day_of(now),))
+            db.execute(
+                "DELETE FROM subjects WHERE seen < ? AND key NOT IN (SELECT key FROM tokens) "
+                "AND key NOT IN (SELECT key FROM hits) AND key NOT IN (SELECT key FROM slots)",
+                (now - DAY,),
+            )
+
+    def snapshot(self, settings: LimitsSettings, now: float) -> dict[str, Any]:
+        tiers = dict(settings.tiers)
+        subjects: dict[str, Any] = {}
+        with self._transaction() as db:
+            rows = db.execute("SELECT key, tier FROM subjects ORDER BY key").fetchall()
+            for key, tier in rows:
+                limits = settings.default if tier == "default" else tiers.get(tier)
+                if limits is None:
+                    continue  # a tier removed from the settings since
+                counts = self._counts(db, key, _everything(limits), now)
+                estimated = db.execute(
+                    "SELECT estimated FROM tokens WHERE key = ? AND day = ?", (key, day_of(now))
+                ).fetchone()
+                subjects[display_key(key)] = {
+                    "tier": tier,
+                    "requests_last_minute": counts.requests,
+                    "concurrent": counts.concurrent,
+                    "tokens_today": counts.tokens,
+                    "tokens_estimated": estimated[0] if estimated else 0,
+                    "requests_per_minute": limits.requests_per_minute,
+                    "concurrent_requests": limits.concurrent_requests,
+                    "tokens_per_day": limits.tokens_per_day,
+                    **remaining(limits, counts),
+                }
+        return {"backend": "local", "day": day_of(now), "subjects": subjects}
+
+    def close(self) -> None:
+        try:
+            with self._transaction() as db:
+                db.execute("DELETE FROM slots WHERE holder = ?", (self.holder,))
+                db.execute("DELETE FROM holders WHERE holder = ?", (self.holder,))
+        finally:
+            self._db.close()
+
+
+def _everything(limits: TierLimits) -> TierLimits:
+    """Limits that make _counts read every count (for /usage)."""
+    return TierLimits(
+        limits.requests_per_minute or 1 << 62,
+        limits.concurrent_requests or 1 << 62,
+        limits.tokens_per_day or 1 << 62,
+    )
