@@ -312,13 +312,15 @@ class Metrics:
             ["kind"],
             registry=reg,
         )
-        self.limits_backend_up = Gauge(
-            "runner_gateway_limits_backend_up",
-            "1 while the limits backend answers (0 during an outage).",
+        # 1 per process in an outage, so the supervisor's sum counts the
+        # workers that cannot reach the backend.
+        self.limits_backend_down = Gauge(
+            "runner_gateway_limits_backend_down",
+            "1 while the limits backend fails (onBackendError decides meanwhile), else 0.",
             registry=reg,
         )
         if limiter is not None:
-            self.limits_backend_up.set_function(lambda: 1.0 if limiter.healthy else 0.0)
+            self.limits_backend_down.set_function(lambda: 0.0 if limiter.healthy else 1.0)
         # Fixed vocabularies start at zero so rate() sees the first failure.
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason=reason)
