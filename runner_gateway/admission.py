@@ -8,10 +8,16 @@ response either way. :class:`Limiter` owns the backend for the service: it
 renews this process's lease on its concurrency slots every second, and as a
 request observer (site.py) gives a slot back and charges the tokens when a
 request ends, however it ends (finished, client gone, drain cut it).
+
+On the way to an OpenAI-compatible runner, a streaming chat or completions
+request whose client did not ask for usage gets ``stream_options:
+{"include_usage": true}`` (unless the runner's ``requestUsage`` is false), and
+the proxy takes the usage-only chunk out of what that client receives.
 """
 
 from __future__ import annotations
 
+import io
 import sqlite3
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +32,7 @@ from runner_gateway.errors import send_error
 from runner_gateway.limits import Backend, message_for, subject_key, tier_for
 from runner_gateway.limits_local import LocalBackend, new_store_path, remove_store
 from runner_gateway.settings import LimitsSettings
+from runner_gateway.usage import UsageChunkFilter, ask_for_usage, may_ask_for_usage
 
 __all__ = ["REFUSED_KEY", "AdmissionResource", "Limiter"]
 
@@ -167,6 +174,8 @@ class AdmissionResource(Resource):
         self.limiter = limiter
 
     def render(self, request: Request) -> bytes | int:
+        # Also asks runners for the usage a stream's client did not ask for
+        # (_pass), so that token counts can be billed on, limits or not.
         limiter = self.limiter
         settings = limiter.settings
         backend = limiter.backend
@@ -236,5 +245,30 @@ class AdmissionResource(Resource):
         return self._pass(request)
 
     def _pass(self, request: Request) -> bytes | int:
+        ctx = context_of(request)
+        runner = ctx.runner
+        if (
+            runner is not None
+            and runner.request_usage
+            and request.method == b"POST"
+            and may_ask_for_usage(ctx.upstream_path)
+            and request.content is not None
+        ):
+            _ask_for_usage(request, ctx)
         result: bytes | int = self.wrapped.render(request)
         return result
+
+
+def _ask_for_usage(request: Request, ctx: RequestContext) -> None:
+    """Ask the runner for the usage of a stream whose client did not (usage.py);
+    the proxy takes the usage chunk out again (ctx.body_filter)."""
+    content = request.content
+    assert content is not None
+    content.seek(0)
+    body = content.read()
+    content.seek(0)
+    asked = ask_for_usage(ctx.upstream_path, body)
+    if asked is not None:
+        content.close()
+        request.content = io.BytesIO(asked)
+        ctx.body_filter = UsageChunkFilter()

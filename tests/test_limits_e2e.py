@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from runner_gateway.testing.process import start_standin
-from tests.conftest import GatewaySettings
+from tests.conftest import GatewaySettings, StandIn
 from tests.gateway_process import GatewayProcess, start_gateway
 
 pytestmark = pytest.mark.timeout(180)
@@ -80,9 +80,7 @@ def _wait(test: Callable[[], bool], what: str, timeout: float = 30) -> None:
 
 
 @pytest.fixture(scope="module")
-def limited(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Limited]:
+def limited(tmp_path_factory: pytest.TempPathFactory, standin: StandIn) -> Iterator[Limited]:
     # Streams of 40 chunks 0.25 s apart (10 s): slow enough to overlap.
     with start_standin(["--chunks", "40", "--interval", "0.25", "--quiet"]) as (host, port, _):
         from runner_gateway.paseto import V4SecretKey, public_key_pem, secret_key_pem
@@ -97,6 +95,9 @@ def limited(
             f"paseto:\n  publicPath: {directory}/paseto.pub\n  keyPath: {directory}/paseto.key\n"
             "logging:\n  format: json\n"
             f"runners:\n  - name: r0\n    host: {host}:{port}\n    path: /\n"
+            f"  - name: fast\n    host: {standin.address}\n    path: /fast\n"
+            f"  - name: raw\n    host: {standin.address}\n    path: /raw\n"
+            "    requestUsage: false\n"
             "server:\n  address: 127.0.0.1:0\n  workers: 2\n  drainTimeout: 2s\n"
             f"metrics:\n  address: 127.0.0.1:{metrics_port}\n"
             "limits:\n"
@@ -325,3 +326,43 @@ def test_token_quota_openai_gives_up_at_once_and_ollama_sees_429(limited: Limite
     usage = _usage(limited.metrics_port)["limits"]
     assert isinstance(usage, dict)
     assert usage["subjects"]["spender"]["tokens_remaining"] == 0
+
+
+def _chat_stream(limited: Limited, prefix: str, sub: str, **extra: object) -> list[object]:
+    client = openai.OpenAI(
+        base_url=f"{limited.gw.url}{prefix}/v1",
+        api_key=limited.settings.token(sub=sub),
+        max_retries=0,
+    )
+    stream = client.chat.completions.create(
+        model="llama3.2:1b",
+        messages=[{"role": "user", "content": "hello"}],
+        stream=True,
+        **extra,  # type: ignore[call-overload]
+    )
+    return list(stream)
+
+
+def test_usage_asked_for_and_the_usage_chunk_kept_from_the_client(limited: Limited) -> None:
+    chunks = _chat_stream(limited, "/fast", "counted")
+    assert chunks and all(c.choices for c in chunks)  # type: ignore[attr-defined]
+    assert all(c.usage is None for c in chunks)  # type: ignore[attr-defined]
+    _wait(lambda: bool(_access(limited.gw, "counted")), "the access line")
+    (line,) = _access(limited.gw, "counted")
+    assert int(str(line["prompt_tokens"])) > 0  # reported by the runner, not estimated
+    assert "usage_estimated" not in line
+    # A client that asks gets the usage chunk as usual.
+    chunks = _chat_stream(limited, "/fast", "asker", stream_options={"include_usage": True})
+    last = chunks[-1]
+    assert not last.choices and last.usage is not None  # type: ignore[attr-defined]
+    assert last.usage.completion_tokens > 0  # type: ignore[attr-defined]
+
+
+def test_request_usage_false_sends_the_body_as_it_is_and_estimates(limited: Limited) -> None:
+    chunks = _chat_stream(limited, "/raw", "estimated")
+    assert all(c.usage is None for c in chunks)  # type: ignore[attr-defined]
+    _wait(lambda: bool(_access(limited.gw, "estimated")), "the access line")
+    (line,) = _access(limited.gw, "estimated")
+    assert line["usage_estimated"] is True
+    assert line["prompt_tokens"] == 0
+    assert int(str(line["completion_tokens"])) > 0
