@@ -25,12 +25,14 @@ The Redis backend will keep the same shape (leases per replica, expiring keys).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import sqlite3
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,18 @@ CREATE TABLE IF NOT EXISTS subjects (key TEXT PRIMARY KEY, tier TEXT, seen REAL)
 """
 
 
+# Every count of a subject in one statement: requests in the window and the
+# oldest second among them, live slots, today's tokens.
+_COUNTS = """
+SELECT
+  (SELECT coalesce(sum(n), 0) FROM hits WHERE key = ?1 AND second >= ?2),
+  (SELECT min(second) FROM hits WHERE key = ?1 AND second >= ?2),
+  (SELECT coalesce(sum(s.n), 0) FROM slots s JOIN holders h USING (holder)
+     WHERE s.key = ?1 AND h.expires > ?3),
+  (SELECT coalesce(sum(n), 0) FROM tokens WHERE key = ?1 AND day = ?4)
+"""
+
+
 def new_store_path() -> str:
     """A fresh file name in a new private directory (tmpfs where there is one)."""
     shm = Path("/dev/shm")  # noqa: S108 - a private mkdtemp directory inside it
@@ -77,7 +91,7 @@ def new_store_path() -> str:
 
 def remove_store(path: str) -> None:
     """Delete a store made by :func:`new_store_path` (its files and directory)."""
-    for suffix in ("", "-wal", "-shm", "-journal"):
+    for suffix in ("", "-wal", "-shm", "-journal", ".lock"):
         with suppress(FileNotFoundError):
             os.unlink(path + suffix)
     with suppress(OSError):
@@ -93,6 +107,7 @@ class LocalBackend:
         self._db = sqlite3.connect(
             path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_MS / 1000
         )
+        self._lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         db = self._db
         # WAL: readers never wait; synchronous=OFF: a crashed machine loses
         # its counters anyway (tmpfs), a crashed process loses nothing.
@@ -105,14 +120,23 @@ class LocalBackend:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        # Our own lock around SQLite's: a worker waiting for it sleeps in the
+        # kernel and wakes the moment the other lets go, where SQLite's busy
+        # handler polls in sleeps of 1 ms and more (which stalled a worker's
+        # whole event loop on every collision at c=32). A POSIX lock as well:
+        # the kernel drops it when its process dies.
+        fcntl.lockf(self._lock, fcntl.LOCK_EX)
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
         try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        finally:
+            fcntl.lockf(self._lock, fcntl.LOCK_UN)
 
     def _lease(self, now: float) -> None:
         self._db.execute(
@@ -134,16 +158,12 @@ class LocalBackend:
             counts = self._counts(db, key, limits, now)
             verdict = decide(limits, counts, now)
             if verdict.allowed:
-                if rpm:
+                if rpm:  # buckets out of the window go in renew()
                     db.execute(
                         "INSERT INTO hits VALUES (?, ?, 1) ON CONFLICT DO UPDATE SET n = n + 1",
                         (key, second),
                     )
-                    db.execute(
-                        "DELETE FROM hits WHERE key = ? AND second <= ?", (key, second - WINDOW)
-                    )
-                if slots:
-                    self._lease(now)
+                if slots:  # counted while the lease runs (renew)
                     db.execute(
                         "INSERT INTO slots VALUES (?, ?, 1) ON CONFLICT DO UPDATE SET n = n + 1",
                         (key, self.holder),
@@ -158,30 +178,21 @@ class LocalBackend:
         return verdict
 
     def _counts(self, db: sqlite3.Connection, key: str, limits: TierLimits, now: float) -> Counts:
-        requests = Counts()
-        if limits.requests_per_minute:
+        first = int(now) - WINDOW + 1  # the oldest second in the window
+        requests, oldest, concurrent, tokens = db.execute(
+            _COUNTS, (key, first, now, day_of(now))
+        ).fetchone()
+        rpm = limits.requests_per_minute
+        if rpm and requests >= rpm:
+            # Full: when does one more fit? That needs the buckets themselves.
             rows = db.execute(
-                "SELECT second, n FROM hits WHERE key = ? AND second > ?",
-                (key, int(now) - WINDOW),
+                "SELECT second, n FROM hits WHERE key = ? AND second >= ?", (key, first)
             ).fetchall()
-            requests = window(rows, now, limits.requests_per_minute)
-        concurrent = 0
-        if limits.concurrent_requests:
-            (concurrent,) = db.execute(
-                "SELECT coalesce(sum(s.n), 0) FROM slots s JOIN holders h USING (holder) "
-                "WHERE s.key = ? AND h.expires > ?",
-                (key, now),
-            ).fetchone()
-        tokens = 0
-        if limits.tokens_per_day:
-            row = db.execute(
-                "SELECT n FROM tokens WHERE key = ? AND day = ?", (key, day_of(now))
-            ).fetchone()
-            tokens = row[0] if row else 0
+            return replace(window(rows, now, rpm), concurrent=max(0, concurrent), tokens=tokens)
         return Counts(
-            requests.requests,
-            requests.requests_free_in,
-            requests.retry_requests,
+            requests,
+            oldest + WINDOW - now if oldest is not None else 0.0,
+            0.0,
             max(0, concurrent),
             tokens,
         )
@@ -190,12 +201,9 @@ class LocalBackend:
         if not slot and not tokens:
             return
         with self._transaction() as db:
-            if slot:
+            if slot:  # a row at 0 goes in renew()
                 db.execute(
                     "UPDATE slots SET n = n - 1 WHERE key = ? AND holder = ?", (key, self.holder)
-                )
-                db.execute(
-                    "DELETE FROM slots WHERE key = ? AND holder = ? AND n <= 0", (key, self.holder)
                 )
             if tokens:
                 db.execute(
@@ -208,7 +216,9 @@ class LocalBackend:
         with self._transaction() as db:
             self._lease(now)
             db.execute("DELETE FROM holders WHERE expires < ?", (now - _FORGET_HOLDER,))
-            db.execute("DELETE FROM slots WHERE holder NOT IN (SELECT holder FROM holders)")
+            db.execute(
+                "DELETE FROM slots WHERE n <= 0 OR holder NOT IN (SELECT holder FROM holders)"
+            )
             db.execute("DELETE FROM hits WHERE second <= ?", (int(now) - WINDOW,))
             db.execute("DELETE FROM tokens WHERE day < ?", (day_of(now),))
             db.execute(
@@ -226,7 +236,7 @@ class LocalBackend:
                 limits = settings.default if tier == "default" else tiers.get(tier)
                 if limits is None:
                     continue  # a tier removed from the settings since
-                counts = self._counts(db, key, _everything(limits), now)
+                counts = self._counts(db, key, limits, now)
                 estimated = db.execute(
                     "SELECT estimated FROM tokens WHERE key = ? AND day = ?", (key, day_of(now))
                 ).fetchone()
@@ -250,12 +260,4 @@ class LocalBackend:
                 db.execute("DELETE FROM holders WHERE holder = ?", (self.holder,))
         finally:
             self._db.close()
-
-
-def _everything(limits: TierLimits) -> TierLimits:
-    """Limits that make _counts read every count (for /usage)."""
-    return TierLimits(
-        limits.requests_per_minute or 1 << 62,
-        limits.concurrent_requests or 1 << 62,
-        limits.tokens_per_day or 1 << 62,
-    )
+            os.close(self._lock)
