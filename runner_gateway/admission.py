@@ -84,12 +84,15 @@ class Limiter:
             self._open()
 
     def _open(self) -> None:
-        if self._store is None:
-            self._store = new_store_path()
-        self.backend = LocalBackend(self._store, self.reactor.seconds())
         assert self._renew is not None
-        if not self._renew.running:
+        if not self._renew.running:  # also retries an open that failed
             self._renew.start(RENEW_EVERY, now=False)
+        try:
+            if self._store is None:
+                self._store = new_store_path()
+            self.backend = LocalBackend(self._store, self.reactor.seconds())
+        except (sqlite3.Error, OSError) as exc:
+            self._backend_failed(exc)
 
     def stop(self) -> None:
         """Give back this process's slots (after the drain) and close the store."""
@@ -107,6 +110,8 @@ class Limiter:
     def _tick(self) -> None:
         backend = self.backend
         if backend is None:
+            if self.settings.enabled:
+                self._open()
             return
         try:
             backend.renew(self.reactor.seconds())
@@ -178,8 +183,7 @@ class AdmissionResource(Resource):
         # (_pass), so that token counts can be billed on, limits or not.
         limiter = self.limiter
         settings = limiter.settings
-        backend = limiter.backend
-        if not settings.enabled or backend is None:
+        if not settings.enabled:
             return self._pass(request)
         ctx = context_of(request)
         claims = ctx.claims
@@ -206,7 +210,9 @@ class AdmissionResource(Resource):
             )
         now = limiter.reactor.seconds()
         try:
-            verdict = backend.admit(key, tier, limits, now)
+            if limiter.backend is None:  # it could not be opened (logged)
+                raise sqlite3.OperationalError("the local store is not open")
+            verdict = limiter.backend.admit(key, tier, limits, now)
         except sqlite3.Error as exc:
             limiter._backend_failed(exc)
             if settings.on_backend_error == "allow":
