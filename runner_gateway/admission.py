@@ -22,6 +22,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
@@ -67,6 +68,7 @@ class Limiter:
         self._owns_store = store is None
         self.backend: Backend | None = None
         self._renew: LoopingCall | None = None
+        self._flush: IDelayedCall | None = None
         self._failing = False
 
     # ------------------------------------------------------------ lifecycle
@@ -98,6 +100,9 @@ class Limiter:
         """Give back this process's slots (after the drain) and close the store."""
         if self._renew is not None and self._renew.running:
             self._renew.stop()
+        if self._flush is not None and self._flush.active():
+            self._flush.cancel()  # close() writes what is queued
+        self._flush = None
         backend, self.backend = self.backend, None
         if backend is not None:
             try:
@@ -162,10 +167,20 @@ class Limiter:
         if ticket.tokens and usage is not None:
             tokens = usage.prompt_tokens + usage.completion_tokens
             estimated = not usage.reported
+        backend.finish(ticket.key, ticket.slot, tokens, estimated, self.reactor.seconds())
+        if self._flush is None:
+            # The requests that end in this turn are written together, next turn.
+            self._flush = self.reactor.callLater(0, self._write_finished)
+
+    def _write_finished(self) -> None:
+        self._flush = None
+        backend = self.backend
+        if backend is None:
+            return
         try:
-            backend.finish(ticket.key, ticket.slot, tokens, estimated, self.reactor.seconds())
+            backend.flush()
         except sqlite3.Error as exc:
-            self._backend_failed(exc)
+            self._backend_failed(exc)  # kept queued: the next transaction retries
 
 
 class AdmissionResource(Resource):

@@ -83,7 +83,12 @@ class Backend(Protocol):
         ...
 
     def finish(self, key: str, slot: bool, tokens: int, estimated: bool, now: float) -> None:
-        """The response ended: give the slot back (if one was taken), charge tokens."""
+        """The response ended: give the slot back (if one was taken), charge tokens.
+        May be queued until :meth:`flush` or this process's next admission."""
+        ...
+
+    def flush(self) -> None:
+        """Write what :meth:`finish` queued."""
         ...
 
     def renew(self, now: float) -> None:

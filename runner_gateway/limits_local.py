@@ -116,6 +116,8 @@ class LocalBackend:
         # IF NOT EXISTS: workers starting together all run this harmlessly.
         db.executescript(_SCHEMA)
         self._tiers: dict[str, str] = {}  # key -> tier this process recorded
+        # Finished requests not written yet: (key, slot, tokens, estimated, day).
+        self._finished: list[tuple[str, bool, int, bool, int]] = []
         self._lease(now)
 
     @contextmanager
@@ -155,6 +157,8 @@ class LocalBackend:
         )
         second = int(now)
         with self._transaction() as db:
+            if self._finished:
+                self._apply(db)
             counts = self._counts(db, key, limits, now)
             verdict = decide(limits, counts, now)
             if verdict.allowed:
@@ -198,22 +202,44 @@ class LocalBackend:
         )
 
     def finish(self, key: str, slot: bool, tokens: int, estimated: bool, now: float) -> None:
-        if not slot and not tokens:
-            return
-        with self._transaction() as db:
-            if slot:  # a row at 0 goes in renew()
-                db.execute(
-                    "UPDATE slots SET n = n - 1 WHERE key = ? AND holder = ?", (key, self.holder)
-                )
-            if tokens:
-                db.execute(
+        # Queued, not written: the next transaction of this process applies
+        # it (an admission, before it counts, or flush(), which the Limiter
+        # calls on the reactor's next turn), so the requests that end in one
+        # turn share one transaction.
+        if slot or tokens:
+            self._finished.append((key, slot, tokens, estimated, day_of(now)))
+
+    def flush(self) -> None:
+        if self._finished:
+            with self._transaction() as db:
+                self._apply(db)
+
+    def _apply(self, db: sqlite3.Connection) -> None:
+        """Write the queued finishes (inside a transaction)."""
+        done, self._finished = self._finished, []
+        try:
+            releases = [(key, self.holder) for key, slot, _, _, _ in done if slot]
+            if releases:  # a row at 0 goes in renew()
+                db.executemany("UPDATE slots SET n = n - 1 WHERE key = ? AND holder = ?", releases)
+            charges = [
+                (key, day, tokens, tokens if estimated else 0)
+                for key, _, tokens, estimated, day in done
+                if tokens
+            ]
+            if charges:
+                db.executemany(
                     "INSERT INTO tokens VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE "
                     "SET n = n + excluded.n, estimated = estimated + excluded.estimated",
-                    (key, day_of(now), tokens, tokens if estimated else 0),
+                    charges,
                 )
+        except BaseException:
+            self._finished[:0] = done  # rolled back: kept for the next transaction
+            raise
 
     def renew(self, now: float) -> None:
         with self._transaction() as db:
+            if self._finished:
+                self._apply(db)
             self._lease(now)
             db.execute("DELETE FROM holders WHERE expires < ?", (now - _FORGET_HOLDER,))
             db.execute(
@@ -231,6 +257,8 @@ class LocalBackend:
         tiers = dict(settings.tiers)
         subjects: dict[str, Any] = {}
         with self._transaction() as db:
+            if self._finished:
+                self._apply(db)
             rows = db.execute("SELECT key, tier FROM subjects ORDER BY key").fetchall()
             for key, tier in rows:
                 limits = settings.default if tier == "default" else tiers.get(tier)
@@ -256,6 +284,7 @@ class LocalBackend:
     def close(self) -> None:
         try:
             with self._transaction() as db:
+                self._apply(db)  # the tokens; the slots go below anyway
                 db.execute("DELETE FROM slots WHERE holder = ?", (self.holder,))
                 db.execute("DELETE FROM holders WHERE holder = ?", (self.holder,))
         finally:

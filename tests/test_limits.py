@@ -150,11 +150,15 @@ def test_two_processes_share_the_counts(store: str) -> None:
     limits = TierLimits(requests_per_minute=3, concurrent_requests=1)
     assert one.admit("s:a", "t", limits, T0).allowed
     assert two.admit("s:a", "t", limits, T0).kind == "concurrency"
-    one.finish("s:a", True, 0, False, T0)
+    one.finish("s:a", True, 0, False, T0)  # queued until this process writes
+    assert two.admit("s:a", "t", limits, T0).kind == "concurrency"
+    one.flush()
     assert two.admit("s:a", "t", limits, T0).allowed
     two.finish("s:a", True, 0, False, T0)
+    two.flush()
     assert one.admit("s:a", "t", limits, T0).allowed
     one.finish("s:a", True, 0, False, T0)
+    one.flush()
     assert two.admit("s:a", "t", limits, T0).kind == "requests"
 
 
