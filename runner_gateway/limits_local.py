@@ -2,19 +2,28 @@
 
 Workers are separate processes (workers.py), so counts kept in memory would
 multiply every limit by ``server.workers``. They share one small SQLite
-database instead (in ``/dev/shm`` where it exists, so it never touches a
-disk), opened by each process; every admission is one ``BEGIN IMMEDIATE``
-transaction (read the counts, decide with :func:`limits.decide`, record), so
-two workers can never both take the last slot. SQLite's lock is a POSIX
-record lock: the kernel drops it when a process dies, even mid-transaction,
-and the journal rolls the half-done transaction back.
+database instead (WAL mode, in ``/dev/shm`` where it exists, so it never
+touches a disk), opened by each process. Every admission is one transaction
+(apply this process's queued finishes, read the counts in one statement,
+decide with :func:`limits.decide`, record), so two workers can never both
+take the last slot. Transactions are serialised by a POSIX lock on a file
+next to the database (held for the few statements of one transaction;
+SQLite's own busy handler would poll in sleeps of 1 ms and more instead).
+The kernel drops that lock, and SQLite's, when a process dies, even
+mid-transaction, and the WAL rolls the half-done transaction back.
+
+Finishes (a slot given back, tokens charged) are queued in the process and
+written by its next transaction: the next admission (before it counts) or
+``flush()``, which the Limiter calls on the reactor's next turn, so the
+requests that end in one turn share one transaction.
 
 Why SQLite: it is in the standard library, exact (transactions), crash-safe
-(above), and holds any subject name; one admission plus one finish cost
-~40-50 µs on this machine (docs/benchmarks.md). A hand-made shared-memory
-hash table would be faster but needs its own fixed-size layout, eviction and
-crash recovery; the supervisor holding the counters would add a round trip
-per request and does not exist with ``server.workers: 1``.
+(above), and holds any subject name; an admission costs ~45 µs of CPU and a
+finish ~30 µs alone or ~10 µs batched (docs/benchmarks.md). A hand-made
+shared-memory table would be cheaper but needs its own fixed-size layout,
+eviction (which would hand an evicted subject a fresh token quota) and crash
+recovery; the supervisor holding the counters would add a round trip per
+request and does not exist with ``server.workers: 1``.
 
 Concurrency slots belong to a *holder* (one per process) with a lease: the
 holder renews it every second (:meth:`LocalBackend.renew`, from a timer) and

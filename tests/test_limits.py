@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,3 +216,18 @@ def test_new_store_path_is_private_and_removable() -> None:
     LocalBackend(path, T0).close()
     remove_store(path)
     assert not os.path.exists(directory)
+
+
+def test_queued_finishes_survive_a_failed_write(store: str) -> None:
+    backend = LocalBackend(store, T0)
+    limits = TierLimits(tokens_per_day=100)
+    assert backend.admit("s:a", "t", limits, T0).allowed
+    backend.finish("s:a", False, 150, False, T0)
+    saboteur = sqlite3.connect(store, isolation_level=None)
+    saboteur.execute("ALTER TABLE tokens RENAME TO tokens_away")
+    with pytest.raises(sqlite3.OperationalError):
+        backend.flush()
+    saboteur.execute("ALTER TABLE tokens_away RENAME TO tokens")
+    saboteur.close()
+    backend.flush()  # written now: the failed transaction kept them queued
+    assert backend.admit("s:a", "t", limits, T0 + 1).kind == "tokens"
