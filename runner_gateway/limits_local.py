@@ -14,8 +14,8 @@ mid-transaction, and the WAL rolls the half-done transaction back.
 
 Finishes (a slot given back, tokens charged) are queued in the process and
 written by its next transaction: the next admission (before it counts) or
-``flush()``, which the Limiter calls on the reactor's next turn, so the
-requests that end in one turn share one transaction.
+``flush()``, which the Limiter calls 20 ms after a request ended), so the
+requests that end close together share one transaction.
 
 Why SQLite: it is in the standard library, exact (transactions), crash-safe
 (above), and holds any subject name; an admission costs ~45 µs of CPU and a
@@ -213,8 +213,8 @@ class LocalBackend:
     def finish(self, key: str, slot: bool, tokens: int, estimated: bool, now: float) -> None:
         # Queued, not written: the next transaction of this process applies
         # it (an admission, before it counts, or flush(), which the Limiter
-        # calls on the reactor's next turn), so the requests that end in one
-        # turn share one transaction.
+        # calls soon after), so the requests that end close together share
+        # one transaction.
         if slot or tokens:
             self._finished.append((key, slot, tokens, estimated, day_of(now)))
 

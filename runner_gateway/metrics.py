@@ -27,6 +27,7 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
+from runner_gateway.admission import REFUSED_KEY
 from runner_gateway.context import RequestContext
 from runner_gateway.limits import KINDS as LIMIT_KINDS
 from runner_gateway.paseto.errors import REASONS as PASETO_REASONS
@@ -56,7 +57,6 @@ UPSTREAM_ERROR_KINDS = ("connect", "tls", "timeout", "reset", "protocol", "other
 # Why the limits layer (admission.py) refused: a limit, an unknown tier, a
 # token without sub or jti, or the backend.
 LIMIT_REFUSALS = (*LIMIT_KINDS, "tier", "subject", "backend")
-_REFUSED_KEY = "limits.refused"  # ctx.extra, set by admission.py
 # Model runs take from milliseconds (cached embeddings) to many minutes
 # (long generations on slow hardware).
 DURATION_BUCKETS = (
@@ -359,7 +359,7 @@ class Metrics:
         if ctx.upstream_error is not None:
             kind = ctx.upstream_error if ctx.upstream_error in UPSTREAM_ERROR_KINDS else OTHER
             self.upstream_errors.labels(runner=runner, kind=kind).inc()
-        refused = ctx.extra.get(_REFUSED_KEY)
+        refused = ctx.extra.get(REFUSED_KEY)
         if refused is not None:
             self.limit_refusals.labels(kind=refused).inc()
 

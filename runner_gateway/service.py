@@ -353,8 +353,10 @@ class GatewayService(MultiService):
             if self.site.inflight:
                 _log.warn("drain timeout: cutting {n} request(s)", n=len(self.site.inflight))
                 self.site.abort_inflight()
-            self.limiter.stop()
-            return self.pool.closeCachedConnections()
+            closed = self.pool.closeCachedConnections()
+            # After the cut requests have ended (a turn later): their tokens
+            # are charged, then this process's slots go with its lease.
+            return closed.addBoth(lambda _: self.limiter.stop())
 
         return idle.addBoth(done)
 
