@@ -18,7 +18,6 @@ the proxy takes the usage-only chunk out of what that client receives.
 from __future__ import annotations
 
 import io
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +29,13 @@ from twisted.web.server import Request
 
 from runner_gateway.context import RequestContext, context_of
 from runner_gateway.errors import send_error
-from runner_gateway.limits import Backend, message_for, subject_key, tier_for
+from runner_gateway.limits import (
+    Backend,
+    BackendError,
+    message_for,
+    subject_key,
+    tier_for,
+)
 from runner_gateway.limits_local import LocalBackend, new_store_path, remove_store
 from runner_gateway.settings import LimitsSettings
 from runner_gateway.usage import UsageChunkFilter, ask_for_usage, may_ask_for_usage
@@ -99,7 +104,7 @@ class Limiter:
             if self._store is None:
                 self._store = new_store_path()
             self.backend = LocalBackend(self._store, self.reactor.seconds())
-        except (sqlite3.Error, OSError) as exc:
+        except (BackendError, OSError) as exc:
             self._backend_failed(exc)
 
     def stop(self) -> None:
@@ -113,7 +118,7 @@ class Limiter:
         if backend is not None:
             try:
                 backend.close()
-            except sqlite3.Error:
+            except BackendError:
                 _log.failure("limits: closing the local store failed")
         if self._owns_store and self._store is not None:
             remove_store(self._store)
@@ -126,7 +131,7 @@ class Limiter:
             return
         try:
             backend.renew(self.reactor.seconds())
-        except sqlite3.Error as exc:
+        except BackendError as exc:
             self._backend_failed(exc)
         else:
             self._backend_ok()
@@ -184,7 +189,7 @@ class Limiter:
             return
         try:
             backend.flush()
-        except sqlite3.Error as exc:
+        except BackendError as exc:
             self._backend_failed(exc)  # kept queued: the next transaction retries
 
 
@@ -231,9 +236,9 @@ class AdmissionResource(Resource):
         now = limiter.reactor.seconds()
         try:
             if limiter.backend is None:  # it could not be opened (logged)
-                raise sqlite3.OperationalError("the local store is not open")
+                raise BackendError("the local store is not open")
             verdict = limiter.backend.admit(key, tier, limits, now)
-        except sqlite3.Error as exc:
+        except BackendError as exc:
             limiter._backend_failed(exc)
             if settings.on_backend_error == "allow":
                 return self._pass(request)

@@ -21,6 +21,7 @@ keeps the counts and, in one atomic step per request, reads them, calls
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ __all__ = [
     "KINDS",
     "WINDOW",
     "Backend",
+    "BackendError",
     "Counts",
     "Verdict",
     "day_of",
@@ -51,6 +53,10 @@ DAY = 86400
 DEFAULT_TIER = "default"
 # What a refusal was for: the metric's label values and the policies' names.
 KINDS = ("requests", "concurrency", "tokens")
+
+
+class BackendError(Exception):
+    """The backend cannot count (onBackendError decides what happens)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,28 +197,37 @@ def decide(limits: TierLimits, counts: Counts, now: float) -> Verdict:
         kind, retry = "concurrency", 1.0  # a slot frees when some response ends
     allowed = kind is None
     used = 1 if allowed else 0  # the request at hand, once admitted
-    policy: list[str] = []
     state: list[str] = []
     if rpm:
-        policy.append(f'"requests";q={rpm};w={WINDOW}')
         reset = counts.requests_free_in if counts.requests else (WINDOW if used else 0)
         if kind == "requests":
             reset = counts.retry_requests
         remaining = max(0, rpm - counts.requests - used)
         state.append(f'"requests";r={remaining};t={math.ceil(max(0.0, reset))}')
     if slots:
-        policy.append(f'"concurrency";q={slots};qu="concurrency"')
         state.append(f'"concurrency";r={max(0, slots - counts.concurrent - used)}')
     if tpd:
-        policy.append(f'"tokens";q={tpd};w={DAY}')
         state.append(f'"tokens";r={max(0, tpd - counts.tokens)};t={math.ceil(day_left)}')
     return Verdict(
         allowed,
         kind,
         0 if allowed else _seconds(retry),
-        ", ".join(policy),
+        _policy(limits),
         ", ".join(state),
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _policy(limits: TierLimits) -> str:
+    """The RateLimit-Policy value: the same for every request of a tier."""
+    policy = []
+    if limits.requests_per_minute:
+        policy.append(f'"requests";q={limits.requests_per_minute};w={WINDOW}')
+    if limits.concurrent_requests:
+        policy.append(f'"concurrency";q={limits.concurrent_requests};qu="concurrency"')
+    if limits.tokens_per_day:
+        policy.append(f'"tokens";q={limits.tokens_per_day};w={DAY}')
+    return ", ".join(policy)
 
 
 def message_for(kind: str, limits: TierLimits, tier: str, retry_after: int) -> str:

@@ -1,53 +1,64 @@
-"""The ``local`` limits backend: one SQLite file shared by every worker process.
+"""The ``local`` limits backend: one shared-memory table for every worker process.
 
-Workers are separate processes (workers.py), so counts kept in memory would
-multiply every limit by ``server.workers``. They share one small SQLite
-database instead (WAL mode, in ``/dev/shm`` where it exists, so it never
-touches a disk), opened by each process. Every admission is one transaction
-(apply this process's queued finishes, read the counts in one statement,
-decide with :func:`limits.decide`, record), so two workers can never both
-take the last slot. Transactions are serialised by a POSIX lock on a file
-next to the database (held for the few statements of one transaction;
-SQLite's own busy handler would poll in sleeps of 1 ms and more instead).
-The kernel drops that lock, and SQLite's, when a process dies, even
-mid-transaction, and the WAL rolls the half-done transaction back.
+Workers are separate processes (workers.py), so counts kept in a process's
+memory would multiply every limit by ``server.workers``. They share one
+file in ``/dev/shm`` instead (tmpfs: memory, never a disk), mapped into each
+process with ``mmap``. Every step (an admission: read the subject's counts,
+decide with :func:`limits.decide`, record) runs under a POSIX lock on that
+file, so two workers can never both take the last slot. The kernel drops the
+lock when its process dies, even in the middle of a step; every write is a
+word in place, so a step cut short leaves at most one count off by one,
+never a broken table.
+
+Layout: a header with the holders (below), an array of 64-bit tags (a hash
+of the subject's key, 0 for a free entry) and the entries, each with the
+subject's key and tier (for /usage), 60 one-second request buckets, today's
+tokens, and its slots per holder. A subject's entry is found among
+``PROBE`` entries after its tag's home; a new subject takes the first free
+one there, or one whose counts are all spent (no request in the window, no
+live slot, no tokens today), or else (a full neighbourhood: tens of
+thousands of subjects) the one seen longest ago without a live slot, whose
+token count for the day is then lost.
+
+Concurrency slots belong to a *holder* (one per process, at most
+``HOLDERS`` at a time) with a lease: the holder renews it every second
+(:meth:`LocalBackend.renew`, from a timer) and slots count only while their
+holder's lease (``LEASE`` seconds) runs, so a worker killed with SIGKILL gives
+its slots back within ``LEASE`` seconds; its place (and its column of slots)
+is cleared for the next process that needs one.
 
 Finishes (a slot given back, tokens charged) are queued in the process and
-written by its next transaction: the next admission (before it counts) or
-``flush()``, which the Limiter calls 20 ms after a request ended), so the
-requests that end close together share one transaction.
+written by its next step: the next admission, before it counts, or
+``flush()``, which the Limiter calls 20 ms after a request ended, so the
+requests that end close together share one step.
 
-Why SQLite: it is in the standard library, exact (transactions), crash-safe
-(above), and holds any subject name; an admission costs ~45 µs of CPU and a
-finish ~30 µs alone or ~10 µs batched (docs/benchmarks.md). A hand-made
-shared-memory table would be cheaper but needs its own fixed-size layout,
-eviction (which would hand an evicted subject a fresh token quota) and crash
-recovery; the supervisor holding the counters would add a round trip per
-request and does not exist with ``server.workers: 1``.
-
-Concurrency slots belong to a *holder* (one per process) with a lease: the
-holder renews it every second (:meth:`LocalBackend.renew`, from a timer) and
-slots count only while their holder's lease (``LEASE`` seconds) runs, so a
-worker killed with SIGKILL gives its slots back within ``LEASE`` seconds.
-The Redis backend will keep the same shape (leases per replica, expiring keys).
+Why this and not SQLite or the supervisor: SQLite (WAL, a transaction per
+admission) was exact too, but its per-statement cost, paid with cold caches
+between requests, added 90-150 µs of CPU per request in the gateway, past the
+throughput target; the supervisor holding the counters would add a round trip
+to another process per request, and there is no supervisor with
+``server.workers: 1``. Here an admission is a lock, a few ``struct`` reads
+and writes, and an unlock (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
+import mmap
 import os
 import secrets
-import sqlite3
+import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from runner_gateway.limits import (
-    DAY,
     WINDOW,
+    BackendError,
     Counts,
     Verdict,
     day_of,
@@ -58,36 +69,47 @@ from runner_gateway.limits import (
 )
 from runner_gateway.settings import LimitsSettings, TierLimits
 
-__all__ = ["LEASE", "STORE_VARIABLE", "LocalBackend", "new_store_path", "remove_store"]
+__all__ = [
+    "CAPACITY",
+    "HOLDERS",
+    "LEASE",
+    "STORE_VARIABLE",
+    "LocalBackend",
+    "new_store_path",
+    "remove_store",
+]
 
 LEASE = 5.0  # seconds a holder's slots count without a renewal
-_FORGET_HOLDER = 60.0  # a holder expired this long is deleted with its slots
-_BUSY_TIMEOUT_MS = 2000  # another worker's transaction takes microseconds
+HOLDERS = 64  # processes holding slots at one time
+CAPACITY = 16384  # subjects (entries)
+PROBE = 32  # entries a subject may live in, from its home
 # The supervisor names the shared file in this variable for its workers.
 STORE_VARIABLE = "RUNNER_GATEWAY_LIMITS_STORE"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS hits (key TEXT, second INTEGER, n INTEGER,
-    PRIMARY KEY (key, second)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS slots (key TEXT, holder TEXT, n INTEGER,
-    PRIMARY KEY (key, holder)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS holders (holder TEXT PRIMARY KEY, expires REAL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS tokens (key TEXT, day INTEGER, n INTEGER, estimated INTEGER,
-    PRIMARY KEY (key, day)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS subjects (key TEXT PRIMARY KEY, tier TEXT, seen REAL) WITHOUT ROWID;
-"""
-
-
-# Every count of a subject in one statement: requests in the window and the
-# oldest second among them, live slots, today's tokens.
-_COUNTS = """
-SELECT
-  (SELECT coalesce(sum(n), 0) FROM hits WHERE key = ?1 AND second >= ?2),
-  (SELECT min(second) FROM hits WHERE key = ?1 AND second >= ?2),
-  (SELECT coalesce(sum(s.n), 0) FROM slots s JOIN holders h USING (holder)
-     WHERE s.key = ?1 AND h.expires > ?3),
-  (SELECT coalesce(sum(n), 0) FROM tokens WHERE key = ?1 AND day = ?4)
-"""
+_MAGIC = b"RGLIMIT1"
+_HEADER = 4096
+_HOLDERS_AT = 64
+_TAGS_AT = _HEADER
+_KEY_MAX = 128
+_TIER_MAX = 64
+_header = struct.Struct("<8sI")  # magic, capacity
+_holders = struct.Struct("<" + "Qd" * HOLDERS)  # (id, lease expiry) per holder
+_holder = struct.Struct("<Qd")
+_probe = struct.Struct(f"<{PROBE}Q")
+_tag = struct.Struct("<Q")
+# An entry: seen, day, key length, tier length, tokens, estimated tokens,
+# key, tier, then the buckets (second, count) x 60 and the slots per holder.
+_entry = struct.Struct(f"<dIHHQQ{_KEY_MAX}s{_TIER_MAX}s")
+_BUCKETS_AT = _entry.size
+_buckets = struct.Struct(f"<{2 * WINDOW}I")
+_bucket = struct.Struct("<II")
+_SLOTS_AT = _BUCKETS_AT + _buckets.size
+_slots = struct.Struct(f"<{HOLDERS}H")
+_slot = struct.Struct("<H")
+_ENTRY = _SLOTS_AT + _slots.size
+_counts = struct.Struct("<dIHHQQ")  # the entry's head without key and tier
+_TOKENS_AT = 16  # tokens, estimated: after seen (8), day (4), lengths (2 + 2)
+_TIER_AT = 32 + _KEY_MAX
 
 
 def new_store_path() -> str:
@@ -95,207 +117,286 @@ def new_store_path() -> str:
     shm = Path("/dev/shm")  # noqa: S108 - a private mkdtemp directory inside it
     base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
     directory = tempfile.mkdtemp(prefix="runner-gateway-limits-", dir=base)
-    return os.path.join(directory, "limits.db")
+    return os.path.join(directory, "limits")
 
 
 def remove_store(path: str) -> None:
-    """Delete a store made by :func:`new_store_path` (its files and directory)."""
-    for suffix in ("", "-wal", "-shm", "-journal", ".lock"):
-        with suppress(FileNotFoundError):
-            os.unlink(path + suffix)
+    """Delete a store made by :func:`new_store_path` (the file and its directory)."""
+    with suppress(FileNotFoundError):
+        os.unlink(path)
     with suppress(OSError):
         os.rmdir(os.path.dirname(path))
 
 
-class LocalBackend:
-    """The counts of every worker on this machine, in one SQLite file."""
+@functools.lru_cache(maxsize=65536)
+def _tag_of(key: str) -> int:
+    tag: int = _tag.unpack(hashlib.blake2b(key.encode(), digest_size=8).digest())[0]
+    return tag or 1  # 0 marks a free entry
 
-    def __init__(self, path: str, now: float) -> None:
+
+class LocalBackend:
+    """The counts of every worker on this machine, in one mapped file."""
+
+    def __init__(self, path: str, now: float, capacity: int = CAPACITY) -> None:
         self.path = path
-        self.holder = f"{os.getpid()}-{secrets.token_hex(4)}"
-        self._db = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_MS / 1000
-        )
-        self._lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        db = self._db
-        # WAL: readers never wait; synchronous=OFF: a crashed machine loses
-        # its counters anyway (tmpfs), a crashed process loses nothing.
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=OFF")
-        # IF NOT EXISTS: workers starting together all run this harmlessly.
-        db.executescript(_SCHEMA)
-        self._tiers: dict[str, str] = {}  # key -> tier this process recorded
+        self.holder_id = int.from_bytes(secrets.token_bytes(8), "little") or 1
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            with self._locked():
+                size = os.fstat(self._fd).st_size
+                if size == 0:  # the first process here lays the table out
+                    os.ftruncate(self._fd, _HEADER + capacity * (8 + _ENTRY))
+                    os.pwrite(self._fd, _header.pack(_MAGIC, capacity), 0)
+                magic, capacity = _header.unpack(os.pread(self._fd, _header.size, 0))
+                self.capacity: int = capacity
+                if magic != _MAGIC:
+                    raise BackendError(f"{path} is not a limits table")
+                self._map = mmap.mmap(self._fd, _HEADER + self.capacity * (8 + _ENTRY))
+                self._entries_at = _TAGS_AT + self.capacity * 8
+                self._index = -1
+                self._claim(now)
+        except OSError as exc:
+            raise BackendError(f"cannot open the limits table: {exc}") from None
+        self._tiers: dict[str, str] = {}  # key -> tier this process wrote
         # Finished requests not written yet: (key, slot, tokens, estimated, day).
         self._finished: list[tuple[str, bool, int, bool, int]] = []
-        self._lease(now)
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        # Our own lock around SQLite's: a worker waiting for it sleeps in the
-        # kernel and wakes the moment the other lets go, where SQLite's busy
-        # handler polls in sleeps of 1 ms and more (which stalled a worker's
-        # whole event loop on every collision at c=32). A POSIX lock as well:
-        # the kernel drops it when its process dies.
-        fcntl.lockf(self._lock, fcntl.LOCK_EX)
-        db = self._db
+    def _locked(self) -> Iterator[None]:
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+            fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            raise BackendError(f"cannot lock the limits table: {exc}") from None
+        try:
+            yield
         finally:
-            fcntl.lockf(self._lock, fcntl.LOCK_UN)
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------ holders
+
+    def _claim(self, now: float) -> None:
+        """Take a free (or lapsed) holder place and clear its column of slots."""
+        found = _holders.unpack_from(self._map, _HOLDERS_AT)
+        for index in range(HOLDERS):
+            holder, expires = found[2 * index], found[2 * index + 1]
+            if holder == 0 or expires <= now:
+                break
+        else:
+            raise BackendError(f"more than {HOLDERS} processes hold limits slots")
+        _holder.pack_into(self._map, _HOLDERS_AT + 16 * index, self.holder_id, now + LEASE)
+        self._index = index
+        self._clear_column(index)
+
+    def _clear_column(self, index: int) -> None:
+        tags = struct.unpack_from(f"<{self.capacity}Q", self._map, _TAGS_AT)
+        at = self._entries_at + _SLOTS_AT + 2 * index
+        for i, tag in enumerate(tags):
+            if tag:
+                _slot.pack_into(self._map, at + i * _ENTRY, 0)
 
     def _lease(self, now: float) -> None:
-        self._db.execute(
-            "INSERT INTO holders VALUES (?, ?) "
-            "ON CONFLICT DO UPDATE SET expires = excluded.expires",
-            (self.holder, now + LEASE),
-        )
+        at = _HOLDERS_AT + 16 * self._index
+        holder, _ = _holder.unpack_from(self._map, at)
+        if holder != self.holder_id:
+            # Our lease lapsed (a stalled process) and another took the place:
+            # our slots went with it; take a new place.
+            self._claim(now)
+        else:
+            _holder.pack_into(self._map, at, self.holder_id, now + LEASE)
+
+    # ------------------------------------------------------------ entries
+
+    def _find(self, tag: int) -> int:
+        """The entry with this tag, or -1."""
+        home = tag % (self.capacity - PROBE + 1)
+        tags = _probe.unpack_from(self._map, _TAGS_AT + 8 * home)
+        for offset, found in enumerate(tags):
+            if found == tag:
+                return home + offset
+        return -1
+
+    def _take(self, key: str, tag: int, now: float) -> int:
+        """A new entry for ``key`` in its neighbourhood (see the module)."""
+        home = tag % (self.capacity - PROBE + 1)
+        tags = _probe.unpack_from(self._map, _TAGS_AT + 8 * home)
+        spent, oldest, oldest_seen = -1, -1, 0.0
+        for offset, found in enumerate(tags):
+            i = home + offset
+            if found == 0:
+                spent = i
+                break
+            counts, seen = self._read(i, now)
+            if counts.concurrent:
+                continue
+            if spent < 0 and not counts.requests and not counts.tokens:
+                spent = i
+            if oldest < 0 or seen < oldest_seen:
+                oldest, oldest_seen = i, seen
+        chosen = spent if spent >= 0 else oldest
+        if chosen < 0:
+            raise BackendError("no room for another subject in the limits table")
+        at = self._entries_at + chosen * _ENTRY
+        self._map[at : at + _ENTRY] = bytes(_ENTRY)
+        raw = key.encode()[:_KEY_MAX]
+        _entry.pack_into(self._map, at, now, 0, len(raw), 0, 0, 0, raw, b"")
+        _tag.pack_into(self._map, _TAGS_AT + 8 * chosen, tag)  # last: the entry is ready
+        return chosen
+
+    def _read(self, i: int, now: float) -> tuple[Counts, float]:
+        """An entry's counts (requests in the window, live slots, today's tokens)."""
+        at = self._entries_at + i * _ENTRY
+        seen, day, _, _, tokens, _ = _counts.unpack_from(self._map, at)
+        flat = _buckets.unpack_from(self._map, at + _BUCKETS_AT)
+        first = int(now) - WINDOW + 1  # the oldest second in the window
+        requests, oldest = 0, None
+        for second, n in zip(flat[::2], flat[1::2], strict=True):
+            if n and second >= first:
+                requests += n
+                if oldest is None or second < oldest:
+                    oldest = second
+        slots = _slots.unpack_from(self._map, at + _SLOTS_AT)
+        concurrent = 0
+        if any(slots):
+            holders = _holders.unpack_from(self._map, _HOLDERS_AT)
+            for index, n in enumerate(slots):
+                if n and holders[2 * index] and holders[2 * index + 1] > now:
+                    concurrent += n
+        today = tokens if day == day_of(now) else 0
+        free_in = oldest + WINDOW - now if oldest is not None else 0.0
+        return Counts(requests, free_in, 0.0, concurrent, today), seen
+
+    def _window(self, i: int, now: float, limit: int) -> Counts:
+        at = self._entries_at + i * _ENTRY + _BUCKETS_AT
+        flat = _buckets.unpack_from(self._map, at)
+        return window(zip(flat[::2], flat[1::2], strict=True), now, limit)
 
     # ------------------------------------------------------------ Backend
 
     def admit(self, key: str, tier: str, limits: TierLimits, now: float) -> Verdict:
-        rpm, slots, tpd = (
-            limits.requests_per_minute,
-            limits.concurrent_requests,
-            limits.tokens_per_day,
-        )
-        second = int(now)
-        with self._transaction() as db:
+        tag = _tag_of(key)
+        with self._locked():  # one lock, one unlock: the whole cost of sharing
             if self._finished:
-                self._apply(db)
-            counts = self._counts(db, key, limits, now)
-            verdict = decide(limits, counts, now)
-            if verdict.allowed:
-                if rpm:  # buckets out of the window go in renew()
-                    db.execute(
-                        "INSERT INTO hits VALUES (?, ?, 1) ON CONFLICT DO UPDATE SET n = n + 1",
-                        (key, second),
-                    )
-                if slots:  # counted while the lease runs (renew)
-                    db.execute(
-                        "INSERT INTO slots VALUES (?, ?, 1) ON CONFLICT DO UPDATE SET n = n + 1",
-                        (key, self.holder),
-                    )
-            if self._tiers.get(key) != tier and (rpm or slots or tpd):
-                self._tiers[key] = tier
-                db.execute(
-                    "INSERT INTO subjects VALUES (?, ?, ?) ON CONFLICT DO UPDATE "
-                    "SET tier = excluded.tier, seen = excluded.seen",
-                    (key, tier, now),
+                self._apply()
+            i = self._find(tag)
+            if i < 0:
+                i = self._take(key, tag, now)
+            counts, _ = self._read(i, now)
+            rpm = limits.requests_per_minute
+            if rpm and counts.requests >= rpm:
+                full = self._window(i, now, rpm)  # when one more fits
+                counts = Counts(
+                    full.requests,
+                    full.requests_free_in,
+                    full.retry_requests,
+                    counts.concurrent,
+                    counts.tokens,
                 )
+            verdict = decide(limits, counts, now)
+            at = self._entries_at + i * _ENTRY
+            if verdict.allowed:
+                second = int(now)
+                bucket = at + _BUCKETS_AT + 8 * (second % WINDOW)
+                stamp, n = _bucket.unpack_from(self._map, bucket)
+                _bucket.pack_into(self._map, bucket, second, n + 1 if stamp == second else 1)
+                if limits.concurrent_requests:
+                    slot = at + _SLOTS_AT + 2 * self._index
+                    (held,) = _slot.unpack_from(self._map, slot)
+                    _slot.pack_into(self._map, slot, min(held + 1, 0xFFFF))
+            struct.pack_into("<d", self._map, at, now)  # seen
+            if self._tiers.get(key) != tier:  # for /usage; once per key and process
+                self._tiers[key] = tier
+                raw = tier.encode()[:_TIER_MAX]
+                struct.pack_into("<H", self._map, at + 14, len(raw))
+                self._map[at + _TIER_AT : at + _TIER_AT + _TIER_MAX] = raw.ljust(_TIER_MAX, b"\0")
         return verdict
 
-    def _counts(self, db: sqlite3.Connection, key: str, limits: TierLimits, now: float) -> Counts:
-        first = int(now) - WINDOW + 1  # the oldest second in the window
-        requests, oldest, concurrent, tokens = db.execute(
-            _COUNTS, (key, first, now, day_of(now))
-        ).fetchone()
-        rpm = limits.requests_per_minute
-        if rpm and requests >= rpm:
-            # Full: when does one more fit? That needs the buckets themselves.
-            rows = db.execute(
-                "SELECT second, n FROM hits WHERE key = ? AND second >= ?", (key, first)
-            ).fetchall()
-            return replace(window(rows, now, rpm), concurrent=max(0, concurrent), tokens=tokens)
-        return Counts(
-            requests,
-            oldest + WINDOW - now if oldest is not None else 0.0,
-            0.0,
-            max(0, concurrent),
-            tokens,
-        )
-
     def finish(self, key: str, slot: bool, tokens: int, estimated: bool, now: float) -> None:
-        # Queued, not written: the next transaction of this process applies
-        # it (an admission, before it counts, or flush(), which the Limiter
-        # calls soon after), so the requests that end close together share
-        # one transaction.
+        # Queued: written by this process's next step (see the module).
         if slot or tokens:
             self._finished.append((key, slot, tokens, estimated, day_of(now)))
 
     def flush(self) -> None:
         if self._finished:
-            with self._transaction() as db:
-                self._apply(db)
+            with self._locked():
+                self._apply()
 
-    def _apply(self, db: sqlite3.Connection) -> None:
-        """Write the queued finishes (inside a transaction)."""
+    def _apply(self) -> None:
+        """Write the queued finishes (under the lock)."""
         done, self._finished = self._finished, []
-        try:
-            releases = [(key, self.holder) for key, slot, _, _, _ in done if slot]
-            if releases:  # a row at 0 goes in renew()
-                db.executemany("UPDATE slots SET n = n - 1 WHERE key = ? AND holder = ?", releases)
-            charges = [
-                (key, day, tokens, tokens if estimated else 0)
-                for key, _, tokens, estimated, day in done
-                if tokens
-            ]
-            if charges:
-                db.executemany(
-                    "INSERT INTO tokens VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE "
-                    "SET n = n + excluded.n, estimated = estimated + excluded.estimated",
-                    charges,
+        for key, slot, tokens, estimated, day in done:
+            i = self._find(_tag_of(key))
+            if i < 0:
+                continue  # recycled since: nothing to give back
+            at = self._entries_at + i * _ENTRY
+            if slot:
+                at_slot = at + _SLOTS_AT + 2 * self._index
+                (held,) = _slot.unpack_from(self._map, at_slot)
+                if held:
+                    _slot.pack_into(self._map, at_slot, held - 1)
+            if tokens:
+                (today,) = struct.unpack_from("<I", self._map, at + 8)
+                total, spent_estimated = struct.unpack_from("<QQ", self._map, at + _TOKENS_AT)
+                if today != day:
+                    total = spent_estimated = 0
+                    struct.pack_into("<I", self._map, at + 8, day)
+                struct.pack_into(
+                    "<QQ",
+                    self._map,
+                    at + _TOKENS_AT,
+                    total + tokens,
+                    spent_estimated + (tokens if estimated else 0),
                 )
-        except BaseException:
-            self._finished[:0] = done  # rolled back: kept for the next transaction
-            raise
 
     def renew(self, now: float) -> None:
-        with self._transaction() as db:
+        with self._locked():
             if self._finished:
-                self._apply(db)
+                self._apply()
             self._lease(now)
-            db.execute("DELETE FROM holders WHERE expires < ?", (now - _FORGET_HOLDER,))
-            db.execute(
-                "DELETE FROM slots WHERE n <= 0 OR holder NOT IN (SELECT holder FROM holders)"
-            )
-            db.execute("DELETE FROM hits WHERE second <= ?", (int(now) - WINDOW,))
-            db.execute("DELETE FROM tokens WHERE day < ?", (day_of(now),))
-            db.execute(
-                "DELETE FROM subjects WHERE seen < ? AND key NOT IN (SELECT key FROM tokens) "
-                "AND key NOT IN (SELECT key FROM hits) AND key NOT IN (SELECT key FROM slots)",
-                (now - DAY,),
-            )
 
     def snapshot(self, settings: LimitsSettings, now: float) -> dict[str, Any]:
         tiers = dict(settings.tiers)
         subjects: dict[str, Any] = {}
-        with self._transaction() as db:
+        with self._locked():
             if self._finished:
-                self._apply(db)
-            rows = db.execute("SELECT key, tier FROM subjects ORDER BY key").fetchall()
-            for key, tier in rows:
+                self._apply()
+            tags = struct.unpack_from(f"<{self.capacity}Q", self._map, _TAGS_AT)
+            for i, tag in enumerate(tags):
+                if not tag:
+                    continue
+                at = self._entries_at + i * _ENTRY
+                _, day, key_len, tier_len, _, estimated, key, tier_raw = _entry.unpack_from(
+                    self._map, at
+                )
+                tier = tier_raw[:tier_len].decode("utf-8", "replace")
                 limits = settings.default if tier == "default" else tiers.get(tier)
                 if limits is None:
                     continue  # a tier removed from the settings since
-                counts = self._counts(db, key, limits, now)
-                estimated = db.execute(
-                    "SELECT estimated FROM tokens WHERE key = ? AND day = ?", (key, day_of(now))
-                ).fetchone()
-                subjects[display_key(key)] = {
+                counts, _ = self._read(i, now)
+                if not (counts.requests or counts.concurrent or counts.tokens):
+                    continue  # nothing counts any more
+                subjects[display_key(key[:key_len].decode("utf-8", "replace"))] = {
                     "tier": tier,
                     "requests_last_minute": counts.requests,
                     "concurrent": counts.concurrent,
                     "tokens_today": counts.tokens,
-                    "tokens_estimated": estimated[0] if estimated else 0,
+                    "tokens_estimated": estimated if day == day_of(now) else 0,
                     "requests_per_minute": limits.requests_per_minute,
                     "concurrent_requests": limits.concurrent_requests,
                     "tokens_per_day": limits.tokens_per_day,
                     **remaining(limits, counts),
                 }
-        return {"backend": "local", "day": day_of(now), "subjects": subjects}
+        return {"backend": "local", "day": day_of(now), "subjects": dict(sorted(subjects.items()))}
 
     def close(self) -> None:
+        """Write what is queued and give back this process's place and slots."""
         try:
-            with self._transaction() as db:
-                self._apply(db)  # the tokens; the slots go below anyway
-                db.execute("DELETE FROM slots WHERE holder = ?", (self.holder,))
-                db.execute("DELETE FROM holders WHERE holder = ?", (self.holder,))
+            with self._locked():
+                self._apply()
+                at = _HOLDERS_AT + 16 * self._index
+                holder, _ = _holder.unpack_from(self._map, at)
+                if holder == self.holder_id:
+                    self._clear_column(self._index)
+                    _holder.pack_into(self._map, at, 0, 0.0)
         finally:
-            self._db.close()
-            os.close(self._lock)
+            self._map.close()
+            os.close(self._fd)

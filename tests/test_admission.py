@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from runner_gateway.admission import AdmissionResource, Limiter
 from runner_gateway.context import RequestContext
+from runner_gateway.limits import BackendError
 from runner_gateway.limits_local import LEASE
 from runner_gateway.settings import LimitsSettings, RunnerSettings, TierLimits
 from runner_gateway.usage import UsageChunkFilter
@@ -79,7 +79,7 @@ class Gate:
 def _gate(tmp_path: Path, settings: LimitsSettings = LIMITS) -> Gate:
     clock = Clock()
     clock.advance(T0)
-    limiter = Limiter(clock, settings, str(tmp_path / "limits.db"))
+    limiter = Limiter(clock, settings, str(tmp_path / "limits"))
     limiter.start()
     proxy = FakeProxy()
     return Gate(limiter, proxy, AdmissionResource(proxy, limiter), clock)
@@ -206,7 +206,7 @@ def test_stop_gives_slots_back_and_removes_its_own_store(tmp_path: Path) -> None
     own.stop()
     assert not os.path.exists(os.path.dirname(store))
 
-    shared = str(tmp_path / "shared.db")
+    shared = str(tmp_path / "shared")
     one, two = Limiter(clock, LIMITS, shared), Limiter(clock, LIMITS, shared)
     one.start()
     two.start()
@@ -237,7 +237,7 @@ def _render(resource: AdmissionResource, claims: dict[str, Any]) -> bytes:
 def test_the_lease_is_renewed_by_the_timer(gate: Gate, tmp_path: Path) -> None:
     claims = {"sub": "frank", "tier": "one"}
     assert gate.request(claims)[1] == b"proxied"
-    other = Limiter(gate.clock, LIMITS, str(tmp_path / "limits.db"))
+    other = Limiter(gate.clock, LIMITS, str(tmp_path / "limits"))
     other.start()
     resource = AdmissionResource(FakeProxy(), other)
     for _ in range(int(LEASE * 3)):
@@ -251,7 +251,7 @@ def test_the_lease_is_renewed_by_the_timer(gate: Gate, tmp_path: Path) -> None:
 
 class _Broken:
     def admit(self, *args: object) -> None:
-        raise sqlite3.OperationalError("disk I/O error")
+        raise BackendError("cannot lock the limits table: I/O error")
 
 
 @pytest.mark.parametrize("policy", ["allow", "deny"])

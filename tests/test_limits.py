@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,13 @@ from runner_gateway.limits import (
     tier_for,
     window,
 )
-from runner_gateway.limits_local import LEASE, LocalBackend, new_store_path, remove_store
+from runner_gateway.limits_local import (
+    LEASE,
+    PROBE,
+    LocalBackend,
+    new_store_path,
+    remove_store,
+)
 from runner_gateway.settings import LimitsSettings, TierLimits
 
 T0 = 1_800_000_000.0  # a fixed "now": 2027-01-15 08:00:00 UTC
@@ -98,7 +103,7 @@ def test_decide_order_headers_and_retry_after() -> None:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[str]:
-    path = str(tmp_path / "limits.db")
+    path = str(tmp_path / "limits")
     yield path
 
 
@@ -218,16 +223,23 @@ def test_new_store_path_is_private_and_removable() -> None:
     assert not os.path.exists(directory)
 
 
-def test_queued_finishes_survive_a_failed_write(store: str) -> None:
-    backend = LocalBackend(store, T0)
-    limits = TierLimits(tokens_per_day=100)
-    assert backend.admit("s:a", "t", limits, T0).allowed
-    backend.finish("s:a", False, 150, False, T0)
-    saboteur = sqlite3.connect(store, isolation_level=None)
-    saboteur.execute("ALTER TABLE tokens RENAME TO tokens_away")
-    with pytest.raises(sqlite3.OperationalError):
-        backend.flush()
-    saboteur.execute("ALTER TABLE tokens_away RENAME TO tokens")
-    saboteur.close()
-    backend.flush()  # written now: the failed transaction kept them queued
-    assert backend.admit("s:a", "t", limits, T0 + 1).kind == "tokens"
+def test_a_full_neighbourhood_recycles_spent_then_oldest_entries(store: str) -> None:
+    backend = LocalBackend(store, T0, capacity=PROBE)  # one neighbourhood of PROBE entries
+    quota = TierLimits(tokens_per_day=100)
+    for n in range(PROBE):
+        assert backend.admit(f"s:u{n}", "t", quota, T0 + n).allowed
+        backend.finish(f"s:u{n}", False, 100, False, T0 + n)
+    backend.flush()
+    assert backend.admit("s:u0", "t", quota, T0 + 40).kind == "tokens"
+    # Full of subjects with tokens today: a new one takes the longest unseen
+    # (u1: u0 was just seen), whose count is lost.
+    assert backend.admit("s:new", "t", quota, T0 + 41).allowed
+    assert backend.admit("s:u1", "t", quota, T0 + 42).allowed
+    # An entry whose counts are all spent (yesterday's tokens) goes first.
+    tomorrow = (T0 // DAY + 1) * DAY
+    held = TierLimits(concurrent_requests=5)
+    for n in range(2, PROBE):
+        assert backend.admit(f"s:u{n}", "t", held, tomorrow).allowed  # a live slot each
+    assert backend.admit("s:another", "t", quota, tomorrow + 61).allowed
+    usage = backend.snapshot(LimitsSettings(tiers=(("t", quota),)), tomorrow + 61)
+    assert "another" in usage["subjects"]
