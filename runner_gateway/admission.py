@@ -48,8 +48,8 @@ RENEW_EVERY = 1.0  # seconds; the lease (limits_local.LEASE) is five times that
 # Finished requests are written together this long after the first of them,
 # unless this process's next admission writes them first (busy: every
 # request; idle: the timer). Other workers see a slot given back this late
-# at most; a transaction of its own right after every response cost a
-# request at c=1 the ~30 µs it ran while the next request waited.
+# at most; a write of its own right after every response would run while
+# the next request waits.
 FLUSH_AFTER = 0.02
 _TICKET_KEY = "limits.ticket"  # ctx.extra: what to give back when the request ends
 REFUSED_KEY = "limits.refused"  # ctx.extra: why admission refused (metrics reads it)

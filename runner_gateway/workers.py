@@ -478,9 +478,9 @@ class Supervisor(MultiService):
             port=port,
             n=self.count,
         )
-        # The workers' shared limits store (limits_local.py), made after twistd
-        # dropped privileges so the workers can write it; found through their
-        # inherited environment (a restarted worker keeps counting in it).
+        # The workers' shared limits table (limits_local.py): named here, made
+        # by the first worker that counts; found through their inherited
+        # environment (a restarted worker keeps counting in it).
         self.limits_store = os.environ[STORE_VARIABLE] = new_store_path()
         for index in range(self.count):
             self._spawn(index)

@@ -204,7 +204,7 @@ def test_stop_gives_slots_back_and_removes_its_own_store(tmp_path: Path) -> None
     store = own._store
     assert store is not None and os.path.exists(store)
     own.stop()
-    assert not os.path.exists(os.path.dirname(store))
+    assert not os.path.exists(store)
 
     shared = str(tmp_path / "shared")
     one, two = Limiter(clock, LIMITS, shared), Limiter(clock, LIMITS, shared)

@@ -214,13 +214,14 @@ def test_sigkilled_process_releases_its_lock_and_its_lease_runs_out(store: str) 
     assert backend.admit("s:a", "t", limits, T0 + LEASE + 0.1).allowed
 
 
-def test_new_store_path_is_private_and_removable() -> None:
+def test_new_store_path_is_fresh_private_and_removable() -> None:
     path = new_store_path()
-    directory = os.path.dirname(path)
-    assert oct(os.stat(directory).st_mode & 0o777) == "0o700"
+    assert path != new_store_path()
+    assert not os.path.exists(path)  # made by the first process that opens it
     LocalBackend(path, T0).close()
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
     remove_store(path)
-    assert not os.path.exists(directory)
+    assert not os.path.exists(path)
 
 
 def test_a_full_neighbourhood_recycles_spent_then_oldest_entries(store: str) -> None:
