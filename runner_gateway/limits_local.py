@@ -238,6 +238,7 @@ class LocalBackend:
         raw = key.encode()[:_KEY_MAX]
         _entry.pack_into(self._map, at, now, 0, len(raw), 0, 0, 0, raw, b"")
         _tag.pack_into(self._map, _TAGS_AT + 8 * chosen, tag)  # last: the entry is ready
+        self._tiers.pop(key, None)  # a key back after its entry was recycled
         return chosen
 
     def _read(self, i: int, now: float) -> tuple[Counts, float]:

@@ -236,6 +236,9 @@ def test_a_full_neighbourhood_recycles_spent_then_oldest_entries(store: str) -> 
     # (u1: u0 was just seen), whose count is lost.
     assert backend.admit("s:new", "t", quota, T0 + 41).allowed
     assert backend.admit("s:u1", "t", quota, T0 + 42).allowed
+    # Back in a new entry, with its tier for /usage.
+    usage = backend.snapshot(LimitsSettings(tiers=(("t", quota),)), T0 + 42)
+    assert usage["subjects"]["u1"]["tier"] == "t"
     # An entry whose counts are all spent (yesterday's tokens) goes first.
     tomorrow = (T0 // DAY + 1) * DAY
     held = TierLimits(concurrent_requests=5)
