@@ -438,10 +438,12 @@ def start_gateway(
     env: dict[str, str] | None = None,
     prefix: tuple[str, ...] = (),
     twistd: str | None = None,
+    extra_settings: str = "",
 ) -> Gateway:
     """A runner-gateway in front of ``upstream``; ``env`` is added to the environment,
     ``prefix`` put before the command (valgrind), ``twistd`` names the interpreter's
-    (default: the targets' interpreter)."""
+    (default: the targets' interpreter); ``extra_settings`` is appended to its
+    settings.yaml (bench/limits.py: a ``limits`` section)."""
     directory = run.work / name / "settings"
     key = make_keys(directory)
     port = free_port()
@@ -461,6 +463,7 @@ server:
   workers: {workers}
   drainTimeout: 2s
 """
+        + extra_settings
     )
     command = twistd or target_twistd()
     argv = [*prefix, command, "-n", "--pidfile=", "runner-gateway", "--settings", str(directory)]

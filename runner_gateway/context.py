@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from runner_gateway.settings import RunnerSettings
     from runner_gateway.site import RequestObserver
-    from runner_gateway.usage import UsageParser
+    from runner_gateway.usage import UsageChunkFilter, UsageParser
 
 from runner_gateway.usage import parser_for
 
@@ -43,6 +43,9 @@ class RequestContext:
     # transform(body) instead, with a corrected Content-Length: used to
     # filter model listings down to what the token may see.
     response_transform: Callable[[bytes], bytes] | None = None
+    # Set when the gateway asked the runner for usage the client did not ask
+    # for (admission.py): the proxy passes the stream through it.
+    body_filter: UsageChunkFilter | None = None
     observers: list[RequestObserver] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     # What waits until the bytes it concerns are on their way to the client

@@ -19,7 +19,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
@@ -27,7 +27,9 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
+from runner_gateway.admission import REFUSED_KEY
 from runner_gateway.context import RequestContext
+from runner_gateway.limits import KINDS as LIMIT_KINDS
 from runner_gateway.paseto.errors import REASONS as PASETO_REASONS
 from runner_gateway.settings import MetricsSettings
 
@@ -52,6 +54,9 @@ AUTH_FAILURE_REASONS = (
 )
 # The proxy's vocabulary for ctx.upstream_error; anything else is "other".
 UPSTREAM_ERROR_KINDS = ("connect", "tls", "timeout", "reset", "protocol", "other")
+# Why the limits layer (admission.py) refused: a limit, an unknown tier, a
+# token without sub or jti, or the backend.
+LIMIT_REFUSALS = (*LIMIT_KINDS, "tier", "subject", "backend")
 # Model runs take from milliseconds (cached embeddings) to many minutes
 # (long generations on slow hardware).
 DURATION_BUCKETS = (
@@ -213,12 +218,27 @@ class UsageTable:
 # ------------------------------------------------------------------ metrics
 
 
+class _Limits(Protocol):
+    """What the metrics read of admission.Limiter."""
+
+    @property
+    def healthy(self) -> bool: ...
+
+    def usage(self) -> dict[str, Any] | None: ...
+
+
 class Metrics:
     """The gateway's metrics; an observer of every request's context."""
 
-    def __init__(self, settings: MetricsSettings, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        settings: MetricsSettings,
+        clock: Callable[[], float],
+        limiter: _Limits | None = None,
+    ) -> None:
         self.settings = settings
         self.clock = clock
+        self.limiter = limiter
         self.registry = CollectorRegistry(auto_describe=True)
         self.usage = UsageTable(settings.subjects_max, clock())
         self._models = _Capped(MODELS_MAX)
@@ -286,9 +306,26 @@ class Metrics:
                 ["subject"],
                 registry=reg,
             )
+        self.limit_refusals = Counter(
+            "runner_gateway_limit_refusals",
+            "Requests refused by the limits layer, by kind (limits.md).",
+            ["kind"],
+            registry=reg,
+        )
+        # 1 per process in an outage, so the supervisor's sum counts the
+        # workers that cannot reach the backend.
+        self.limits_backend_down = Gauge(
+            "runner_gateway_limits_backend_down",
+            "1 while the limits backend fails (onBackendError decides meanwhile), else 0.",
+            registry=reg,
+        )
+        if limiter is not None:
+            self.limits_backend_down.set_function(lambda: 0.0 if limiter.healthy else 1.0)
         # Fixed vocabularies start at zero so rate() sees the first failure.
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason=reason)
+        for kind in LIMIT_REFUSALS:
+            self.limit_refusals.labels(kind=kind)
 
     # The observer protocol (site.py).
 
@@ -322,6 +359,9 @@ class Metrics:
         if ctx.upstream_error is not None:
             kind = ctx.upstream_error if ctx.upstream_error in UPSTREAM_ERROR_KINDS else OTHER
             self.upstream_errors.labels(runner=runner, kind=kind).inc()
+        refused = ctx.extra.get(REFUSED_KEY)
+        if refused is not None:
+            self.limit_refusals.labels(kind=refused).inc()
 
         prompt = completion = 0
         if ctx.usage is not None:
@@ -367,16 +407,23 @@ class _Exposition(_Page):
 
 
 class _UsageJson(_Page):
-    def __init__(self, table: UsageTable) -> None:
+    def __init__(self, table: UsageTable, limiter: _Limits | None = None) -> None:
         super().__init__()
         self.table = table
+        self.limiter = limiter
 
     def render_GET(self, request: Request) -> bytes:
         wanted = (request.args or {}).get(b"sub")
         subject = wanted[0].decode("utf-8", "replace") if wanted else None
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
-        return json.dumps(self.table.snapshot(subject), separators=(",", ":")).encode() + b"\n"
+        snapshot = self.table.snapshot(subject)
+        limits = self.limiter.usage() if self.limiter is not None else None
+        if limits is not None:
+            if subject is not None:
+                limits["subjects"] = {k: v for k, v in limits["subjects"].items() if k == subject}
+            snapshot["limits"] = limits
+        return json.dumps(snapshot, separators=(",", ":")).encode() + b"\n"
 
 
 class _Index(_Page):
@@ -392,5 +439,5 @@ def metrics_resource(metrics: Metrics) -> IResource:
     """``/metrics`` and ``/usage``, for the metrics listener only."""
     root = _Index()
     root.putChild(b"metrics", _Exposition(metrics.registry))
-    root.putChild(b"usage", _UsageJson(metrics.usage))
+    root.putChild(b"usage", _UsageJson(metrics.usage, metrics.limiter))
     return root

@@ -489,6 +489,12 @@ class _Exchange:
         head = self._method == b"HEAD"
         ctx.status = code
         content_type = _first(headers, b"content-type")
+        if ctx.body_filter is not None and (
+            code != 200
+            or not content_type
+            or not content_type[0].lower().startswith(b"text/event-stream")
+        ):
+            ctx.body_filter = None  # not the stream the usage was asked for in
         if ctx.response_transform is not None and code == 200 and not head:
             encoding = _first(headers, b"content-encoding") or [b"identity"]
             if any(v.strip().lower() != b"identity" for v in encoding):
@@ -537,12 +543,16 @@ class _Exchange:
             return
         if not data:
             return
-        self.request.write(data)
         ctx = self.ctx
+        ctx.response_chunk(data)  # the runner's bytes: usage is read from all of them
+        if ctx.body_filter is not None:
+            data = ctx.body_filter.feed(data)
+            if not data:
+                return
+        self.request.write(data)
         ctx.bytes_sent += len(data)
         if ctx.first_byte is None:
             ctx.first_byte = self.reactor.seconds()
-        ctx.response_chunk(data)
 
     def hold(self) -> None:
         """A read from the runner begins: keep what goes to the client until :meth:`release`."""
@@ -646,6 +656,12 @@ class _Exchange:
         request.finish()
 
     def _finish(self) -> None:
+        body_filter = self.ctx.body_filter
+        if body_filter is not None:
+            rest = body_filter.flush()
+            if rest:
+                self.request.write(rest)
+                self.ctx.bytes_sent += len(rest)
         self._done = True
         self._stop_watch()
         self._unregister()

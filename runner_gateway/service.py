@@ -36,6 +36,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from runner_gateway import __version__, fastpath
+from runner_gateway.admission import Limiter
 from runner_gateway.logs import (
     ACCESS_NAMESPACE,
     access_line,
@@ -106,8 +107,10 @@ def build_root(
     reactor: Any,
     pool: UpstreamPool,
     readiness: Callable[[], list[str]],
+    limiter: Limiter | None = None,
 ) -> GatewayRoot:
     """The resource tree for one settings generation; raises SettingsError on bad keys."""
+    from runner_gateway.admission import AdmissionResource
     from runner_gateway.auth import AuthResource, TokenCache
     from runner_gateway.authz import AuthorizationResource
     from runner_gateway.paseto import build_verifier
@@ -117,7 +120,9 @@ def build_root(
     cache = TokenCache.from_settings(settings.paseto)
     routes = []
     for runner in settings.runners:
-        proxy = ReverseProxyResource(runner, reactor, pool)
+        proxy: Any = ReverseProxyResource(runner, reactor, pool)
+        if limiter is not None:
+            proxy = AdmissionResource(proxy, limiter)
         policy = AuthorizationResource(proxy, runner, settings.authorization)
         guarded = AuthResource(policy, verifier, cache, reactor.seconds)
         routes.append(Route(runner, guarded))
@@ -155,6 +160,8 @@ class GatewayService(MultiService):
         self.observers: list[RequestObserver] = []
         self.metrics: Any = None
         settings = load()
+        self.limiter = Limiter(reactor, settings.limits, self._limits_store())
+        self.observers.append(self.limiter)
         self.generation = self._build(settings)
         self.site = GatewaySite(
             self.generation.root,
@@ -184,7 +191,7 @@ class GatewayService(MultiService):
         if settings.metrics.address is not None:
             from runner_gateway.metrics import Metrics
 
-            self.metrics = Metrics(settings.metrics, reactor.seconds)
+            self.metrics = Metrics(settings.metrics, reactor.seconds, self.limiter)
             self.observers.append(self.metrics)
 
     @property
@@ -192,7 +199,12 @@ class GatewayService(MultiService):
         return self.generation.settings
 
     def _build(self, settings: Settings) -> _Generation:
-        return _Generation(settings, build_root(settings, self.reactor, self.pool, self.problems))
+        root = build_root(settings, self.reactor, self.pool, self.problems, self.limiter)
+        return _Generation(settings, root)
+
+    def _limits_store(self) -> str | None:
+        """The limits' shared store (a worker's is its supervisor's); None: make one."""
+        return None
 
     def problems(self) -> list[str]:
         """What keeps the gateway from being ready (for /readyz)."""
@@ -290,6 +302,7 @@ class GatewayService(MultiService):
             probe_runner(self.reactor, runner)
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, self._on_sighup)
+        self.limiter.start()
         fastpath.install_dispatch(self.reactor)
         fastpath.install_loop(self.reactor)
         _settle_gc()
@@ -316,6 +329,7 @@ class GatewayService(MultiService):
                 keys=", ".join(restart),
             )
         self.generation = generation
+        self.limiter.configure(settings.limits)
         self.site.resource = generation.root
         self.site.max_body_size = max(r.max_body_size for r in settings.runners)
         self.site.trace = settings.logging.level == "trace"
@@ -346,7 +360,10 @@ class GatewayService(MultiService):
             if self.site.inflight:
                 _log.warn("drain timeout: cutting {n} request(s)", n=len(self.site.inflight))
                 self.site.abort_inflight()
-            return self.pool.closeCachedConnections()
+            closed = self.pool.closeCachedConnections()
+            # After the cut requests have ended (a turn later): their tokens
+            # are charged, then this process's slots go with its lease.
+            return closed.addBoth(lambda _: self.limiter.stop())
 
         return idle.addBoth(done)
 

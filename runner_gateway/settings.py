@@ -30,6 +30,7 @@ __all__ = [
     "Address",
     "AuthorizationSettings",
     "EndpointRule",
+    "LimitsSettings",
     "LoggingSettings",
     "MetricsSettings",
     "PasetoSettings",
@@ -38,6 +39,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "SettingsErrors",
+    "TierLimits",
     "load_settings",
     "parse_duration",
     "parse_size",
@@ -171,6 +173,8 @@ class RunnerSettings:
     client_certificate_path: str = ""
     client_key_path: str = ""
     endpoints: tuple[EndpointRule, ...] = ()
+    # Ask an OpenAI-compatible runner for usage in streams (limits.md).
+    request_usage: bool = True
 
     @property
     def netloc(self) -> str:
@@ -214,6 +218,32 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class TierLimits:
+    """One tier's limits; 0 is unlimited."""
+
+    requests_per_minute: int = 0
+    concurrent_requests: int = 0
+    tokens_per_day: int = 0
+
+    @property
+    def unlimited(self) -> bool:
+        return not (self.requests_per_minute or self.concurrent_requests or self.tokens_per_day)
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    backend: str = "local"
+    on_backend_error: str = "allow"
+    default: TierLimits = TierLimits()
+    tiers: tuple[tuple[str, TierLimits], ...] = ()  # (name, limits), sorted by name
+
+    @property
+    def enabled(self) -> bool:
+        """False when nothing is limited: no tier, and an unlimited default."""
+        return bool(self.tiers) or not self.default.unlimited
+
+
+@dataclass(frozen=True)
 class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     paseto: PasetoSettings = field(default_factory=PasetoSettings)
@@ -221,6 +251,7 @@ class Settings:
     runners: tuple[RunnerSettings, ...] = ()
     server: ServerSettings = field(default_factory=ServerSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
     sources: tuple[str, ...] = ()  # files and variables read, in order
     # Where some keys came from (a file, "environment variable X", "defaults"),
     # for errors found outside this module: see source_of.
@@ -374,6 +405,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "clientCertificatePath": ("client_certificate_path", "str"),
         "clientKeyPath": ("client_key_path", "str"),
         "endpoints": ("endpoints", "endpoints"),
+        "requestUsage": ("request_usage", "bool"),
     },
     "server": {
         "address": ("address", "address"),
@@ -394,14 +426,27 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "perSubject": ("per_subject", "bool"),
         "subjectsMax": ("subjects_max", "count"),
     },
+    "limits": {
+        "backend": ("backend", "limitsbackend"),
+        "onBackendError": ("on_backend_error", "onerror"),
+        "default": ("default", "tier"),
+        "tiers": ("tiers", "tiers"),
+    },
 }
-_TOP = ("logging", "paseto", "authorization", "runners", "server", "metrics")
+_TOP = ("logging", "paseto", "authorization", "runners", "server", "metrics", "limits")
+_TIER_KEYS = {
+    "requestsPerMinute": "requests_per_minute",
+    "concurrentRequests": "concurrent_requests",
+    "tokensPerDay": "tokens_per_day",
+}
+_TIER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _SECTION_CLASSES: dict[str, type[Any]] = {
     "logging": LoggingSettings,
     "paseto": PasetoSettings,
     "authorization": AuthorizationSettings,
     "server": ServerSettings,
     "metrics": MetricsSettings,
+    "limits": LimitsSettings,
 }
 _DEFAULT_RUNNERS: list[dict[str, Any]] = [
     {"name": "ollama", "host": "127.0.0.1:11434", "path": "/", "scheme": "http"}
@@ -437,6 +482,40 @@ def _parse_endpoints(value: object) -> tuple[EndpointRule, ...]:
             raise ValueError(f"endpoints[{i}].scope must be one of {', '.join(SCOPES)}")
         rules.append(EndpointRule(tuple(methods), path, scope))
     return tuple(rules)
+
+
+def _parse_tier(value: object) -> TierLimits:
+    if value is None:
+        return TierLimits()
+    raw = _expect(value, dict, "a mapping of limits")
+    kwargs = {}
+    for key, item in raw.items():
+        attr = _TIER_KEYS.get(key)
+        if attr is None:
+            raise ValueError(f"unknown key {key!r} (known: {', '.join(_TIER_KEYS)})")
+        if item is None:
+            continue  # absent and null both mean unlimited
+        n = _expect(item, int, f"{key} to be a whole number")
+        if n < 0:
+            raise ValueError(f"{key} must not be negative (0 is unlimited)")
+        kwargs[attr] = n
+    return TierLimits(**kwargs)
+
+
+def _parse_tiers(value: object) -> tuple[tuple[str, TierLimits], ...]:
+    if value is None:
+        return ()
+    tiers = []
+    for name, limits in _expect(value, dict, "a mapping of tier names to limits").items():
+        if not isinstance(name, str) or not _TIER_NAME.fullmatch(name):
+            raise ValueError(f"invalid tier name {name!r} (letters, digits, _.:-; up to 64)")
+        if name == "default":
+            raise ValueError("'default' is the limits.default section, not a tier name")
+        try:
+            tiers.append((name, _parse_tier(limits)))
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    return tuple(sorted(tiers))
 
 
 def _convert(kind: str, value: object) -> Any:
@@ -515,6 +594,20 @@ def _convert(kind: str, value: object) -> Any:
         return n
     if kind == "endpoints":
         return _parse_endpoints(value)
+    if kind == "limitsbackend":
+        if value == "redis":
+            raise ValueError("redis is not available in this version; use local")
+        if value != "local":
+            raise ValueError(f"unknown backend {value!r} (local)")
+        return value
+    if kind == "onerror":
+        if value not in ("allow", "deny"):
+            raise ValueError("must be allow or deny")
+        return value
+    if kind == "tier":
+        return _parse_tier(value)
+    if kind == "tiers":
+        return _parse_tiers(value)
     raise AssertionError(kind)  # pragma: no cover - schema typo
 
 

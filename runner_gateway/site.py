@@ -848,6 +848,9 @@ def access_fields(request: Request, ctx: RequestContext, now: float) -> dict[str
     }
     if ctx.upstream_error:
         fields["upstream_error"] = ctx.upstream_error
+    usage = ctx.usage
+    if usage is not None and not usage.reported and usage.completion_tokens:
+        fields["usage_estimated"] = True  # counted from the chunks, not reported
     if ctx.auth_failure:
         fields["auth_failure"] = ctx.auth_failure
     return fields

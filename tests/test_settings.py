@@ -8,7 +8,9 @@ import pytest
 
 from runner_gateway.settings import (
     Address,
+    LimitsSettings,
     SettingsError,
+    TierLimits,
     load_settings,
     parse_duration,
     parse_hostport,
@@ -279,3 +281,81 @@ def test_endpoint_rules(sdir: Path) -> None:
         (("POST",), "/completion", "inference"),
         (("GET",), "/props/*", "models:read"),
     ]
+
+
+# ------------------------------------------------------------------ limits
+
+
+def test_limits_as_the_issue_shows_them(sdir: Path) -> None:
+    write(
+        sdir,
+        "limited.yaml",
+        "limits:\n"
+        "  backend: local\n"
+        "  onBackendError: deny\n"
+        "  default:\n"
+        "    requestsPerMinute: 0\n"
+        "    concurrentRequests: 0\n"
+        "    tokensPerDay: 0\n"
+        "  tiers:\n"
+        "    trial: {requestsPerMinute: 20, concurrentRequests: 2, tokensPerDay: 50000}\n"
+        "    team:  {requestsPerMinute: 600, concurrentRequests: 16, tokensPerDay: 0}\n"
+        "runners: [{name: a, host: 'h:1', path: /, requestUsage: false}]\n",
+    )
+    limits = load_settings(sdir, env="limited", environ={}).limits
+    assert limits.backend == "local"
+    assert limits.on_backend_error == "deny"
+    assert limits.default == TierLimits()
+    assert limits.tiers == (
+        ("team", TierLimits(600, 16, 0)),
+        ("trial", TierLimits(20, 2, 50000)),
+    )
+    assert limits.enabled
+    assert load_settings(sdir, env="limited", environ={}).runners[0].request_usage is False
+
+
+def test_limits_off_by_default_and_absent_means_unlimited(sdir: Path) -> None:
+    settings = load_settings(sdir, environ={})
+    assert settings.limits == LimitsSettings()
+    assert not settings.limits.enabled
+    assert settings.runners[0].request_usage is True
+    write(sdir, "partial.yaml", "limits:\n  default: {requestsPerMinute: 5}\n")
+    limits = load_settings(sdir, env="partial", environ={}).limits
+    assert limits.default == TierLimits(requests_per_minute=5)
+    assert limits.enabled
+
+
+@pytest.mark.parametrize(
+    ("overlay", "key", "fragment"),
+    [
+        (
+            "limits: {backend: redis}\n",
+            "limits.backend",
+            "redis is not available in this version; use local",
+        ),
+        ("limits: {backend: memcached}\n", "limits.backend", "unknown backend"),
+        ("limits: {onBackendError: maybe}\n", "limits.onBackendError", "allow or deny"),
+        ("limits: {rpm: 3}\n", "limits.rpm", "unknown key"),
+        ("limits: {default: {requestPerMinute: 3}}\n", "limits.default", "requestPerMinute"),
+        ("limits: {default: {tokensPerDay: -1}}\n", "limits.default", "must not be negative"),
+        ("limits: {default: {tokensPerDay: 1.5}}\n", "limits.default", "whole number"),
+        ("limits: {default: 5}\n", "limits.default", "a mapping of limits"),
+        ("limits: {tiers: {trial: {burst: 1}}}\n", "limits.tiers", "trial: unknown key 'burst'"),
+        ("limits: {tiers: {'bad tier': {}}}\n", "limits.tiers", "invalid tier name"),
+        ("limits: {tiers: {default: {}}}\n", "limits.tiers", "'default' is the limits.default"),
+        ("limits: {tiers: [trial]}\n", "limits.tiers", "a mapping of tier names"),
+        (
+            "runners: [{name: a, host: 'h:1', path: /, requestUsage: 'no'}]\n",
+            "runners[0].requestUsage",
+            "true or false",
+        ),
+    ],
+)
+def test_bad_limits_name_file_and_key(sdir: Path, overlay: str, key: str, fragment: str) -> None:
+    write(sdir, "bad.yaml", overlay)
+    with pytest.raises(SettingsError) as info:
+        load_settings(sdir, env="bad", environ={})
+    message = str(info.value)
+    assert key in message
+    assert fragment in message
+    assert "bad.yaml" in message
