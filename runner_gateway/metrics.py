@@ -47,6 +47,7 @@ AUTH_FAILURE_REASONS = (
     "missing",
     "malformed",
     "error",
+    "revoked",
     *sorted(PASETO_REASONS - {"malformed"}),
     "other",
 )
@@ -289,6 +290,21 @@ class Metrics:
         # Fixed vocabularies start at zero so rate() sees the first failure.
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason=reason)
+
+    def watch_revocations(self, state: Any, feed: Any) -> None:
+        """Gauges read at scrape time from the revocation state and its feed."""
+        reg = self.registry
+        Gauge(
+            "runner_gateway_revocations",
+            "Revocation entries in force (file and Redis together).",
+            registry=reg,
+        ).set_function(lambda: len(state))
+        if feed.shared is not None:
+            Gauge(
+                "runner_gateway_redis_up",
+                "1 while the Redis connection (redis.url) is up, else 0.",
+                registry=reg,
+            ).set_function(lambda: 1.0 if feed.shared.up else 0.0)
 
     # The observer protocol (site.py).
 

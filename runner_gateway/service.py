@@ -43,6 +43,7 @@ from runner_gateway.logs import (
     make_observer,
     write_line,
 )
+from runner_gateway.revocation import RevocationState
 from runner_gateway.settings import (
     Address,
     RunnerSettings,
@@ -105,6 +106,8 @@ def build_root(
     reactor: Any,
     pool: UpstreamPool,
     readiness: Callable[[], list[str]],
+    revocations: RevocationState | None = None,
+    details: Callable[[], dict[str, str]] | None = None,
 ) -> GatewayRoot:
     """The resource tree for one settings generation; raises SettingsError on bad keys."""
     from runner_gateway.auth import AuthResource, TokenCache
@@ -113,14 +116,14 @@ def build_root(
     from runner_gateway.proxy import ReverseProxyResource
 
     verifier = build_verifier(settings.paseto, clock=reactor.seconds)
-    cache = TokenCache.from_settings(settings.paseto)
+    cache = TokenCache.from_settings(settings.paseto, revocations)
     routes = []
     for runner in settings.runners:
         proxy = ReverseProxyResource(runner, reactor, pool)
         policy = AuthorizationResource(proxy, runner, settings.authorization)
         guarded = AuthResource(policy, verifier, cache, reactor.seconds)
         routes.append(Route(runner, guarded))
-    return GatewayRoot(routes, CorsPolicy(settings.server.cors_origins), readiness)
+    return GatewayRoot(routes, CorsPolicy(settings.server.cors_origins), readiness, details)
 
 
 def _endpoint(reactor: Any, address: Address, tls_creator: Any = None) -> IStreamServerEndpoint:
@@ -152,6 +155,10 @@ class GatewayService(MultiService):
         self.observers: list[RequestObserver] = []
         self.metrics: Any = None
         settings = load()
+        from runner_gateway.revocation_feed import RevocationFeed
+
+        self.revocations = RevocationState()
+        self.revocation_feed = RevocationFeed(self.revocations, settings, reactor)
         self.generation = self._build(settings)
         self.site = GatewaySite(
             self.generation.root,
@@ -181,6 +188,7 @@ class GatewayService(MultiService):
             from runner_gateway.metrics import Metrics
 
             self.metrics = Metrics(settings.metrics, reactor.seconds)
+            self.metrics.watch_revocations(self.revocations, self.revocation_feed)
             self.observers.append(self.metrics)
 
     @property
@@ -188,7 +196,15 @@ class GatewayService(MultiService):
         return self.generation.settings
 
     def _build(self, settings: Settings) -> _Generation:
-        return _Generation(settings, build_root(settings, self.reactor, self.pool, self.problems))
+        root = build_root(
+            settings,
+            self.reactor,
+            self.pool,
+            self.problems,
+            self.revocations,
+            self.revocation_feed.problems,
+        )
+        return _Generation(settings, root)
 
     def problems(self) -> list[str]:
         """What keeps the gateway from being ready (for /readyz)."""
@@ -282,6 +298,7 @@ class GatewayService(MultiService):
             )
         if self.tls is not None:
             self.tls.start()
+        self.revocation_feed.start()
         for runner in settings.runners:
             probe_runner(self.reactor, runner)
         if hasattr(signal, "SIGHUP"):
@@ -300,6 +317,7 @@ class GatewayService(MultiService):
         try:
             settings = self.load()
             generation = self._build(settings)
+            self.revocation_feed.configure(settings)
         except (SettingsError, ValueError) as exc:  # ValueError: TLSConfigError, key errors
             _log.error(
                 "settings reload refused, keeping the running settings: {error}", error=str(exc)
@@ -322,6 +340,7 @@ class GatewayService(MultiService):
         self.listening = False
         if self.tls is not None:
             self.tls.stop()
+        self.revocation_feed.stop()
         stopping = [defer.maybeDeferred(port.stopListening) for port in self.ports]
         self.ports = []
         return defer.gatherResults(stopping).addBoth(lambda _: self._drain())

@@ -9,6 +9,7 @@ single readable line.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import ipaddress
 import os
 import re
@@ -28,6 +29,7 @@ __all__ = [
     "LoggingSettings",
     "MetricsSettings",
     "PasetoSettings",
+    "RedisSettings",
     "RunnerSettings",
     "ServerSettings",
     "Settings",
@@ -38,7 +40,7 @@ __all__ = [
 ]
 
 LEVELS = ("trace", "debug", "info", "warn", "error")
-SCOPES = ("inference", "models:read", "models:manage", "admin")
+SCOPES = ("inference", "models:read", "models:manage", "admin", "introspect")
 ENV_OVERRIDES = {
     "LOGGING_LEVEL": ("logging", "level"),
     "PASETO_SECRET_KEY": ("paseto", "secretKey"),
@@ -108,6 +110,8 @@ class PasetoSettings:
     public_keys: tuple[str, ...] = ()
     secret_keys: tuple[str, ...] = ()
     cache_size: int = 10000
+    revocation_path: str = ""  # revocation.py; "" for none
+    ledger_path: str = ""  # paseto-tool's issuance ledger; "" for none
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,7 @@ class ServerSettings:
     keep_alive_timeout: float = 75.0
     drain_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
+    public_url: str = ""  # how clients reach the gateway, for the OAuth metadata (oauth.py)
     # One worker process per CPU (workers.py); 1 serves from the twistd process itself.
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 
@@ -173,6 +178,32 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class RedisSettings:
+    """Shared state (shared_state.py). ``url`` "" means none; the password is
+    never part of ``display_url``, which is what logs show."""
+
+    url: str = field(default="", repr=False)
+    key_prefix: str = "runner-gateway:"
+    ca_path: str = ""
+    command_timeout: float = 1.0
+    host: str = ""
+    port: int = 6379
+    tls: bool = False
+    username: str = ""
+    password: str = field(default="", repr=False)
+    database: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+    @property
+    def display_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'rediss' if self.tls else 'redis'}://{host}:{self.port}/{self.database}"
+
+
+@dataclass(frozen=True)
 class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     paseto: PasetoSettings = field(default_factory=PasetoSettings)
@@ -180,6 +211,7 @@ class Settings:
     runners: tuple[RunnerSettings, ...] = ()
     server: ServerSettings = field(default_factory=ServerSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
     sources: tuple[str, ...] = ()  # files and variables read, in order
 
 
@@ -309,6 +341,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "publicKeys": ("public_keys", "strlist"),
         "secretKeys": ("secret_keys", "strlist"),
         "cacheSize": ("cache_size", "count"),
+        "revocationPath": ("revocation_path", "str"),
+        "ledgerPath": ("ledger_path", "str"),
     },
     "authorization": {"defaultScopes": ("default_scopes", "scopes")},
     "runner": {
@@ -338,6 +372,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "keepAliveTimeout": ("keep_alive_timeout", "duration"),
         "drainTimeout": ("drain_timeout", "duration"),
         "corsOrigins": ("cors_origins", "origins"),
+        "publicUrl": ("public_url", "publicurl"),
         "workers": ("workers", "workers"),
     },
     "metrics": {
@@ -345,14 +380,21 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "perSubject": ("per_subject", "bool"),
         "subjectsMax": ("subjects_max", "count"),
     },
+    "redis": {
+        "url": ("url", "redisurl"),
+        "keyPrefix": ("key_prefix", "keyprefix"),
+        "caPath": ("ca_path", "str"),
+        "commandTimeout": ("command_timeout", "duration"),
+    },
 }
-_TOP = ("logging", "paseto", "authorization", "runners", "server", "metrics")
+_TOP = ("logging", "paseto", "authorization", "runners", "server", "metrics", "redis")
 _SECTION_CLASSES: dict[str, type[Any]] = {
     "logging": LoggingSettings,
     "paseto": PasetoSettings,
     "authorization": AuthorizationSettings,
     "server": ServerSettings,
     "metrics": MetricsSettings,
+    "redis": RedisSettings,
 }
 _DEFAULT_RUNNERS: list[dict[str, Any]] = [
     {"name": "ollama", "host": "127.0.0.1:11434", "path": "/", "scheme": "http"}
@@ -466,7 +508,71 @@ def _convert(kind: str, value: object) -> Any:
         return n
     if kind == "endpoints":
         return _parse_endpoints(value)
+    if kind == "publicurl":
+        return _parse_public_url(_convert("str", value))
+    if kind == "redisurl":
+        text = _convert("str", value)
+        if text:
+            parse_redis_url(text)  # validated here, split in _redis_section
+        return text
+    if kind == "keyprefix":
+        text = _expect(value, str, "a string")
+        if len(text) > 100 or not re.fullmatch(r"[A-Za-z0-9:_.-]*", text):
+            raise ValueError("use at most 100 of A-Z a-z 0-9 : _ . -")
+        return text
     raise AssertionError(kind)  # pragma: no cover - schema typo
+
+
+def _parse_public_url(text: str) -> str:
+    if not text:
+        return text
+    match = re.fullmatch(r"(https?)://([^/?#\s@]+)(/[^?#\s]*)?", text)
+    if match is None:
+        raise ValueError("expected an absolute http(s) URL without query or fragment")
+    try:
+        parse_hostport(match.group(2), 443)
+    except ValueError as exc:
+        raise ValueError(f"invalid host in URL: {exc}") from None
+    return text.rstrip("/")
+
+
+def parse_redis_url(text: str) -> dict[str, Any]:
+    """``redis://[user[:password]@]host[:port][/db]``, or ``rediss://`` for TLS."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid URL: {exc}") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("expected a redis:// or rediss:// URL")
+    if parts.query or parts.fragment:
+        raise ValueError("no query or fragment allowed")
+    host = parts.hostname or ""
+    if not host:
+        raise ValueError("the URL needs a host")
+    _parse_host(host)
+    database = parts.path.lstrip("/")
+    if database and not database.isdigit():
+        raise ValueError("the path must be a database number, e.g. /0")
+    return {
+        "host": host,
+        "port": port or 6379,
+        "tls": parts.scheme == "rediss",
+        "username": unquote(parts.username or ""),
+        "password": unquote(parts.password or ""),
+        "database": int(database or 0),
+    }
+
+
+def _redis_section(section: RedisSettings, environ: Mapping[str, str]) -> RedisSettings:
+    if not section.url:
+        return section
+    fields = parse_redis_url(section.url)
+    if not fields["password"]:
+        fields["password"] = environ.get("REDIS_PASSWORD", "")
+    return dataclasses.replace(section, **fields)
 
 
 # ------------------------------------------------------------------- loading
@@ -701,4 +807,7 @@ def load_settings(
         raise SettingsError(
             tree.source_of("server.redirectAddress"), "server.redirectAddress", "needs TLS"
         )
+    sections["redis"] = _redis_section(sections["redis"], environ)
+    if sections["redis"].ca_path and not sections["redis"].tls:
+        raise SettingsError(tree.source_of("redis.caPath"), "redis.caPath", "needs rediss://")
     return Settings(runners=runners, sources=tuple(sources), **sections)

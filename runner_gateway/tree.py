@@ -123,9 +123,11 @@ class GatewayRoot(Resource):
         routes: Sequence[Route],
         cors: CorsPolicy,
         readiness: Callable[[], list[str]],
+        details: Callable[[], dict[str, str]] | None = None,
     ) -> None:
         super().__init__()
         self.routes = list(routes)
+        self.details = details
         self.cors = cors
         self.healthz = _Json(lambda: (200, {"status": "ok"}))
         self.readyz = _Json(self._ready)
@@ -133,9 +135,14 @@ class GatewayRoot(Resource):
 
     def _ready(self) -> tuple[int, dict[str, object]]:
         problems = self.readiness()
-        if problems:
-            return 503, {"status": "not ready", "problems": problems}
-        return 200, {"status": "ready"}
+        payload: dict[str, object] = (
+            {"status": "not ready", "problems": problems} if problems else {"status": "ready"}
+        )
+        # Degraded but serving (e.g. Redis unreachable): said, not a reason to be unready.
+        detail = self.details() if self.details is not None else None
+        if detail:
+            payload["detail"] = detail
+        return (503 if problems else 200), payload
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
         raw_path = request.path
