@@ -62,6 +62,11 @@ class RevocationFeed:
         self._poll.clock = reactor
         self.shared: Any = None
         self.configure(settings, strict=True)
+        if settings.redis.enabled:
+            from runner_gateway.shared_state import SharedRevocations, SharedState
+
+            self.shared = SharedState(settings.redis, reactor)
+            SharedRevocations(self.shared, state, reactor.seconds)
 
     def configure(self, settings: Settings, strict: bool = False) -> None:
         """Take a (re)loaded settings' path and read the file now."""
