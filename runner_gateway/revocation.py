@@ -294,13 +294,11 @@ class RevocationState:
         self._file = list(entries)
         return self._rebuild(now)
 
-    def set_shared(self, entries: Sequence[Revocation], now: float) -> bool:
-        """Replace the entries from shared state (Redis), e.g. after a reconnect."""
-        self._shared = {e.key: e for e in merge(entries)}
-        return self._rebuild(now)
-
-    def add_shared(self, entry: Revocation, now: float) -> bool:
-        self._shared = {e.key: e for e in merge(self._shared.values(), [entry])}
+    def add_shared(self, entries: Sequence[Revocation], now: float) -> bool:
+        """Entries from shared state (Redis): published ones, or the whole list re-read
+        after a reconnect. Added to what the process has: a Redis that comes back
+        empty (restarted without persistence) does not un-revoke anything here."""
+        self._shared = {e.key: e for e in merge(self._shared.values(), entries)}
         return self._rebuild(now)
 
     def _rebuild(self, now: float) -> bool:

@@ -61,6 +61,10 @@ class SharedStateUnavailable(Exception):
 class _Factory(txredisapi.RedisFactory):  # type: ignore[misc]
     """Tells its owner when the connection comes and goes."""
 
+    # Reconnect backoff: 0.5 s, then x e, capped so a replica catches up within 5 s of Redis.
+    initialDelay = 0.5
+    maxDelay = 5.0
+
     def __init__(self, owner: Callable[[bool], None], *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.owner = owner
@@ -248,9 +252,10 @@ def _revocations_key(shared: SharedState) -> str:
 def load_revocations(shared: SharedState) -> defer.Deferred[list[Revocation]]:
     """Every entry in Redis; entries that do not parse are skipped (and logged)."""
 
-    def parse_all(raw: dict[str, str] | None) -> list[Revocation]:
+    def parse_all(raw: list[str] | None) -> list[Revocation]:
         entries = []
-        for field, text in (raw or {}).items():
+        flat = raw or []
+        for field, text in zip(flat[::2], flat[1::2], strict=True):
             try:
                 entries.append(Revocation.from_mapping(json.loads(text)))
             except (ValueError, RevocationError):
@@ -288,12 +293,12 @@ class SharedRevocations:
         except (ValueError, RevocationError):
             _log.warn("ignoring a malformed revocation message from Redis")
             return
-        if self.state.add_shared(entry, self.clock()):
+        if self.state.add_shared([entry], self.clock()):
             _log.info("revocation from Redis in force: {key}", key=entry.key)
 
     def resync(self) -> None:
         def loaded(entries: list[Revocation]) -> None:
-            if self.state.set_shared(entries, self.clock()):
+            if self.state.add_shared(entries, self.clock()):
                 _log.info("revocation list re-read from Redis: {n} entries", n=len(entries))
 
         def failed(failure: Any) -> None:

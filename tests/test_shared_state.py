@@ -1,0 +1,177 @@
+"""Revocations shared through a real Redis (shared_state.py): two gateway processes.
+
+The gateways have settings directories of their own and one Redis; a
+revocation made with paseto-tool against Redis must be in force on both within
+a second. Redis stopped: both keep their list and say so on /readyz; Redis back:
+both catch up (a revocation published while they were not connected is read
+on reconnect), and nothing crashes.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from runner_gateway.settings import SettingsError, load_settings
+from tests.conftest import GatewaySettings, StandIn
+from tests.gateway_process import GatewayProcess, start_gateway
+from tests.redis_server import RedisServer, redis_server  # noqa: F401 - a fixture
+from tests.test_revocation_e2e import IN_FORCE_WITHIN, MARGIN, ROOT, tool
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def get(gw: GatewayProcess, path: str, token: str | None = None) -> tuple[int, bytes]:
+    parts = urlsplit(gw.url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
+    conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    return response.status, body
+
+
+def wait(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"timed out: {what}"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def redis_detail(gw: GatewayProcess) -> str | None:
+    status, body = get(gw, "/readyz")
+    assert status == 200  # Redis away is no reason to stop serving
+    detail: dict[str, str] = json.loads(body).get("detail", {})
+    return detail.get("redis")
+
+
+def two_gateways(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn, redis: RedisServer
+) -> tuple[Path, Path]:
+    body = (
+        "logging:\n  format: json\n"
+        f"runners:\n  - name: ollama\n    host: {standin.address}\n    path: /\n"
+        "server:\n  address: 127.0.0.1:0\n  workers: 1\n"
+        f'redis:\n  url: {redis.url}\n  keyPrefix: "test:"\n'
+    )
+    first = make_settings(body).directory
+    second = first.parent / "settings-b"
+    second.mkdir()
+    for name in ("paseto.key", "paseto.pub"):
+        shutil.copy(first / name, second / name)
+    text = (first / "settings.yaml").read_text().replace(str(first), str(second))
+    (second / "settings.yaml").write_text(text)
+    return first, second
+
+
+def test_revocations_through_redis_reach_both_gateways_and_survive_an_outage(
+    make_settings: Callable[[str], GatewaySettings],
+    standin: StandIn,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    first, second = two_gateways(make_settings, standin, redis_server)
+    alice = tool(first, "-action=public", "-sub=alice")
+    bob = tool(first, "-action=public", "-sub=bob")
+    carol = tool(first, "-action=public", "-sub=carol")
+    with ExitStack() as stack:
+        gateways = [stack.enter_context(start_gateway(d)) for d in (first, second)]
+        for gw in gateways:
+            wait(lambda gw=gw: redis_detail(gw) is None, 10, "connected to Redis")  # type: ignore[misc]
+            for token in (alice, bob, carol):
+                assert get(gw, "/api/tags", token)[0] == 200  # cached from here on
+
+        def refused_everywhere(token: str) -> Callable[[], bool]:
+            return lambda: all(get(gw, "/api/tags", token)[0] == 401 for gw in gateways)
+
+        jti = json.loads(tool(first, "-action=validate", f"-token={alice}"))["jti"]
+        tool(first, "-action=revoke", f"-jti={jti}")
+        took = wait(refused_everywhere(alice), IN_FORCE_WITHIN + MARGIN, "alice refused")
+        print(f"a revocation through Redis in force on both gateways after {took:.3f} s")
+        assert took <= IN_FORCE_WITHIN + MARGIN
+        status, _ = get(gateways[1], "/api/tags", alice)
+        assert status == 401
+        assert redis_server.cli("HLEN", "test:{rg}:revocations") == "1"
+        listed = tool(second, "-action=revocations").splitlines()
+        assert [json.loads(line)["source"] for line in listed] == ["redis"]
+
+        # Redis goes away: the list stays, the outage shows, requests are served.
+        redis_server.stop()
+        for gw in gateways:
+            wait(lambda gw=gw: redis_detail(gw) is not None, 10, "outage seen")  # type: ignore[misc]
+            assert get(gw, "/api/tags", alice)[0] == 401
+            assert get(gw, "/api/tags", bob)[0] == 200
+            gw.wait_for("Redis at redis://127.0.0.1:.* is unreachable")
+
+        # Back (with its data): a revocation made before the gateways reconnect
+        # reaches them by the full re-read on reconnect.
+        redis_server.start()
+        tool(first, "-action=revoke", "-sub=bob")
+        wait(refused_everywhere(bob), 20, "bob refused after the reconnect")
+        for gw in gateways:
+            wait(lambda gw=gw: redis_detail(gw) is None, 20, "reconnected")  # type: ignore[misc]
+            assert get(gw, "/api/tags", alice)[0] == 401
+            assert get(gw, "/api/tags", carol)[0] == 200
+            assert len([x for x in gw.lines if "is unreachable" in x]) == 1  # logged once
+        # And pub/sub works again.
+        jti = json.loads(tool(first, "-action=validate", f"-token={carol}"))["jti"]
+        tool(second, "-action=revoke", f"-jti={jti}")
+        took = wait(refused_everywhere(carol), IN_FORCE_WITHIN + MARGIN, "carol refused")
+        assert took <= IN_FORCE_WITHIN + MARGIN
+        for gw in gateways:
+            assert gw.proc.poll() is None
+            assert "Traceback" not in gw.output
+
+
+def test_the_tool_says_when_redis_is_unreachable(
+    make_settings: Callable[[str], GatewaySettings],
+    standin: StandIn,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    first, _ = two_gateways(make_settings, standin, redis_server)
+    redis_server.stop()
+    script = str(ROOT / "bin" / "paseto-tool")
+    result = subprocess.run(
+        [sys.executable, script, f"-settings={first}", "-action=revoke", "-jti=x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("paseto-tool: cannot reach Redis at redis://127.0.0.1")
+
+
+def test_redis_settings_are_strict(tmp_path: Path) -> None:
+    def load(body: str, environ: dict[str, str] | None = None) -> object:
+        (tmp_path / "settings.yaml").write_text(body)
+        return load_settings(tmp_path, environ=environ or {}).redis
+
+    redis = load("redis:\n  url: rediss://user:s%40cret@cache.example:6380/3\n")
+    assert (redis.host, redis.port, redis.tls, redis.database) == ("cache.example", 6380, True, 3)  # type: ignore[attr-defined]
+    assert (redis.username, redis.password) == ("user", "s@cret")  # type: ignore[attr-defined]
+    assert "s@cret" not in repr(redis) and "cret" not in redis.display_url  # type: ignore[attr-defined]
+    from_env = load("redis:\n  url: redis://cache\n", {"REDIS_PASSWORD": "pw"})
+    assert from_env.password == "pw" and from_env.port == 6379  # type: ignore[attr-defined]
+    for body, message in [
+        ("redis:\n  url: http://cache\n", "redis:// or rediss://"),
+        ("redis:\n  url: redis://\n", "needs a host"),
+        ("redis:\n  url: redis://cache/x\n", "database number"),
+        ("redis:\n  url: redis://cache?x=1\n", "no query"),
+        ("redis:\n  url: redis://cache:99999\n", "invalid URL"),
+        ('redis:\n  keyPrefix: "a b"\n', "redis.keyPrefix"),
+        ("redis:\n  url: redis://cache\n  caPath: /ca.pem\n", "needs rediss://"),
+        ("redis:\n  colour: red\n", "redis.colour: unknown key"),
+    ]:
+        with pytest.raises(SettingsError, match=message):
+            load(body)
