@@ -110,6 +110,7 @@ def build_root(
     details: Callable[[], dict[str, str]] | None = None,
 ) -> GatewayRoot:
     """The resource tree for one settings generation; raises SettingsError on bad keys."""
+    from runner_gateway import oauth
     from runner_gateway.auth import AuthResource, TokenCache
     from runner_gateway.authz import AuthorizationResource
     from runner_gateway.paseto import build_verifier
@@ -121,9 +122,12 @@ def build_root(
     for runner in settings.runners:
         proxy = ReverseProxyResource(runner, reactor, pool)
         policy = AuthorizationResource(proxy, runner, settings.authorization)
-        guarded = AuthResource(policy, verifier, cache, reactor.seconds)
+        extra = oauth.challenge_parameter(settings, runner)
+        guarded = AuthResource(policy, verifier, cache, reactor.seconds, extra)
         routes.append(Route(runner, guarded))
-    return GatewayRoot(routes, CorsPolicy(settings.server.cors_origins), readiness, details)
+    paths = oauth.resources(settings, verifier, cache, reactor.seconds)
+    cors = CorsPolicy(settings.server.cors_origins)
+    return GatewayRoot(routes, cors, readiness, details, paths)
 
 
 def _endpoint(reactor: Any, address: Address, tls_creator: Any = None) -> IStreamServerEndpoint:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from twisted.web.http_headers import _nameEncoder
@@ -124,10 +124,13 @@ class GatewayRoot(Resource):
         cors: CorsPolicy,
         readiness: Callable[[], list[str]],
         details: Callable[[], dict[str, str]] | None = None,
+        paths: Mapping[bytes, IResource] | None = None,
     ) -> None:
         super().__init__()
         self.routes = list(routes)
         self.details = details
+        # Exact paths served before runner routing (oauth.py's documents and introspection).
+        self.paths = dict(paths or {})
         self.cors = cors
         self.healthz = _Json(lambda: (200, {"status": "ok"}))
         self.readyz = _Json(self._ready)
@@ -150,6 +153,10 @@ class GatewayRoot(Resource):
             return self.healthz
         if raw_path == b"/readyz":
             return self.readyz
+        if self.paths:
+            found_path = self.paths.get(raw_path)
+            if found_path is not None:
+                return found_path
         if getattr(request, "body_too_large", False):
             return _Error(413, "request body too large")
         origins = request.requestHeaders._rawHeaders.get(_ORIGIN)  # getRawHeaders(b"origin")
