@@ -242,3 +242,43 @@ def test_feed_refuses_a_bad_file_at_start(tmp_path: Any) -> None:
     path.write_text("- jti: a\n- sub: b\n")
     with pytest.raises(SettingsError, match=r"paseto.revocationPath: .*entry 2: .*needs before"):
         RevocationFeed(RevocationState(), _settings(tmp_path, str(path)), TaskClock())
+
+
+# ------------------------------------------------------------------ metrics and SIGHUP
+
+
+def test_revoked_refusals_and_the_list_are_metrics() -> None:
+    from tests.test_metrics import make, request, value
+
+    metrics, clock = make()
+    state = RevocationState()
+
+    class Feed:
+        shared: Any = None
+
+    metrics.watch_revocations(state, Feed())
+    assert value(metrics, "runner_gateway_auth_failures_total", reason="revoked") == 0
+    request(metrics, clock, status=401, body=None, auth_failure="revoked", sub=None)
+    assert value(metrics, "runner_gateway_auth_failures_total", reason="revoked") == 1
+    assert value(metrics, "runner_gateway_revocations") == 0
+    state.set_file([entry(jti="a"), entry(kid="k4.pid.x")], NOW)
+    assert value(metrics, "runner_gateway_revocations") == 2
+    assert value(metrics, "runner_gateway_redis_up") is None  # no redis.url, no gauge
+
+
+def test_sighup_reload_reads_the_file_at_once(tmp_path: Any) -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from runner_gateway.service import GatewayService
+
+    path = tmp_path / "revoked.jsonl"
+    key = V4SecretKey.generate().public_key().paserk()
+    (tmp_path / "settings.yaml").write_text(
+        f"paseto:\n  revocationPath: {path}\n  publicKeys: [{key}]\n"
+    )
+    service = GatewayService(lambda: load_settings(tmp_path, environ={}), MemoryReactorClock())
+    assert len(service.revocations) == 0
+    path.write_text(json.dumps({"jti": "a"}) + "\n")
+    # No poll has run (the service is not started): the reload reads the file itself.
+    assert service.reload()
+    assert service.revocations.check({"jti": "a"}, None) is not None

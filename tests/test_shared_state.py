@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from runner_gateway.settings import SettingsError, load_settings
 from tests.conftest import GatewaySettings, StandIn
 from tests.gateway_process import GatewayProcess, start_gateway
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - a fixture
@@ -151,27 +150,3 @@ def test_the_tool_says_when_redis_is_unreachable(
     assert result.returncode == 1
     assert result.stderr.strip().startswith("paseto-tool: cannot reach Redis at redis://127.0.0.1")
 
-
-def test_redis_settings_are_strict(tmp_path: Path) -> None:
-    def load(body: str, environ: dict[str, str] | None = None) -> object:
-        (tmp_path / "settings.yaml").write_text(body)
-        return load_settings(tmp_path, environ=environ or {}).redis
-
-    redis = load("redis:\n  url: rediss://user:s%40cret@cache.example:6380/3\n")
-    assert (redis.host, redis.port, redis.tls, redis.database) == ("cache.example", 6380, True, 3)  # type: ignore[attr-defined]
-    assert (redis.username, redis.password) == ("user", "s@cret")  # type: ignore[attr-defined]
-    assert "s@cret" not in repr(redis) and "cret" not in redis.display_url  # type: ignore[attr-defined]
-    from_env = load("redis:\n  url: redis://cache\n", {"REDIS_PASSWORD": "pw"})
-    assert from_env.password == "pw" and from_env.port == 6379  # type: ignore[attr-defined]
-    for body, message in [
-        ("redis:\n  url: http://cache\n", "redis:// or rediss://"),
-        ("redis:\n  url: redis://\n", "needs a host"),
-        ("redis:\n  url: redis://cache/x\n", "database number"),
-        ("redis:\n  url: redis://cache?x=1\n", "no query"),
-        ("redis:\n  url: redis://cache:99999\n", "invalid URL"),
-        ('redis:\n  keyPrefix: "a b"\n', "redis.keyPrefix"),
-        ("redis:\n  url: redis://cache\n  caPath: /ca.pem\n", "needs rediss://"),
-        ("redis:\n  colour: red\n", "redis.colour: unknown key"),
-    ]:
-        with pytest.raises(SettingsError, match=message):
-            load(body)
