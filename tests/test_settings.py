@@ -306,7 +306,7 @@ def test_lifecycle_paths_and_public_url(sdir: Path) -> None:
 )
 def test_bad_public_urls(sdir: Path, url: str) -> None:
     write(sdir, "settings.yaml", f"server:\n  publicUrl: '{url}'\n")
-    with pytest.raises(SettingsError, match="server.publicUrl"):
+    with pytest.raises(SettingsError, match=r"server\.publicUrl: "):
         load_settings(sdir, environ={})
 
 
