@@ -149,4 +149,3 @@ def test_the_tool_says_when_redis_is_unreachable(
     )
     assert result.returncode == 1
     assert result.stderr.strip().startswith("paseto-tool: cannot reach Redis at redis://127.0.0.1")
-
