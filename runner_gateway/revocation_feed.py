@@ -61,15 +61,18 @@ class RevocationFeed:
         self._poll = LoopingCall(self.poll)
         self._poll.clock = reactor
         self.shared: Any = None
-        self.configure(settings, strict=True)
+        self.redis = settings.redis
         if settings.redis.enabled:
             from runner_gateway.shared_state import SharedRevocations, SharedState
 
             self.shared = SharedState(settings.redis, reactor)
             SharedRevocations(self.shared, state, reactor.seconds)
+        self.configure(settings, strict=True)
 
     def configure(self, settings: Settings, strict: bool = False) -> None:
         """Take a (re)loaded settings' path and read the file now."""
+        if settings.redis != self.redis:
+            _log.warn("redis.* changes need a restart; keeping the running connection")
         path = settings.paseto.revocation_path
         if path != self.path:
             self.path = path

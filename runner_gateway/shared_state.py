@@ -108,6 +108,7 @@ class SharedState:
         self._on_connect: list[Callable[[], None]] = []
         self._factory: _Factory | None = None
         self._subscriber: _SubscriberFactory | None = None
+        self._first: Any = None
 
     def key(self, name: str) -> str:
         return f"{self.settings.key_prefix}{{rg}}:{name}"
@@ -147,6 +148,8 @@ class SharedState:
             **self._auth(),
         )
         self._factory.startConnecting(self._endpoint())
+        # A Redis that is down from the start never drops a connection: say so here.
+        self._first = self.reactor.callLater(CONNECT_TIMEOUT, self._command_link, False)
         if self._channels:
             self._subscriber = _SubscriberFactory(
                 self._subscriber_link, self._message, **self._auth()
@@ -154,6 +157,8 @@ class SharedState:
             self._subscriber.startConnecting(self._endpoint())
 
     def stop(self) -> defer.Deferred[Any]:
+        if self._first is not None and self._first.active():
+            self._first.cancel()
         stopping = []
         for factory in (self._factory, self._subscriber):
             if factory is not None:
@@ -163,6 +168,8 @@ class SharedState:
         return defer.gatherResults(stopping, consumeErrors=True)
 
     def _command_link(self, up: bool) -> None:
+        if self._first is not None and self._first.active():
+            self._first.cancel()
         self.up = up
         if up:
             if self._outage_logged:

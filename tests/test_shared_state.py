@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import GatewaySettings, StandIn
 from tests.gateway_process import GatewayProcess, start_gateway
-from tests.redis_server import RedisServer, redis_server  # noqa: F401 - a fixture
+from tests.redis_server import REDIS_SERVER, RedisServer, redis_server  # noqa: F401 - a fixture
 from tests.test_revocation_e2e import IN_FORCE_WITHIN, MARGIN, ROOT, tool
 
 pytestmark = pytest.mark.timeout(180)
@@ -149,3 +149,25 @@ def test_the_tool_says_when_redis_is_unreachable(
     )
     assert result.returncode == 1
     assert result.stderr.strip().startswith("paseto-tool: cannot reach Redis at redis://127.0.0.1")
+
+
+def test_a_gateway_starts_without_redis_and_connects_when_it_comes(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn, tmp_path: Path
+) -> None:
+    if not REDIS_SERVER:
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    (tmp_path / "redis").mkdir()
+    redis = RedisServer(tmp_path / "redis")  # not started yet
+    first, _ = two_gateways(make_settings, standin, redis)
+    bob = tool(first, "-action=public", "-sub=bob")
+    try:
+        with start_gateway(first) as gw:
+            assert redis_detail(gw) == "unreachable; using the last revocation list"
+            assert get(gw, "/api/tags", bob)[0] == 200  # serving regardless
+            gw.wait_for("Redis at redis://127.0.0.1:.* is unreachable")
+            redis.start()
+            wait(lambda: redis_detail(gw) is None, 20, "connected")
+            gw.wait_for("Redis at redis://127.0.0.1:.* is reachable again")
+            assert len([x for x in gw.lines if "is unreachable" in x]) == 1
+    finally:
+        redis.stop()
