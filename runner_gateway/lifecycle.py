@@ -206,7 +206,12 @@ def revoke(flags: Mapping[str, Any], settings: Settings, out: TextIO, err: TextI
     if settings.redis.enabled:
         from runner_gateway.shared_state import run_tool_call, store_revocation
 
-        run_tool_call(settings.redis, lambda shared: store_revocation(shared, entry))
+        try:
+            run_tool_call(settings.redis, lambda shared: store_revocation(shared, entry))
+        except RevocationError as exc:
+            if where:  # the file has it: in force wherever gateways read that file
+                raise RevocationError(f"revoked in {where[0]} only: {exc}") from None
+            raise
         where.append(settings.redis.display_url)
     _emit(out, entry.to_mapping())
     print(

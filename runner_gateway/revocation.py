@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import yaml
@@ -56,8 +57,6 @@ class RevocationError(ValueError):
 
 def precise_rfc3339(epoch: float) -> str:
     """RFC 3339 in UTC with microseconds: the form of ``iat`` and ``before``."""
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds")
 
 

@@ -159,12 +159,31 @@ def test_a_gateway_starts_without_redis_and_connects_when_it_comes(
     (tmp_path / "redis").mkdir()
     redis = RedisServer(tmp_path / "redis")  # not started yet
     first, _ = two_gateways(make_settings, standin, redis)
+    text = (first / "settings.yaml").read_text()
+    (first / "settings.yaml").write_text(
+        text.replace("paseto:\n", "paseto:\n  revocationPath: revoked.jsonl\n", 1)
+    )
     bob = tool(first, "-action=public", "-sub=bob")
+    carol = tool(first, "-action=public", "-sub=carol")
     try:
         with start_gateway(first) as gw:
             assert redis_detail(gw) == "unreachable; using the last revocation list"
             assert get(gw, "/api/tags", bob)[0] == 200  # serving regardless
             gw.wait_for("Redis at redis://127.0.0.1:.* is unreachable")
+            # The file still works; the tool says Redis did not get the entry.
+            script = str(ROOT / "bin" / "paseto-tool")
+            result = subprocess.run(
+                [sys.executable, script, f"-settings={first}", "-action=revoke", "-sub=carol"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+                cwd=first.parent,
+            )
+            assert result.returncode == 1
+            assert result.stderr.startswith("paseto-tool: revoked in revoked.jsonl only: ")
+            took = wait(lambda: get(gw, "/api/tags", carol)[0] == 401, 5, "carol refused")
+            assert took <= IN_FORCE_WITHIN + MARGIN
             redis.start()
             wait(lambda: redis_detail(gw) is None, 20, "connected")
             gw.wait_for("Redis at redis://127.0.0.1:.* is reachable again")
