@@ -291,20 +291,20 @@ class Metrics:
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason=reason)
 
-    def watch_revocations(self, state: Any, feed: Any) -> None:
-        """Gauges read at scrape time from the revocation state and its feed."""
+    def watch_shared_state(self, state: Any, shared: Any) -> None:
+        """Gauges read at scrape time: the revocation state, the Redis link (when set)."""
         reg = self.registry
         Gauge(
             "runner_gateway_revocations",
             "Revocation entries in force (file and Redis together).",
             registry=reg,
         ).set_function(lambda: len(state))
-        if feed.shared is not None:
+        if shared is not None:
             Gauge(
                 "runner_gateway_redis_up",
                 "1 while the Redis connection (redis.url) is up, else 0.",
                 registry=reg,
-            ).set_function(lambda: 1.0 if feed.shared.up else 0.0)
+            ).set_function(lambda: 1.0 if shared.up else 0.0)
 
     # The observer protocol (site.py).
 

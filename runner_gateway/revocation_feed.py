@@ -7,8 +7,9 @@ has a new inode), and on every SIGHUP (``reconfigure``). A file that cannot
 be read or parsed keeps the last good list and is logged once until it
 changes; at start-up it is an error. Each worker process runs its own feed.
 
-With ``redis.url``, ``shared_state.SharedState`` delivers the Redis entries:
-the full list on every (re)connect, single entries as they are published.
+With ``redis.url``, the process's ``shared_state.SharedState`` (owned by the
+service) delivers the Redis entries: the full list on every (re)connect,
+single entries as they are published.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def _signature(path: str) -> tuple[int, int, int, int] | None:
 class RevocationFeed:
     """The file watcher and the Redis subscription of one process."""
 
-    def __init__(self, state: RevocationState, settings: Settings, reactor: Any) -> None:
+    def __init__(
+        self, state: RevocationState, settings: Settings, reactor: Any, shared: Any = None
+    ) -> None:
         self.state = state
         self.reactor = reactor
         self.path = ""
@@ -60,13 +63,11 @@ class RevocationFeed:
         self._failing = False
         self._poll = LoopingCall(self.poll)
         self._poll.clock = reactor
-        self.shared: Any = None
         self.redis = settings.redis
-        if settings.redis.enabled:
-            from runner_gateway.shared_state import SharedRevocations, SharedState
+        if shared is not None:
+            from runner_gateway.shared_state import SharedRevocations
 
-            self.shared = SharedState(settings.redis, reactor)
-            SharedRevocations(self.shared, state, reactor.seconds)
+            SharedRevocations(shared, state, reactor.seconds)
         self.configure(settings, strict=True)
 
     def configure(self, settings: Settings, strict: bool = False) -> None:
@@ -85,22 +86,16 @@ class RevocationFeed:
     def start(self) -> None:
         if not self._poll.running:
             self._poll.start(POLL_INTERVAL, now=False)
-        if self.shared is not None:
-            self.shared.start()
 
     def stop(self) -> None:
         if self._poll.running:
             self._poll.stop()
-        if self.shared is not None:
-            self.shared.stop()
 
     def problems(self) -> dict[str, str]:
         """What /readyz shows as detail (not a reason to be unready)."""
         found = {}
         if self._failing:
             found["revocations"] = "the revocation file could not be read; using the last list"
-        if self.shared is not None and not self.shared.up:
-            found["redis"] = "unreachable; using the last revocation list"
         return found
 
     def poll(self, force: bool = False, strict: bool = False) -> None:

@@ -161,8 +161,14 @@ class GatewayService(MultiService):
         settings = load()
         from runner_gateway.revocation_feed import RevocationFeed
 
+        # Redis (redis.url): one connection per process, for whatever replicas share.
+        self.shared: Any = None
+        if settings.redis.enabled:
+            from runner_gateway.shared_state import SharedState
+
+            self.shared = SharedState(settings.redis, reactor)
         self.revocations = RevocationState()
-        self.revocation_feed = RevocationFeed(self.revocations, settings, reactor)
+        self.revocation_feed = RevocationFeed(self.revocations, settings, reactor, self.shared)
         self.generation = self._build(settings)
         self.site = GatewaySite(
             self.generation.root,
@@ -192,7 +198,7 @@ class GatewayService(MultiService):
             from runner_gateway.metrics import Metrics
 
             self.metrics = Metrics(settings.metrics, reactor.seconds)
-            self.metrics.watch_revocations(self.revocations, self.revocation_feed)
+            self.metrics.watch_shared_state(self.revocations, self.shared)
             self.observers.append(self.metrics)
 
     @property
@@ -206,9 +212,16 @@ class GatewayService(MultiService):
             self.pool,
             self.problems,
             self.revocations,
-            self.revocation_feed.problems,
+            self.details,
         )
         return _Generation(settings, root)
+
+    def details(self) -> dict[str, str]:
+        """Degraded but serving (for /readyz detail)."""
+        found = self.revocation_feed.problems()
+        if self.shared is not None:
+            found.update(self.shared.detail())
+        return found
 
     def problems(self) -> list[str]:
         """What keeps the gateway from being ready (for /readyz)."""
@@ -303,6 +316,8 @@ class GatewayService(MultiService):
         if self.tls is not None:
             self.tls.start()
         self.revocation_feed.start()
+        if self.shared is not None:
+            self.shared.start()
         for runner in settings.runners:
             probe_runner(self.reactor, runner)
         if hasattr(signal, "SIGHUP"):
@@ -345,6 +360,8 @@ class GatewayService(MultiService):
         if self.tls is not None:
             self.tls.stop()
         self.revocation_feed.stop()
+        if self.shared is not None:
+            self.shared.stop()
         stopping = [defer.maybeDeferred(port.stopListening) for port in self.ports]
         self.ports = []
         return defer.gatherResults(stopping).addBoth(lambda _: self._drain())

@@ -110,6 +110,12 @@ class SharedState:
         self._subscriber: _SubscriberFactory | None = None
         self._first: Any = None
 
+    def detail(self) -> dict[str, str]:
+        """For /readyz: said while down, not a reason to be unready."""
+        if self.up:
+            return {}
+        return {"redis": "unreachable; using the last shared state (revocations)"}
+
     def key(self, name: str) -> str:
         return f"{self.settings.key_prefix}{{rg}}:{name}"
 

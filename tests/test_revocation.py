@@ -253,10 +253,7 @@ def test_revoked_refusals_and_the_list_are_metrics() -> None:
     metrics, clock = make()
     state = RevocationState()
 
-    class Feed:
-        shared: Any = None
-
-    metrics.watch_revocations(state, Feed())
+    metrics.watch_shared_state(state, None)
     assert value(metrics, "runner_gateway_auth_failures_total", reason="revoked") == 0
     request(metrics, clock, status=401, body=None, auth_failure="revoked", sub=None)
     assert value(metrics, "runner_gateway_auth_failures_total", reason="revoked") == 1

@@ -167,7 +167,7 @@ def test_a_gateway_starts_without_redis_and_connects_when_it_comes(
     carol = tool(first, "-action=public", "-sub=carol")
     try:
         with start_gateway(first) as gw:
-            assert redis_detail(gw) == "unreachable; using the last revocation list"
+            assert redis_detail(gw) == "unreachable; using the last shared state (revocations)"
             assert get(gw, "/api/tags", bob)[0] == 200  # serving regardless
             gw.wait_for("Redis at redis://127.0.0.1:.* is unreachable")
             # The file still works; the tool says Redis did not get the entry.
