@@ -68,6 +68,13 @@ class _Factory(txredisapi.RedisFactory):  # type: ignore[misc]
     def __init__(self, owner: Callable[[bool], None], *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.owner = owner
+        self.failed: Callable[[str], None] = lambda why: None
+
+    def connectionError(self, why: str) -> None:
+        # AUTH or SELECT refused: txredisapi stops trying (and would leave its
+        # start-up Deferred failing unhandled); say why instead.
+        self.deferred = None
+        self.failed(why)
 
     def addConnection(self, conn: Any) -> None:
         super().addConnection(conn)
@@ -109,6 +116,7 @@ class SharedState:
         self._factory: _Factory | None = None
         self._subscriber: _SubscriberFactory | None = None
         self._first: Any = None
+        self.error = ""  # why Redis refused us (AUTH, SELECT); never holds the password
 
     def detail(self) -> dict[str, str]:
         """For /readyz: said while down, not a reason to be unready."""
@@ -148,11 +156,12 @@ class SharedState:
         self._factory = _Factory(
             self._command_link,
             f"{self.settings.host}:{self.settings.port}",
-            self.settings.database,
+            self.settings.database or None,  # no SELECT for db 0
             1,
             isLazy=True,
             **self._auth(),
         )
+        self._factory.failed = self._refused
         self._factory.startConnecting(self._endpoint())
         # A Redis that is down from the start never drops a connection: say so here.
         self._first = self.reactor.callLater(CONNECT_TIMEOUT, self._command_link, False)
@@ -160,6 +169,7 @@ class SharedState:
             self._subscriber = _SubscriberFactory(
                 self._subscriber_link, self._message, **self._auth()
             )
+            self._subscriber.failed = self._refused
             self._subscriber.startConnecting(self._endpoint())
 
     def stop(self) -> defer.Deferred[Any]:
@@ -188,6 +198,16 @@ class SharedState:
                 "Redis at {url} is unreachable: keeping the last shared state, retrying",
                 url=self.settings.display_url,
             )
+
+    def _refused(self, why: str) -> None:
+        if not self.error:
+            _log.error(
+                "Redis at {url} refused the connection ({why}); not retrying: fix redis.url "
+                "or REDIS_PASSWORD and restart",
+                url=self.settings.display_url,
+                why=why,
+            )
+        self.error = why
 
     def _subscriber_link(self, up: bool) -> None:
         self._subscribed = False
@@ -242,9 +262,12 @@ class SharedState:
         def check(deadline: float) -> None:
             if self.up:
                 result.callback(None)
-            elif self.reactor.seconds() >= deadline:
+            elif self.error or self.reactor.seconds() >= deadline:
+                why = f" ({self.error})" if self.error else ""
                 result.errback(
-                    SharedStateUnavailable(f"cannot reach Redis at {self.settings.display_url}")
+                    SharedStateUnavailable(
+                        f"cannot reach Redis at {self.settings.display_url}{why}"
+                    )
                 )
             else:
                 self.reactor.callLater(0.02, check, deadline)

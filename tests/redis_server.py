@@ -28,8 +28,9 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, password: str = "") -> None:
         self.directory = directory
+        self.password = password
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -48,6 +49,7 @@ class RedisServer:
                 "--save", "",
                 "--appendonly", "yes",
                 "--protected-mode", "no",
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -65,8 +67,9 @@ class RedisServer:
 
     def cli(self, *args: str) -> str:
         assert REDIS_CLI is not None
+        auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
         result = subprocess.run(
-            [REDIS_CLI, "-p", str(self.port), *args],
+            [REDIS_CLI, "-p", str(self.port), *auth, *args],
             capture_output=True,
             text=True,
             timeout=10,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -188,5 +189,75 @@ def test_a_gateway_starts_without_redis_and_connects_when_it_comes(
             wait(lambda: redis_detail(gw) is None, 20, "connected")
             gw.wait_for("Redis at redis://127.0.0.1:.* is reachable again")
             assert len([x for x in gw.lines if "is unreachable" in x]) == 1
+    finally:
+        redis.stop()
+
+
+_PING = """
+import sys
+from runner_gateway.settings import RedisSettings
+from runner_gateway.shared_state import run_tool_call
+settings = RedisSettings(url="x", host="127.0.0.1", port=int(sys.argv[1]), command_timeout=0.2)
+print(run_tool_call(settings, lambda shared: shared.command("PING")))
+"""
+
+
+def test_a_command_that_gets_no_answer_fails_at_its_deadline(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    def ping() -> tuple[subprocess.CompletedProcess[str], float]:
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-c", _PING, str(redis_server.port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        return result, time.monotonic() - started
+
+    result, _ = ping()
+    assert (result.returncode, result.stdout.strip()) == (0, "PONG"), result.stderr
+    pause = 8.0
+    assert redis_server.cli("CLIENT", "PAUSE", str(int(pause * 1000)), "ALL") == "OK"
+    result, took = ping()
+    assert result.returncode == 1
+    assert "RevocationError: Redis did not answer PING (TimeoutError)" in result.stderr
+    assert took < pause  # the deadline, not the pause's end, ended the wait
+
+
+def test_the_password_comes_from_the_url_or_redis_password(tmp_path: Path) -> None:
+    if not REDIS_SERVER:
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    (tmp_path / "redis").mkdir()
+    redis = RedisServer(tmp_path / "redis", password="s3cret/pw")
+    redis.start()
+    try:
+        settings = tmp_path / "settings"
+        settings.mkdir()
+
+        def revoke(url: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+            (settings / "settings.yaml").write_text(f"redis:\n  url: {url}\n")
+            script = str(ROOT / "bin" / "paseto-tool")
+            return subprocess.run(
+                [sys.executable, script, f"-settings={settings}", "-action=revoke", "-jti=a"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+                env={**os.environ, **env},
+            )
+
+        plain = f"redis://127.0.0.1:{redis.port}"
+        assert revoke(plain, {"REDIS_PASSWORD": "s3cret/pw"}).returncode == 0
+        in_url = f"redis://:s3cret%2Fpw@127.0.0.1:{redis.port}"
+        assert revoke(in_url, {"REDIS_PASSWORD": "wrong"}).returncode == 0
+        refused = revoke(plain, {"REDIS_PASSWORD": "wrong"})
+        assert refused.returncode == 1
+        assert refused.stderr.startswith("paseto-tool: cannot reach Redis at redis://127.0.0.1")
+        assert "WRONGPASS" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        assert "s3cret" not in refused.stderr and "wrong" not in refused.stderr
+        assert redis.cli("HLEN", "runner-gateway:{rg}:revocations") == "1"
     finally:
         redis.stop()
