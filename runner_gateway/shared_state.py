@@ -79,7 +79,15 @@ class _Factory(txredisapi.RedisFactory):  # type: ignore[misc]
     def addConnection(self, conn: Any) -> None:
         super().addConnection(conn)
         if conn in self.pool:
-            self.owner(True)
+            # Up once Redis answers: a TLS connection is "made" before its handshake,
+            # and one that fails verification must not count as up even briefly.
+            ping = conn.execute_command("PING")
+
+            def answered(_: object) -> None:
+                if conn in self.pool:
+                    self.owner(True)
+
+            ping.addCallbacks(answered, lambda failure: None)
 
     def delConnection(self, conn: Any) -> None:
         super().delConnection(conn)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from runner_gateway.testing.process import stop_process
+from tests.certs import ServerFiles
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
@@ -28,22 +29,28 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, password: str = "") -> None:
+    def __init__(self, directory: Path, password: str = "", tls: ServerFiles | None = None) -> None:
         self.directory = directory
         self.password = password
+        self.tls = tls  # rediss:// only, with this certificate
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         assert REDIS_SERVER is not None and self.proc is None
+        ports = ["--port", str(self.port)]
+        if self.tls is not None:
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            ports += ["--tls-cert-file", str(self.tls.fullchain), "--tls-key-file"]
+            ports += [str(self.tls.key), "--tls-ca-cert-file", str(self.tls.root)]
         self.proc = subprocess.Popen(
             [
                 REDIS_SERVER,
-                "--port", str(self.port),
+                *ports,
                 "--bind", "127.0.0.1",
                 "--dir", str(self.directory),
                 "--save", "",
@@ -68,6 +75,8 @@ class RedisServer:
     def cli(self, *args: str) -> str:
         assert REDIS_CLI is not None
         auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
+        if self.tls is not None:
+            auth += ["--tls", "--cacert", str(self.tls.root)]
         result = subprocess.run(
             [REDIS_CLI, "-p", str(self.port), *auth, *args],
             capture_output=True,

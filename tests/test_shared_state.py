@@ -23,9 +23,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.certs import make_ca, make_leaf, write_server_files
 from tests.conftest import GatewaySettings, StandIn
 from tests.gateway_process import GatewayProcess, start_gateway
-from tests.redis_server import REDIS_SERVER, RedisServer, redis_server  # noqa: F401 - a fixture
+from tests.redis_server import REDIS_CLI, REDIS_SERVER, RedisServer, redis_server  # noqa: F401 - a fixture
 from tests.test_revocation_e2e import IN_FORCE_WITHIN, MARGIN, ROOT, tool
 
 pytestmark = pytest.mark.timeout(180)
@@ -193,22 +194,27 @@ def test_a_gateway_starts_without_redis_and_connects_when_it_comes(
         redis.stop()
 
 
+# Connected first, then (optionally) Redis stops answering, then a command.
 _PING = """
-import sys
+import subprocess, sys
 from runner_gateway.settings import RedisSettings
 from runner_gateway.shared_state import run_tool_call
 settings = RedisSettings(url="x", host="127.0.0.1", port=int(sys.argv[1]), command_timeout=0.2)
-print(run_tool_call(settings, lambda shared: shared.command("PING")))
+def call(shared):
+    if sys.argv[2:]:
+        subprocess.run(sys.argv[2:], check=True, capture_output=True)
+    return shared.command("PING")
+print(run_tool_call(settings, call))
 """
 
 
 def test_a_command_that_gets_no_answer_fails_at_its_deadline(
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
-    def ping() -> tuple[subprocess.CompletedProcess[str], float]:
+    def ping(*pause: str) -> tuple[subprocess.CompletedProcess[str], float]:
         started = time.monotonic()
         result = subprocess.run(
-            [sys.executable, "-c", _PING, str(redis_server.port)],
+            [sys.executable, "-c", _PING, str(redis_server.port), *pause],
             capture_output=True,
             text=True,
             timeout=60,
@@ -219,8 +225,8 @@ def test_a_command_that_gets_no_answer_fails_at_its_deadline(
     result, _ = ping()
     assert (result.returncode, result.stdout.strip()) == (0, "PONG"), result.stderr
     pause = 8.0
-    assert redis_server.cli("CLIENT", "PAUSE", str(int(pause * 1000)), "ALL") == "OK"
-    result, took = ping()
+    cli = [str(REDIS_CLI), "-p", str(redis_server.port), "CLIENT", "PAUSE", str(int(pause * 1000))]
+    result, took = ping(*cli, "ALL")
     assert result.returncode == 1
     assert "RevocationError: Redis did not answer PING (TimeoutError)" in result.stderr
     assert took < pause  # the deadline, not the pause's end, ended the wait
@@ -259,5 +265,40 @@ def test_the_password_comes_from_the_url_or_redis_password(tmp_path: Path) -> No
         assert len(refused.stderr.strip().splitlines()) == 1
         assert "s3cret" not in refused.stderr and "wrong" not in refused.stderr
         assert redis.cli("HLEN", "runner-gateway:{rg}:revocations") == "1"
+    finally:
+        redis.stop()
+
+
+def test_rediss_verifies_the_server_certificate(tmp_path: Path) -> None:
+    if not REDIS_SERVER:
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    ca = make_ca()
+    files = write_server_files(tmp_path / "pem", make_leaf(ca), root=ca)
+    (tmp_path / "redis").mkdir()
+    redis = RedisServer(tmp_path / "redis", tls=files)
+    redis.start()
+    try:
+        settings = tmp_path / "settings"
+        settings.mkdir()
+        url = f"rediss://localhost:{redis.port}"
+
+        def revoke(extra: str) -> subprocess.CompletedProcess[str]:
+            (settings / "settings.yaml").write_text(f"redis:\n  url: {url}\n{extra}")
+            script = str(ROOT / "bin" / "paseto-tool")
+            return subprocess.run(
+                [sys.executable, script, f"-settings={settings}", "-action=revoke", "-jti=a"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+
+        trusted = revoke(f"  caPath: {files.root}\n")
+        assert trusted.returncode == 0, trusted.stderr
+        assert redis.cli("HLEN", "runner-gateway:{rg}:revocations") == "1"
+        # The system's trust store does not know the test CA: no connection.
+        untrusted = revoke("")
+        assert untrusted.returncode == 1
+        assert untrusted.stderr.startswith(f"paseto-tool: cannot reach Redis at rediss://localhost")
     finally:
         redis.stop()
