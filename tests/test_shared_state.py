@@ -299,6 +299,6 @@ def test_rediss_verifies_the_server_certificate(tmp_path: Path) -> None:
         # The system's trust store does not know the test CA: no connection.
         untrusted = revoke("")
         assert untrusted.returncode == 1
-        assert untrusted.stderr.startswith(f"paseto-tool: cannot reach Redis at rediss://localhost")
+        assert untrusted.stderr.startswith("paseto-tool: cannot reach Redis at rediss://localhost")
     finally:
         redis.stop()
