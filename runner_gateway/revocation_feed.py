@@ -42,6 +42,10 @@ def read_file(path: str) -> list[Revocation]:
     return parse(text, path)
 
 
+def _settings_error(path: str, exc: RevocationError) -> SettingsError:
+    return SettingsError(path, "paseto.revocationPath", str(exc).removeprefix(f"{path}: "))
+
+
 def _signature(path: str) -> tuple[int, int, int, int] | None:
     try:
         st = os.stat(path)
@@ -109,7 +113,7 @@ class RevocationFeed:
             entries = read_file(path)
         except RevocationError as exc:
             if strict:
-                raise SettingsError(path, "paseto.revocationPath", str(exc)) from None
+                raise _settings_error(path, exc) from None
             if not self._failing or force:
                 _log.error("revocation list not reloaded, keeping the last one: {error}", error=exc)
             self._failing = True

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.conftest import GatewaySettings, StandIn
-from tests.gateway_process import GatewayProcess, start_gateway
+from tests.gateway_process import GatewayProcess, run_twistd, start_gateway
 from tests.test_workers import _served_by, _serving, _wait
 
 pytestmark = pytest.mark.timeout(180)
@@ -127,3 +127,20 @@ def test_revocations_reach_every_worker_within_a_second(
         assert set(workers.answers(alice).values()) == {401}
         refused = [r for r in map(json.loads, filter(None, gw.lines)) if r.get("status") == 401]
         assert refused and {r["auth_failure"] for r in refused} == {"revoked"}
+
+
+def test_a_bad_revocation_file_is_a_bad_start(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn
+) -> None:
+    settings = make_settings(
+        "  revocationPath: revoked.jsonl\n"
+        f"runners:\n  - name: ollama\n    host: {standin.address}\n    path: /\n"
+        "server:\n  address: 127.0.0.1:0\n  workers: 2\n"
+    )
+    (settings.directory.parent / "revoked.jsonl").write_text('{"jti": "a"}\n{"sub": "b"}\n')
+    result = run_twistd(settings.directory)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "runner-gateway: cannot start: revoked.jsonl: paseto.revocationPath: "
+        "line 2: a sub entry needs before (an RFC 3339 time)"
+    )
