@@ -12,14 +12,20 @@ Times, in-process with ``timeit`` (best of 5, as the auth stage of run.py):
 - the check alone, for a token no entry matches and for one whose subject
   has an entry (the slowest case).
 
-Run: ``.venv/bin/python -m bench.revocation`` (a few seconds).
+Run: ``.venv/bin/python -m bench.revocation`` (about half a minute), and
+``.venv/bin/python -m bench.revocation --instructions`` for CPU instructions
+per call under callgrind, which a busy machine does not disturb (a few
+minutes: four runs of Python under valgrind).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bench.run import _per_call_us
@@ -54,7 +60,7 @@ def guarded_cache(token: str, verified: VerifiedToken, now: float) -> TokenCache
     return cache
 
 
-def measure(min_time: float = 0.05) -> dict[str, Any]:
+def _cases() -> dict[str, Callable[[], object]]:
     secret = V4SecretKey.generate()
     verifier = TokenVerifier("v4", [secret.public_key()])
     now = time.time()
@@ -69,7 +75,7 @@ def measure(min_time: float = 0.05) -> dict[str, Any]:
     verified = verifier.verify(token)
     header = [f"Bearer {token}".encode()]
 
-    def cached_with(cache: TokenCache) -> Any:
+    def cached_with(cache: TokenCache) -> Callable[[], object]:
         def cached() -> object:
             found = parse_authorization(header)
             assert found is not None
@@ -90,24 +96,66 @@ def measure(min_time: float = 0.05) -> dict[str, Any]:
 
     sub_claims = {**claims, "sub": "user-1"}  # has an entry, issued after its cut-off
     assert state.check(sub_claims, verified.kid) is None
-    cases = {
-        "cached_us": cached_with(plain),
-        "cached_with_revocations_us": cached_guarded,
-        "cached_after_a_change_us": after_change,
-        "check_no_match_us": lambda: state.check(claims, verified.kid),
-        "check_sub_entry_us": lambda: state.check(sub_claims, verified.kid),
+    return {
+        "cached": cached_with(plain),
+        "cached_with_revocations": cached_guarded,
+        "cached_after_a_change": after_change,
+        "check_no_match": lambda: state.check(claims, verified.kid),
+        "check_sub_entry": lambda: state.check(sub_claims, verified.kid),
     }
-    # Turns, alternating the cases, best of all: a shared machine's noise hits each alike.
+
+
+def measure(min_time: float = 0.05) -> dict[str, Any]:
+    """Microseconds per call, best of TURNS alternating turns (a shared machine's
+    noise then hits each case alike)."""
+    cases = _cases()
     best: dict[str, float] = {}
     for _ in range(TURNS):
         for name, case in cases.items():
             value = _per_call_us(case, min_time)
             best[name] = min(best.get(name, value), value)
-    results: dict[str, Any] = {"entries": ENTRIES, "turns": TURNS, **best}
-    results["added_us"] = round(best["cached_with_revocations_us"] - best["cached_us"], 3)
+    results: dict[str, Any] = {"entries": ENTRIES, "turns": TURNS}
+    results.update({f"{name}_us": value for name, value in best.items()})
+    results["added_us"] = round(best["cached_with_revocations"] - best["cached"], 3)
     return results
 
 
+def instructions(calls: int = 20_000) -> dict[str, Any]:
+    """CPU instructions per call (callgrind), immune to a busy machine: each case
+    run ``calls`` times and 0 times in a child process, the difference divided."""
+    counts: dict[str, float] = {}
+    for name in ("cached", "cached_with_revocations"):
+        totals = []
+        for n in (0, calls):
+            loop = [sys.executable, "-m", "bench.revocation", "--loop", name, str(n)]
+            result = subprocess.run(
+                ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *loop],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            match = re.search(r"Collected : (\d+)", result.stderr)
+            assert match is not None, result.stderr
+            totals.append(int(match.group(1)))
+        counts[f"{name}_instructions"] = round((totals[1] - totals[0]) / calls, 1)
+    counts["added_instructions"] = round(
+        counts["cached_with_revocations_instructions"] - counts["cached_instructions"], 1
+    )
+    return {"calls": calls, **counts}
+
+
+def _loop(name: str, n: int) -> None:
+    case = _cases()[name]
+    for _ in range(n):
+        case()
+
+
 if __name__ == "__main__":
-    json.dump(measure(float(sys.argv[1]) if len(sys.argv) > 1 else 0.05), sys.stdout, indent=2)
-    print()
+    if sys.argv[1:2] == ["--loop"]:
+        _loop(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1:2] == ["--instructions"]:
+        json.dump(instructions(), sys.stdout, indent=2)
+        print()
+    else:
+        json.dump(measure(float(sys.argv[1]) if len(sys.argv) > 1 else 0.05), sys.stdout, indent=2)
+        print()
