@@ -26,6 +26,7 @@ The file form is YAML (a list of entries) when the path ends in ``.yaml`` or
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -88,7 +89,7 @@ class Revocation:
     before_text: str = ""
     expires_text: str = ""
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """The entry's identity: a later entry with the same key replaces it."""
         return f"{self.kind}:{self.value}"
@@ -219,34 +220,52 @@ def is_yaml_path(path: str) -> bool:
     return path.endswith((".yaml", ".yml"))
 
 
+def _wins(new: Revocation, old: Revocation | None) -> bool:
+    """Does ``new`` replace ``old`` (same key)? Of two ``sub`` entries the later ``before`` wins."""
+    if old is None or new.kind != "sub":
+        return True
+    return (new.before or 0.0) >= (old.before or 0.0)
+
+
 def merge(*sources: Iterable[Revocation]) -> list[Revocation]:
-    """One entry per key; of two ``sub`` entries the later ``before`` wins."""
+    """One entry per key, later sources replacing earlier ones (see ``_wins``)."""
     out: dict[str, Revocation] = {}
     for source in sources:
         for entry in source:
-            old = out.get(entry.key)
-            if (
-                old is not None
-                and entry.kind == "sub"
-                and (old.before or 0.0) > (entry.before or 0.0)
-            ):
-                continue
-            out[entry.key] = entry
+            key = entry.key
+            if _wins(entry, out.get(key)):
+                out[key] = entry
     return list(out.values())
 
 
 class RevocationList:
     """Entries indexed for an O(1) check per token (three dict look-ups at most)."""
 
-    def __init__(self, entries: Sequence[Revocation] = (), now: float | None = None) -> None:
-        kept = [e for e in merge(entries) if now is None or e.expires is None or e.expires > now]
-        self.entries: tuple[Revocation, ...] = tuple(kept)
-        self._jti = {e.value: e for e in kept if e.kind == "jti"}
-        self._sub = {e.value: e for e in kept if e.kind == "sub"}
-        self._kid = {e.value: e for e in kept if e.kind == "kid"}
+    def __init__(self, entries: Iterable[Revocation] = (), now: float | None = None) -> None:
+        self._by_key: dict[str, Revocation] = {}
+        self._index: dict[str, dict[str, Revocation]] = {"jti": {}, "sub": {}, "kid": {}}
+        self._jti, self._sub, self._kid = (self._index[k] for k in KINDS)
+        for entry in entries:
+            self.add(entry, now)
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self._by_key)
+
+    @property
+    def entries(self) -> tuple[Revocation, ...]:
+        return tuple(self._by_key.values())
+
+    def add(self, entry: Revocation, now: float | None = None) -> bool:
+        """Add or replace (see ``merge``); False when nothing changed or it has expired."""
+        if now is not None and entry.expires is not None and entry.expires <= now:
+            return False
+        key = entry.key
+        old = self._by_key.get(key)
+        if old == entry or not _wins(entry, old):
+            return False
+        self._by_key[key] = entry
+        self._index[entry.kind][entry.value] = entry
+        return True
 
     def check(self, claims: Mapping[str, Any], kid: str | None) -> Revocation | None:
         """The entry that revokes this token, or None."""
@@ -275,12 +294,14 @@ class RevocationState:
 
     ``generation`` goes up whenever the merged list changes: a cached verdict
     from an older generation is checked again before it is used (auth.py).
+    A new file means a new list; entries from Redis are added to the current
+    one (a published revocation costs a few dict updates, not a rebuild).
     """
 
     def __init__(self) -> None:
         self.generation = 0
         self.current = RevocationList()
-        self._file: list[Revocation] = []
+        self._file: dict[str, Revocation] = {}
         self._shared: dict[str, Revocation] = {}
 
     def __len__(self) -> int:
@@ -290,20 +311,23 @@ class RevocationState:
         return self.current.check(claims, kid)
 
     def set_file(self, entries: Sequence[Revocation], now: float) -> bool:
-        self._file = list(entries)
-        return self._rebuild(now)
+        file = {e.key: e for e in merge(entries)}
+        if file == self._file:
+            return False
+        self._file = file
+        self.current = RevocationList(merge(file.values(), self._shared.values()), now=now)
+        self.generation += 1
+        return True
 
     def add_shared(self, entries: Sequence[Revocation], now: float) -> bool:
         """Entries from shared state (Redis): published ones, or the whole list re-read
         after a reconnect. Added to what the process has: a Redis that comes back
         empty (restarted without persistence) does not un-revoke anything here."""
-        self._shared = {e.key: e for e in merge(self._shared.values(), entries)}
-        return self._rebuild(now)
-
-    def _rebuild(self, now: float) -> bool:
-        merged = RevocationList(merge(self._file, self._shared.values()), now=now)
-        if set(merged.entries) == set(self.current.entries):
-            return False
-        self.current = merged
-        self.generation += 1
-        return True
+        changed = False
+        for entry in entries:
+            if _wins(entry, self._shared.get(entry.key)):
+                self._shared[entry.key] = entry
+                changed = self.current.add(entry, now) or changed
+        if changed:
+            self.generation += 1
+        return changed

@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.task import Clock as TaskClock
 from twisted.logger import capturedLogs
 
@@ -279,3 +281,35 @@ def test_sighup_reload_reads_the_file_at_once(tmp_path: Any) -> None:
     # No poll has run (the service is not started): the reload reads the file itself.
     assert service.reload()
     assert service.revocations.check({"jti": "a"}, None) is not None
+
+
+_entries = st.builds(
+    lambda kind, value, offset: entry(
+        **{kind: value}, **({"before": precise_rfc3339(T0 + offset)} if kind == "sub" else {})
+    ),
+    st.sampled_from(["jti", "sub", "kid"]),
+    st.sampled_from(["k4.pid.a", "k4.pid.b"]),
+    st.integers(-3, 3),
+)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.lists(_entries, max_size=4)), max_size=8))
+def test_state_updates_match_a_list_built_from_scratch(
+    steps: list[tuple[bool, list[Revocation]]],
+) -> None:
+    """Published entries are added in place; the result is the merge of all sources."""
+    state = RevocationState()
+    file: list[Revocation] = []
+    shared: list[Revocation] = []
+    for is_file, entries in steps:
+        generation = state.generation
+        before = set(state.current.entries)
+        if is_file:
+            file = entries
+            state.set_file(entries, T0)
+        else:
+            shared += entries
+            state.add_shared(entries, T0)
+        expected = RevocationList(merge(file, shared), now=T0)
+        assert set(state.current.entries) == set(expected.entries)
+        assert (state.generation != generation) == (before != set(expected.entries)) or is_file
