@@ -33,6 +33,7 @@ import txredisapi
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from runner_gateway.revocation import Revocation, RevocationError, RevocationState
@@ -50,6 +51,9 @@ __all__ = [
 _log = Logger()
 CONNECT_TIMEOUT = 5.0
 RESYNC_DELAY = 1.0
+# A PING on both connections this often: a peer gone without a word (a host
+# down, a dropped route) is noticed by the reply deadline, not never.
+HEARTBEAT = 5.0
 
 T = TypeVar("T")
 
@@ -124,6 +128,8 @@ class SharedState:
         self._factory: _Factory | None = None
         self._subscriber: _SubscriberFactory | None = None
         self._first: Any = None
+        self._heartbeat = LoopingCall(self._ping)
+        self._heartbeat.clock = reactor
         self.error = ""  # why Redis refused us (AUTH, SELECT); never holds the password
 
     def detail(self) -> dict[str, str]:
@@ -173,6 +179,7 @@ class SharedState:
         self._factory.startConnecting(self._endpoint())
         # A Redis that is down from the start never drops a connection: say so here.
         self._first = self.reactor.callLater(CONNECT_TIMEOUT, self._command_link, False)
+        self._heartbeat.start(HEARTBEAT, now=False)
         if self._channels:
             self._subscriber = _SubscriberFactory(
                 self._subscriber_link, self._message, **self._auth()
@@ -183,6 +190,8 @@ class SharedState:
     def stop(self) -> defer.Deferred[Any]:
         if self._first is not None and self._first.active():
             self._first.cancel()
+        if self._heartbeat.running:
+            self._heartbeat.stop()
         stopping = []
         for factory in (self._factory, self._subscriber):
             if factory is not None:
@@ -206,6 +215,12 @@ class SharedState:
                 "Redis at {url} is unreachable: keeping the last shared state, retrying",
                 url=self.settings.display_url,
             )
+
+    def _ping(self) -> None:
+        # A missed reply makes txredisapi drop the connection, and so mark it down.
+        for factory in (self._factory, self._subscriber):
+            if factory is not None and factory.pool:
+                factory.pool[0].execute_command("PING").addErrback(lambda failure: None)
 
     def _refused(self, why: str) -> None:
         if not self.error:

@@ -302,3 +302,18 @@ def test_rediss_verifies_the_server_certificate(tmp_path: Path) -> None:
         assert untrusted.stderr.startswith("paseto-tool: cannot reach Redis at rediss://localhost")
     finally:
         redis.stop()
+
+
+def test_a_redis_that_stops_answering_is_noticed_by_the_heartbeat(
+    make_settings: Callable[[str], GatewaySettings],
+    standin: StandIn,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    first, _ = two_gateways(make_settings, standin, redis_server)
+    with start_gateway(first) as gw:
+        wait(lambda: redis_detail(gw) is None, 10, "connected")
+        # The connections stay open; Redis just stops answering for 12 s.
+        assert redis_server.cli("CLIENT", "PAUSE", "12000", "ALL") == "OK"
+        wait(lambda: redis_detail(gw) is not None, 10, "the silence noticed")
+        wait(lambda: redis_detail(gw) is None, 30, "reconnected after the pause")
+        assert "Traceback" not in gw.output
