@@ -526,9 +526,11 @@ def _convert(kind: str, value: object) -> Any:
 def _parse_public_url(text: str) -> str:
     if not text:
         return text
-    match = re.fullmatch(r"(https?)://([^/?#\s@]+)(/[^?#\s]*)?", text)
+    # An origin only: RFC 9728 puts the well-known path right after the host,
+    # so a path here would name documents outside what the gateway serves.
+    match = re.fullmatch(r"(https?)://([^/?#\s@]+)/?", text)
     if match is None:
-        raise ValueError("expected an absolute http(s) URL without query or fragment")
+        raise ValueError("expected the gateway's origin: https://host[:port], no path")
     try:
         parse_hostport(match.group(2), 443)
     except ValueError as exc:

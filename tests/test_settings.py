@@ -289,20 +289,28 @@ def test_lifecycle_paths_and_public_url(sdir: Path) -> None:
     write(
         sdir,
         "dev.yaml",
-        "server:\n  publicUrl: https://gw.example.com:8443/ai/\n"
+        "server:\n  publicUrl: https://gw.example.com:8443/\n"
         "paseto:\n  revocationPath: /var/lib/gw/revoked.jsonl\n  ledgerPath: ledger.jsonl\n",
     )
     settings = load_settings(sdir, env="dev", environ={})
     assert settings.paseto.revocation_path == "/var/lib/gw/revoked.jsonl"
     assert settings.paseto.ledger_path == "ledger.jsonl"
-    assert settings.server.public_url == "https://gw.example.com:8443/ai"  # no trailing /
+    assert settings.server.public_url == "https://gw.example.com:8443"  # no trailing /
     defaults = load_settings(sdir / "nowhere", environ={})
     assert (defaults.paseto.revocation_path, defaults.paseto.ledger_path) == ("", "")
     assert defaults.server.public_url == "" and not defaults.redis.enabled
 
 
 @pytest.mark.parametrize(
-    "url", ["gw.example.com", "ftp://gw", "https://gw/x?y=1", "https://gw/#f", "https://a b/"]
+    "url",
+    [
+        "gw.example.com",
+        "ftp://gw",
+        "https://gw/x?y=1",
+        "https://gw/#f",
+        "https://a b/",
+        "https://gw/ai",
+    ],
 )
 def test_bad_public_urls(sdir: Path, url: str) -> None:
     write(sdir, "settings.yaml", f"server:\n  publicUrl: '{url}'\n")
