@@ -29,8 +29,8 @@ from runner_gateway.revocation import (
     dump,
     is_yaml_path,
     merge,
-    parse,
     precise_rfc3339,
+    read_file,
 )
 from runner_gateway.settings import Settings, parse_duration
 
@@ -44,19 +44,10 @@ __all__ = [
     "list_issued",
     "list_revocations",
     "read_ledger",
-    "read_revocations",
     "revoke",
 ]
 
 LEDGER_FIELDS = ("jti", "sub", "scope", "models", "runners", "tier", "iat", "exp", "kid")
-
-
-def read_revocations(path: str) -> list[Revocation]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return parse(f.read(), path)
-    except FileNotFoundError:
-        return []
 
 
 @contextlib.contextmanager
@@ -74,7 +65,7 @@ def add_to_file(path: str, entry: Revocation, now: float) -> list[Revocation]:
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     with _locked(path):
-        entries = RevocationList(merge(read_revocations(path), [entry]), now=now).entries
+        entries = RevocationList(merge(read_file(path), [entry]), now=now).entries
         text = dump(entries, is_yaml_path(path))
         try:
             mode = os.stat(path).st_mode & 0o777
@@ -242,7 +233,7 @@ def _entry_expiry(
 def _all_revocations(settings: Settings) -> list[tuple[str, Revocation]]:
     found: list[tuple[str, Revocation]] = []
     if settings.paseto.revocation_path:
-        found += [("file", e) for e in read_revocations(settings.paseto.revocation_path)]
+        found += [("file", e) for e in read_file(settings.paseto.revocation_path)]
     if settings.redis.enabled:
         from runner_gateway.shared_state import load_revocations, run_tool_call
 

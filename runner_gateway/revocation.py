@@ -45,6 +45,7 @@ __all__ = [
     "dump",
     "parse",
     "precise_rfc3339",
+    "read_file",
 ]
 
 KINDS = ("jti", "sub", "kid")
@@ -204,6 +205,18 @@ def parse(text: str, source: str = "revocations") -> list[Revocation]:
         except RevocationError as exc:
             raise RevocationError(f"{source}: entry {i + 1}: {exc}") from None
     return entries
+
+
+def read_file(path: str) -> list[Revocation]:
+    """The entries of a revocation file; a missing file has none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RevocationError(f"{path}: cannot read ({type(exc).__name__})") from None
+    return parse(text, path)
 
 
 def dump(entries: Iterable[Revocation], yaml_form: bool) -> str:

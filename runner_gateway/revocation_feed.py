@@ -20,26 +20,14 @@ from typing import Any
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from runner_gateway.revocation import Revocation, RevocationError, RevocationState, parse
+from runner_gateway.revocation import RevocationError, RevocationState, read_file
 from runner_gateway.settings import Settings, SettingsError
 
-__all__ = ["POLL_INTERVAL", "RevocationFeed", "read_file"]
+__all__ = ["POLL_INTERVAL", "RevocationFeed"]
 
 POLL_INTERVAL = 0.25  # a change is in force within this (plus a read) of the rename
 
 _log = Logger()
-
-
-def read_file(path: str) -> list[Revocation]:
-    """The entries of a revocation file; a missing file has none."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return []
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RevocationError(f"{path}: cannot read ({type(exc).__name__})") from None
-    return parse(text, path)
 
 
 def _settings_error(path: str, exc: RevocationError) -> SettingsError:
