@@ -1039,6 +1039,15 @@ def auth_stage(run: Run) -> dict[str, Any]:
         assert token is not None
         return cache.get(token, now)
 
+    from bench.revocation import ENTRIES, guarded_cache
+
+    guarded = guarded_cache(public_token, verifier.verify(public_token), now)
+
+    def cached_revocations() -> object:  # issue 18: the same with 10,000 revocations
+        token = parse_authorization(header)
+        assert token is not None
+        return guarded.get(token, now)
+
     signing = nacl.signing.SigningKey.generate()
     signed = signing.sign(b"x" * 120)  # about a v4.public token's signed message
     verify_key = signing.verify_key
@@ -1046,6 +1055,7 @@ def auth_stage(run: Run) -> dict[str, Any]:
     return {
         "cached_us": _per_call_us(cached, t),
         "cache_get_only_us": _per_call_us(lambda: cache.get(public_token, now), t),
+        f"cached_with_{ENTRIES}_revocations_us": _per_call_us(cached_revocations, t),
         "uncached_v4_public_us": _per_call_us(lambda: verifier.verify(public_token), t),
         "uncached_v4_local_us": _per_call_us(lambda: verifier.verify(local_token), t),
         "pynacl_ed25519_verify_us": _per_call_us(lambda: verify_key.verify(signed), t),

@@ -49,6 +49,7 @@ AUTH_FAILURE_REASONS = (
     "missing",
     "malformed",
     "error",
+    "revoked",
     *sorted(PASETO_REASONS - {"malformed"}),
     "other",
 )
@@ -326,6 +327,21 @@ class Metrics:
             self.auth_failures.labels(reason=reason)
         for kind in LIMIT_REFUSALS:
             self.limit_refusals.labels(kind=kind)
+
+    def watch_shared_state(self, state: Any, shared: Any) -> None:
+        """Gauges read at scrape time: the revocation state, the Redis link (when set)."""
+        reg = self.registry
+        Gauge(
+            "runner_gateway_revocations",
+            "Revocation entries in force (file and Redis together).",
+            registry=reg,
+        ).set_function(lambda: len(state))
+        if shared is not None:
+            Gauge(
+                "runner_gateway_redis_up",
+                "1 while the Redis connection (redis.url) is up, else 0.",
+                registry=reg,
+            ).set_function(lambda: 1.0 if shared.up else 0.0)
 
     # The observer protocol (site.py).
 

@@ -44,6 +44,7 @@ from runner_gateway.logs import (
     make_observer,
     write_line,
 )
+from runner_gateway.revocation import RevocationState
 from runner_gateway.settings import (
     Address,
     RunnerSettings,
@@ -108,8 +109,11 @@ def build_root(
     pool: UpstreamPool,
     readiness: Callable[[], list[str]],
     limiter: Limiter | None = None,
+    revocations: RevocationState | None = None,
+    details: Callable[[], dict[str, str]] | None = None,
 ) -> GatewayRoot:
     """The resource tree for one settings generation; raises SettingsError on bad keys."""
+    from runner_gateway import oauth
     from runner_gateway.admission import AdmissionResource
     from runner_gateway.auth import AuthResource, TokenCache
     from runner_gateway.authz import AuthorizationResource
@@ -117,16 +121,19 @@ def build_root(
     from runner_gateway.proxy import ReverseProxyResource
 
     verifier = build_verifier(settings.paseto, reactor.seconds, settings.source_of)
-    cache = TokenCache.from_settings(settings.paseto)
+    cache = TokenCache.from_settings(settings.paseto, revocations)
     routes = []
     for runner in settings.runners:
         proxy: Any = ReverseProxyResource(runner, reactor, pool)
         if limiter is not None:
             proxy = AdmissionResource(proxy, limiter)
         policy = AuthorizationResource(proxy, runner, settings.authorization)
-        guarded = AuthResource(policy, verifier, cache, reactor.seconds)
+        extra = oauth.challenge_parameter(settings, runner)
+        guarded = AuthResource(policy, verifier, cache, reactor.seconds, extra)
         routes.append(Route(runner, guarded))
-    return GatewayRoot(routes, CorsPolicy(settings.server.cors_origins), readiness)
+    paths = oauth.resources(settings, verifier, cache, reactor.seconds)
+    cors = CorsPolicy(settings.server.cors_origins)
+    return GatewayRoot(routes, cors, readiness, details, paths)
 
 
 def _endpoint(reactor: Any, address: Address, tls_creator: Any = None) -> IStreamServerEndpoint:
@@ -162,6 +169,16 @@ class GatewayService(MultiService):
         settings = load()
         self.limiter = Limiter(reactor, settings.limits, self._limits_store())
         self.observers.append(self.limiter)
+        from runner_gateway.revocation_feed import RevocationFeed
+
+        # Redis (redis.url): one connection per process, for whatever replicas share.
+        self.shared: Any = None
+        if settings.redis.enabled:
+            from runner_gateway.shared_state import SharedState
+
+            self.shared = SharedState(settings.redis, reactor)
+        self.revocations = RevocationState()
+        self.revocation_feed = RevocationFeed(self.revocations, settings, reactor, self.shared)
         self.generation = self._build(settings)
         self.site = GatewaySite(
             self.generation.root,
@@ -192,6 +209,7 @@ class GatewayService(MultiService):
             from runner_gateway.metrics import Metrics
 
             self.metrics = Metrics(settings.metrics, reactor.seconds, self.limiter)
+            self.metrics.watch_shared_state(self.revocations, self.shared)
             self.observers.append(self.metrics)
 
     @property
@@ -199,12 +217,27 @@ class GatewayService(MultiService):
         return self.generation.settings
 
     def _build(self, settings: Settings) -> _Generation:
-        root = build_root(settings, self.reactor, self.pool, self.problems, self.limiter)
+        root = build_root(
+            settings,
+            self.reactor,
+            self.pool,
+            self.problems,
+            self.limiter,
+            self.revocations,
+            self.details,
+        )
         return _Generation(settings, root)
 
     def _limits_store(self) -> str | None:
         """The limits' shared store (a worker's is its supervisor's); None: make one."""
         return None
+
+    def details(self) -> dict[str, str]:
+        """Degraded but serving (for /readyz detail)."""
+        found = self.revocation_feed.problems()
+        if self.shared is not None:
+            found.update(self.shared.detail())
+        return found
 
     def problems(self) -> list[str]:
         """What keeps the gateway from being ready (for /readyz)."""
@@ -298,6 +331,9 @@ class GatewayService(MultiService):
             )
         if self.tls is not None:
             self.tls.start()
+        self.revocation_feed.start()
+        if self.shared is not None:
+            self.shared.start()
         for runner in settings.runners:
             probe_runner(self.reactor, runner)
         if hasattr(signal, "SIGHUP"):
@@ -317,6 +353,7 @@ class GatewayService(MultiService):
         try:
             settings = self.load()
             generation = self._build(settings)
+            self.revocation_feed.configure(settings)
         except (SettingsError, ValueError) as exc:  # ValueError: TLSConfigError, key errors
             _log.error(
                 "settings reload refused, keeping the running settings: {error}", error=str(exc)
@@ -343,6 +380,9 @@ class GatewayService(MultiService):
         self.listening = False
         if self.tls is not None:
             self.tls.stop()
+        self.revocation_feed.stop()
+        if self.shared is not None:
+            self.shared.stop()
         stopping = [defer.maybeDeferred(port.stopListening) for port in self.ports]
         self.ports = []
         return defer.gatherResults(stopping).addBoth(lambda _: self._drain())

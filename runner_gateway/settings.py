@@ -34,6 +34,7 @@ __all__ = [
     "LoggingSettings",
     "MetricsSettings",
     "PasetoSettings",
+    "RedisSettings",
     "RunnerSettings",
     "ServerSettings",
     "Settings",
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 LEVELS = ("trace", "debug", "info", "warn", "error")
-SCOPES = ("inference", "models:read", "models:manage", "admin")
+SCOPES = ("inference", "models:read", "models:manage", "admin", "introspect")
 ENV_OVERRIDES = {
     "LOGGING_LEVEL": ("logging", "level"),
     "PASETO_SECRET_KEY": ("paseto", "secretKey"),
@@ -150,6 +151,8 @@ class PasetoSettings:
     public_keys: tuple[str, ...] = ()
     secret_keys: tuple[str, ...] = ()
     cache_size: int = 10000
+    revocation_path: str = ""  # revocation.py; "" for none
+    ledger_path: str = ""  # paseto-tool's issuance ledger; "" for none
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,7 @@ class ServerSettings:
     keep_alive_timeout: float = 75.0
     drain_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
+    public_url: str = ""  # how clients reach the gateway, for the OAuth metadata (oauth.py)
     # One worker process per CPU this process may use (cpus.py: affinity and the
     # cgroup quota, not the host's count); 1 serves from the twistd process itself.
     workers: int = field(default_factory=lambda: usable_cpus())
@@ -244,6 +248,32 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True)
+class RedisSettings:
+    """Shared state (shared_state.py). ``url`` "" means none; the password is
+    never part of ``display_url``, which is what logs show."""
+
+    url: str = field(default="", repr=False)
+    key_prefix: str = "runner-gateway:"
+    ca_path: str = ""
+    command_timeout: float = 1.0
+    host: str = ""
+    port: int = 6379
+    tls: bool = False
+    username: str = ""
+    password: str = field(default="", repr=False)
+    database: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+    @property
+    def display_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'rediss' if self.tls else 'redis'}://{host}:{self.port}/{self.database}"
+
+
+@dataclass(frozen=True)
 class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     paseto: PasetoSettings = field(default_factory=PasetoSettings)
@@ -252,6 +282,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
     sources: tuple[str, ...] = ()  # files and variables read, in order
     # Where some keys came from (a file, "environment variable X", "defaults"),
     # for errors found outside this module: see source_of.
@@ -389,6 +420,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "publicKeys": ("public_keys", "strlist"),
         "secretKeys": ("secret_keys", "strlist"),
         "cacheSize": ("cache_size", "count"),
+        "revocationPath": ("revocation_path", "str"),
+        "ledgerPath": ("ledger_path", "str"),
     },
     "authorization": {"defaultScopes": ("default_scopes", "scopes")},
     "runner": {
@@ -419,6 +452,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "keepAliveTimeout": ("keep_alive_timeout", "duration"),
         "drainTimeout": ("drain_timeout", "duration"),
         "corsOrigins": ("cors_origins", "origins"),
+        "publicUrl": ("public_url", "publicurl"),
         "workers": ("workers", "workers"),
     },
     "metrics": {
@@ -432,8 +466,23 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "default": ("default", "tier"),
         "tiers": ("tiers", "tiers"),
     },
+    "redis": {
+        "url": ("url", "redisurl"),
+        "keyPrefix": ("key_prefix", "keyprefix"),
+        "caPath": ("ca_path", "str"),
+        "commandTimeout": ("command_timeout", "duration"),
+    },
 }
-_TOP = ("logging", "paseto", "authorization", "runners", "server", "metrics", "limits")
+_TOP = (
+    "logging",
+    "paseto",
+    "authorization",
+    "runners",
+    "server",
+    "metrics",
+    "limits",
+    "redis",
+)
 _TIER_KEYS = {
     "requestsPerMinute": "requests_per_minute",
     "concurrentRequests": "concurrent_requests",
@@ -447,6 +496,7 @@ _SECTION_CLASSES: dict[str, type[Any]] = {
     "server": ServerSettings,
     "metrics": MetricsSettings,
     "limits": LimitsSettings,
+    "redis": RedisSettings,
 }
 _DEFAULT_RUNNERS: list[dict[str, Any]] = [
     {"name": "ollama", "host": "127.0.0.1:11434", "path": "/", "scheme": "http"}
@@ -608,7 +658,73 @@ def _convert(kind: str, value: object) -> Any:
         return _parse_tier(value)
     if kind == "tiers":
         return _parse_tiers(value)
+    if kind == "publicurl":
+        return _parse_public_url(_convert("str", value))
+    if kind == "redisurl":
+        text = _convert("str", value)
+        if text:
+            parse_redis_url(text)  # validated here, split in _redis_section
+        return text
+    if kind == "keyprefix":
+        text = _expect(value, str, "a string")
+        if len(text) > 100 or not re.fullmatch(r"[A-Za-z0-9:_.-]*", text):
+            raise ValueError("use at most 100 of A-Z a-z 0-9 : _ . -")
+        return text
     raise AssertionError(kind)  # pragma: no cover - schema typo
+
+
+def _parse_public_url(text: str) -> str:
+    if not text:
+        return text
+    # An origin only: RFC 9728 puts the well-known path right after the host,
+    # so a path here would name documents outside what the gateway serves.
+    match = re.fullmatch(r"(https?)://([^/?#\s@]+)/?", text)
+    if match is None:
+        raise ValueError("expected the gateway's origin: https://host[:port], no path")
+    try:
+        parse_hostport(match.group(2), 443)
+    except ValueError as exc:
+        raise ValueError(f"invalid host in URL: {exc}") from None
+    return text.rstrip("/")
+
+
+def parse_redis_url(text: str) -> dict[str, Any]:
+    """``redis://[user[:password]@]host[:port][/db]``, or ``rediss://`` for TLS."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid URL: {exc}") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("expected a redis:// or rediss:// URL")
+    if parts.query or parts.fragment:
+        raise ValueError("no query or fragment allowed")
+    host = parts.hostname or ""
+    if not host:
+        raise ValueError("the URL needs a host")
+    _parse_host(host)
+    database = parts.path.lstrip("/")
+    if database and not database.isdigit():
+        raise ValueError("the path must be a database number, e.g. /0")
+    return {
+        "host": host,
+        "port": port or 6379,
+        "tls": parts.scheme == "rediss",
+        "username": unquote(parts.username or ""),
+        "password": unquote(parts.password or ""),
+        "database": int(database or 0),
+    }
+
+
+def _redis_section(section: RedisSettings, environ: Mapping[str, str]) -> RedisSettings:
+    if not section.url:
+        return section
+    fields = parse_redis_url(section.url)
+    if not fields["password"]:
+        fields["password"] = environ.get("REDIS_PASSWORD", "")
+    return dataclasses.replace(section, **fields)
 
 
 # ------------------------------------------------------------------- loading
@@ -882,6 +998,11 @@ def load_settings(
     if server.redirect_address is not None and not server.tls:
         errors.add(tree.source_of("server.redirectAddress"), "server.redirectAddress", "needs TLS")
     sections["paseto"] = _secret_key(sections["paseto"], tree, errors)
+    # The URL was validated with its key; here it is split and the password
+    # taken from REDIS_PASSWORD when the URL has none.
+    sections["redis"] = _redis_section(sections["redis"], environ)
+    if sections["redis"].ca_path and not sections["redis"].tls:
+        errors.add(tree.source_of("redis.caPath"), "redis.caPath", "needs rediss://")
     errors.check()
     origins = {key: tree.source_of(key) for key in _SOURCE_KEYS}
     return Settings(runners=runners, sources=tuple(sources), origins=origins, **sections)
@@ -958,9 +1079,9 @@ _LIVE = frozenset({"server.corsOrigins"})
 def restart_needed(old: Settings, new: Settings) -> list[str]:
     """The dotted keys changed from ``old`` to ``new`` that a SIGHUP reload
     cannot apply: the listeners and what is built with them at start (server.*,
-    metrics.*) and the log format."""
+    metrics.*), the Redis connection (redis.*) and the log format."""
     changed = []
-    for section in ("server", "metrics"):
+    for section in ("server", "metrics", "redis"):
         before, after = getattr(old, section), getattr(new, section)
         for key, (attr, _) in _SCHEMA[section].items():
             dotted = f"{section}.{key}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -359,3 +360,85 @@ def test_bad_limits_name_file_and_key(sdir: Path, overlay: str, key: str, fragme
     assert key in message
     assert fragment in message
     assert "bad.yaml" in message
+
+
+# ------------------------------------------------- token lifecycle (issue 18)
+
+
+def test_lifecycle_paths_and_public_url(sdir: Path) -> None:
+    write(
+        sdir,
+        "dev.yaml",
+        "server:\n  publicUrl: https://gw.example.com:8443/\n"
+        "paseto:\n  revocationPath: /var/lib/gw/revoked.jsonl\n  ledgerPath: ledger.jsonl\n",
+    )
+    settings = load_settings(sdir, env="dev", environ={})
+    assert settings.paseto.revocation_path == "/var/lib/gw/revoked.jsonl"
+    assert settings.paseto.ledger_path == "ledger.jsonl"
+    assert settings.server.public_url == "https://gw.example.com:8443"  # no trailing /
+    defaults = load_settings(sdir / "nowhere", environ={})
+    assert (defaults.paseto.revocation_path, defaults.paseto.ledger_path) == ("", "")
+    assert defaults.server.public_url == "" and not defaults.redis.enabled
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "gw.example.com",
+        "ftp://gw",
+        "https://gw/x?y=1",
+        "https://gw/#f",
+        "https://a b/",
+        "https://gw/ai",
+    ],
+)
+def test_bad_public_urls(sdir: Path, url: str) -> None:
+    write(sdir, "settings.yaml", f"server:\n  publicUrl: '{url}'\n")
+    with pytest.raises(SettingsError, match=r"server\.publicUrl: "):
+        load_settings(sdir, environ={})
+
+
+def test_redis_section(sdir: Path) -> None:
+    write(
+        sdir,
+        "settings.yaml",
+        "redis:\n  url: rediss://user:s%40cret@cache.example:6380/3\n"
+        "  keyPrefix: 'gw:'\n  caPath: /etc/ca.pem\n  commandTimeout: 500ms\n",
+    )
+    redis = load_settings(sdir, environ={"REDIS_PASSWORD": "ignored"}).redis
+    assert (redis.host, redis.port, redis.tls, redis.database) == ("cache.example", 6380, True, 3)
+    assert (redis.username, redis.password) == ("user", "s@cret")  # the URL's beats the variable
+    assert (redis.key_prefix, redis.ca_path, redis.command_timeout) == ("gw:", "/etc/ca.pem", 0.5)
+    # The password is never in what could be logged.
+    assert "cret" not in repr(redis) and "cret" not in redis.display_url
+    assert redis.display_url == "rediss://cache.example:6380/3"
+    write(sdir, "settings.yaml", "redis:\n  url: redis://cache\n")
+    redis = load_settings(sdir, environ={"REDIS_PASSWORD": "pw"}).redis
+    assert (redis.password, redis.port, redis.tls, redis.key_prefix) == (
+        "pw",
+        6379,
+        False,
+        "runner-gateway:",
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("redis:\n  url: http://cache\n", "redis.url: expected a redis:// or rediss://"),
+        ("redis:\n  url: redis://\n", "redis.url: the URL needs a host"),
+        ("redis:\n  url: redis://cache/x\n", "redis.url: the path must be a database number"),
+        ("redis:\n  url: redis://cache?x=1\n", "redis.url: no query"),
+        ("redis:\n  url: redis://cache:99999\n", "redis.url: invalid URL"),
+        ("redis:\n  url: redis://a_b c\n", "redis.url"),
+        ('redis:\n  keyPrefix: "a b"\n', "redis.keyPrefix: use at most 100"),
+        ("redis:\n  commandTimeout: soon\n", "redis.commandTimeout"),
+        ("redis:\n  url: redis://cache\n  caPath: /ca.pem\n", "redis.caPath: needs rediss://"),
+        ("redis:\n  colour: red\n", "redis.colour: unknown key"),
+        ("redis:\n", "redis: empty section"),
+    ],
+)
+def test_bad_redis_settings(sdir: Path, body: str, message: str) -> None:
+    write(sdir, "settings.yaml", body)
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        load_settings(sdir, environ={})
