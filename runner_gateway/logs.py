@@ -169,9 +169,12 @@ def access_message(fields: dict[str, Any]) -> str:
     """ACCESS_FORMAT filled in from an access record."""
     f = fields
     aborted = " aborted" if f["aborted"] else ""
+    pool = f" host={f['host']}" if "host" in f else ""
+    if "queue_ms" in f:
+        pool += f" queue_ms={f['queue_ms']}"
     return (
         f"{f['method']} {f['path']} {f['status']} {f['bytes']}B {f['duration_ms']}ms"
-        f" runner={f['runner']} sub={f['sub']} id={f['request_id']}{aborted}"
+        f" runner={f['runner']} sub={f['sub']} id={f['request_id']}{aborted}{pool}"
     )
 
 

@@ -12,6 +12,12 @@ chunk as the runner sends it (NDJSON and SSE stream); the upstream transport
 is registered as the request's streaming producer, so a slow client pauses
 reads from the runner and memory stays bounded.
 
+The runner's hosts are a :class:`~runner_gateway.pool.RunnerPool`: the
+exchange takes a host from it (or waits in its queue), sends again on
+another host when a request could not be sent, or when a request without
+side effects lost its host before the first response byte, and gives the
+host back when it is done (docs/pools.md).
+
 See docs/proxy.md for the headers passed and dropped, timeouts and statuses.
 """
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import json
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
@@ -40,11 +47,12 @@ from zope.interface import implementer
 from runner_gateway.context import RequestContext, context_of
 from runner_gateway.errors import send_error
 from runner_gateway.fastpath import cached_header_name
+from runner_gateway.policy import INFERENCE, MODELS_MANAGE, MODELS_READ
+from runner_gateway.pool import DOWN, QUEUED, PoolHost, RunnerPool
 from runner_gateway.settings import RunnerSettings
 from runner_gateway.site import on_finish
 from runner_gateway.upstream import (
     UpstreamCall,
-    UpstreamClient,
     UpstreamPool,
     UpstreamProtocolError,
     request_head,
@@ -98,6 +106,12 @@ _TRANSFORM_LIMIT = 16 * 1024 * 1024
 # After cutting a client stream short, give the kernel this long to flush
 # what was already written before the connection is aborted outright.
 _CLIENT_ABORT_GRACE = 5.0
+# Requests that may be sent twice: no side effects on the runner.
+_REPEATABLE = frozenset({INFERENCE, MODELS_READ})
+# Failures before the request reached the runner: another host may take it.
+_NOT_SENT = frozenset({"connect", "timeout", "tls"})
+# Failures that count against a host's health (passive checks).
+_HOST_FAILURES = frozenset({"connect", "timeout", "reset"})
 
 
 def _tokens(values: Iterable[bytes]) -> frozenset[bytes]:
@@ -321,7 +335,7 @@ class _Exchange:
     """One client request relayed to the runner (the upstream client's ResponseHandler)."""
 
     def __init__(self, proxy: ReverseProxyResource, request: Request) -> None:
-        self.client = proxy.client
+        self.pool = proxy.runner_pool
         self.netloc = proxy.netloc
         self.runner: RunnerSettings = proxy.runner
         self.reactor: IReactorTime = proxy.reactor
@@ -346,6 +360,16 @@ class _Exchange:
         self._code = 0
         self._phrase = b""
         self._headers: _Grouped = {}
+        self.host: PoolHost | None = None  # the host this request holds a slot on
+        self.model: str | None = self.ctx.model  # for placement (pool.Waiter)
+        self._tried: tuple[int, ...] = ()  # hosts this request failed on
+        self._resent = False  # sent again after its host died before answering
+        self._queued_at: float | None = None
+        self._head = b""
+        self._path = b"/"
+        self._header_lines: list[tuple[bytes, bytes]] = []
+        self._content: IO[bytes] | None = None
+        self._length = 0
 
     # ------------------------------------------------------------ start
 
@@ -378,16 +402,109 @@ class _Exchange:
         except ValueError:
             ctx.status = 400
             return send_error(request, 400, "invalid request target")
+        if (
+            runner.strict_models
+            and ctx.model
+            and ctx.scope == INFERENCE
+            and self.pool.model_listed(ctx.model) is False
+        ):
+            return self._no_such_model(ctx.model)
+        self._head, self._header_lines, self._path = head, headers, path
+        self._content, self._length = content if length else None, length
         on_finish(request, lost=self.client_lost)
-        self._start_watch()
+        self._place()
+        return NOT_DONE_YET
+
+    # ------------------------------------------------------------ hosts
+
+    def _place(self) -> None:
+        """Send to a host of the pool, wait in its queue, or answer 503."""
+        got = self.pool.acquire(self, self._tried)
+        if isinstance(got, PoolHost):
+            self._send(got)
+        elif got == QUEUED:
+            self._queued_at = self.reactor.seconds()
+        else:
+            self._unavailable(got)
+
+    def _send(self, host: PoolHost) -> None:
+        self.host = host
+        ctx = self.ctx
+        ctx.host = host.label
+        head = self._head
+        if host.netloc != self.netloc:
+            lines = self._header_lines
+            lines[-1] = (b"Host", host.netloc)  # upstream_header_list puts Host last
+            head = request_head(self._method, self._path, lines, self._length)
+        if self._watch is None:
+            self._start_watch()
         self._pending = True
         try:
-            self.call = self.client.request(
-                head, content if length else None, length, self._method == b"HEAD", self
+            self.call = host.client.request(
+                head,
+                self._content,
+                self._length,
+                self._method == b"HEAD",
+                self,
+                ctx.scope in _REPEATABLE,
             )
         except Exception:
             self._bug(Failure())
-        return NOT_DONE_YET
+
+    def _release(self) -> PoolHost | None:
+        host = self.host
+        if host is not None:
+            self.host = None
+            self.pool.release(host)
+        return host
+
+    def granted(self, host: PoolHost) -> None:
+        """A slot freed up for this queued request (pool.Waiter)."""
+        if self._queued_at is not None:
+            self.ctx.queue_wait = self.reactor.seconds() - self._queued_at
+        if self._done:  # pragma: no cover - a client that leaves is taken out of the queue
+            self.pool.release(host)
+            return
+        self._send(host)
+
+    def queue_expired(self, reason: str) -> None:
+        """The queue gave up on this request (pool.Waiter)."""
+        if self._queued_at is not None:
+            self.ctx.queue_wait = self.reactor.seconds() - self._queued_at
+        if not self._done:
+            self._unavailable(reason)
+
+    def _unavailable(self, reason: str) -> None:
+        runner = self.runner
+        if reason == DOWN:
+            retry = max(1, round(runner.health_check.interval or 1))
+            message = "no host of the runner is up"
+        else:
+            retry = 1
+            message = "the runner is busy and its queue is full"
+            if self._queued_at is not None:
+                message = f"the runner stayed busy for {runner.queue_timeout:g}s"
+        self._error("unavailable", 503, message, {"Retry-After": str(retry)})
+
+    def _no_such_model(self, model: str) -> bytes:
+        """What the runner would say (Ollama's or OpenAI's 404), without asking it."""
+        request, ctx = self.request, self.ctx
+        ctx.status = 404
+        request.setResponseCode(404)
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        payload: object
+        if ctx.openai_style:
+            payload = {
+                "error": {
+                    "message": f"The model `{model}` does not exist.",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "model_not_found",
+                }
+            }
+        else:
+            payload = {"error": f'model "{model}" not found, try pulling it first'}
+        return b"" if self._method == b"HEAD" else json.dumps(payload).encode()
 
     # ------------------------------------------------------------ timers
 
@@ -484,6 +601,9 @@ class _Exchange:
         if self._done:  # cannot happen (client_lost aborts), but never write twice
             self._stop_upstream()
             return
+        host = self.host
+        if host is not None:
+            host.state.fails = 0  # it answers: failures in a row start over
         request, ctx = self.request, self.ctx
         headers = self._headers = _grouped(lines)
         head = self._method == b"HEAD"
@@ -560,6 +680,9 @@ class _Exchange:
 
     def response_end(self, reason: Failure | None) -> None:
         self.call = None
+        host = self._release()
+        if host is not None and self.ctx.scope == MODELS_MANAGE and self.pool.on_models is not None:
+            self.pool.on_models(host)  # its model inventory changed
         if self._done:
             return
         if reason is None:
@@ -606,9 +729,24 @@ class _Exchange:
     def request_failed(self, failure: Failure) -> None:
         self._pending = False
         self.call = None
+        host = self._release()
         if self._done:
             return  # the client went away or a timeout answered: nothing more to say
         kind, status, message = classify(failure)
+        if host is not None:
+            if kind in _HOST_FAILURES:
+                self.pool.passive_failure(host)
+            # Not sent: any other host may take it. Lost before the answer:
+            # once more elsewhere, when sending it twice does no harm.
+            again = kind in _NOT_SENT
+            if not again and kind == "reset" and not self._resent:
+                again = self._resent = self.ctx.scope in _REPEATABLE
+            if again and len(self.pool.hosts) > 1:
+                self._tried += (host.index,)
+                got = self.pool.acquire(self, self._tried)
+                if isinstance(got, PoolHost):
+                    self._send(got)
+                    return
         log.warn(
             "runner {runner} request {request_id} failed ({kind}: {error})",
             runner=self.runner.name,
@@ -629,14 +767,18 @@ class _Exchange:
 
     # ------------------------------------------------------------ endings
 
-    def _error(self, kind: str, status: int, message: str) -> None:
+    def _error(
+        self, kind: str, status: int, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         """Answer with an error body (nothing was written to the client yet)."""
         self.ctx.upstream_error = kind
         self.ctx.status = status
         self._done = True
         self._stop_watch()
         request = self.request
-        body = send_error(request, status, f"{message} (runner {self.runner.name})")
+        body = send_error(
+            request, status, f"{message} (runner {self.runner.name})", headers=headers
+        )
         if body:
             request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
         request.write(body)
@@ -699,6 +841,8 @@ class _Exchange:
         self.ctx.aborted = True
         self._stop_watch()
         self._producer = None  # the request's channel is gone with the connection
+        if self._queued_at is not None and self.host is None:
+            self.pool.leave(self)  # still queued: out at once, it never reaches a runner
         self._stop_upstream()
 
     def client_paused(self, paused: bool) -> None:
@@ -720,6 +864,7 @@ class _Exchange:
         self._pending = False
         if call is not None:
             call.abort()
+        self._release()
 
     def _unregister(self) -> None:
         if self._producer is not None:
@@ -749,7 +894,11 @@ class ReverseProxyResource(resource.Resource):
     cached_connection_timeout = 60
 
     def __init__(
-        self, runner: RunnerSettings, reactor: Any, pool: UpstreamPool | None = None
+        self,
+        runner: RunnerSettings,
+        reactor: Any,
+        pool: UpstreamPool | None = None,
+        runner_pool: RunnerPool | None = None,
     ) -> None:
         super().__init__()
         self.runner = runner
@@ -762,18 +911,12 @@ class ReverseProxyResource(resource.Resource):
                 idle_timeout=self.cached_connection_timeout,
             )
         self.pool = pool
-        https = runner.scheme == "https"
-        self.netloc = runner.netloc.encode("ascii")  # settings allow ASCII hosts only
-        self.client = UpstreamClient(
-            reactor,
-            pool,
-            scheme=runner.scheme,
-            host=runner.host,
-            port=runner.port,
-            connect_timeout=runner.connect_timeout,
-            tls_policy=_tls_policy(runner) if https else None,
-            tag=object() if https else None,
-        )
+        if runner_pool is None:
+            https = runner.scheme == "https"
+            runner_pool = RunnerPool(runner, reactor, pool, _tls_policy(runner) if https else None)
+        self.runner_pool = runner_pool
+        self.client = runner_pool.hosts[0].client
+        self.netloc = runner_pool.hosts[0].netloc  # settings allow ASCII hosts only
 
     def render(self, request: Request) -> bytes | int:
         return _Exchange(self, request).start()

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService
 from twisted.internet import defer, tcp
@@ -53,6 +53,10 @@ from runner_gateway.settings import (
 from runner_gateway.site import GatewaySite, RequestObserver
 from runner_gateway.tree import CorsPolicy, GatewayRoot, Route
 from runner_gateway.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from runner_gateway.health import HealthChecker
+    from runner_gateway.pool import RunnerPool
 
 __all__ = ["GatewayService", "Options", "build_root", "make_service"]
 
@@ -98,6 +102,8 @@ class _Generation:
 
     settings: Settings
     root: GatewayRoot
+    pools: list[RunnerPool]
+    checkers: list[HealthChecker]
 
 
 def build_root(
@@ -105,8 +111,13 @@ def build_root(
     reactor: Any,
     pool: UpstreamPool,
     readiness: Callable[[], list[str]],
+    pools: list[RunnerPool] | None = None,
+    states: Callable[[], dict[str, object]] | None = None,
 ) -> GatewayRoot:
-    """The resource tree for one settings generation; raises SettingsError on bad keys."""
+    """The resource tree for one settings generation; raises SettingsError on bad keys.
+
+    Each runner's :class:`RunnerPool` is appended to ``pools`` when given.
+    """
     from runner_gateway.auth import AuthResource, TokenCache
     from runner_gateway.authz import AuthorizationResource
     from runner_gateway.paseto import build_verifier
@@ -117,10 +128,12 @@ def build_root(
     routes = []
     for runner in settings.runners:
         proxy = ReverseProxyResource(runner, reactor, pool)
+        if pools is not None:
+            pools.append(proxy.runner_pool)
         policy = AuthorizationResource(proxy, runner, settings.authorization)
         guarded = AuthResource(policy, verifier, cache, reactor.seconds)
         routes.append(Route(runner, guarded))
-    return GatewayRoot(routes, CorsPolicy(settings.server.cors_origins), readiness)
+    return GatewayRoot(routes, CorsPolicy(settings.server.cors_origins), readiness, states)
 
 
 def _endpoint(reactor: Any, address: Address, tls_creator: Any = None) -> IStreamServerEndpoint:
@@ -188,13 +201,35 @@ class GatewayService(MultiService):
         return self.generation.settings
 
     def _build(self, settings: Settings) -> _Generation:
-        return _Generation(settings, build_root(settings, self.reactor, self.pool, self.problems))
+        from runner_gateway.health import HealthChecker
+
+        pools: list[RunnerPool] = []
+        root = build_root(
+            settings, self.reactor, self.pool, self.problems, pools, self.runner_states
+        )
+        checkers = [HealthChecker(p, self.reactor) for p in pools]
+        return _Generation(settings, root, pools, checkers)
+
+    def runner_states(self) -> dict[str, object]:
+        """Each runner's hosts up and in total (names, never addresses: /readyz
+        is public); empty while every host is up."""
+        pools = self.generation.pools
+        if all(p.up_count() == len(p.hosts) for p in pools):
+            return {}
+        return {
+            p.runner.name: {"hosts": len(p.hosts), "up": p.up_count(), "queued": p.queue_depth()}
+            for p in pools
+        }
 
     def problems(self) -> list[str]:
         """What keeps the gateway from being ready (for /readyz)."""
         found = []
         if not self.listening:
             found.append("not listening")
+        pools = self.generation.pools
+        down = [p.runner.name for p in pools if p.up_count() == 0]
+        if down and (self.settings.server.ready_when == "all" or len(down) == len(pools)):
+            found.append(f"no healthy host: runner(s) {', '.join(down)}")
         if self.tls is not None and self.tls.error:
             # /readyz is public: say what is wrong, the log says where (file paths).
             found.append("tls: the certificate files changed but could not be loaded (see the log)")
@@ -284,6 +319,8 @@ class GatewayService(MultiService):
             self.tls.start()
         for runner in settings.runners:
             probe_runner(self.reactor, runner)
+        for checker in self.generation.checkers:
+            checker.start()
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, self._on_sighup)
         fastpath.install_dispatch(self.reactor)
@@ -308,7 +345,12 @@ class GatewayService(MultiService):
         old = self.settings
         if settings.server != old.server:
             _log.warn("server.* changes (address, TLS paths, timeouts) need a restart")
-        self.generation = generation
+        old_generation, self.generation = self.generation, generation
+        for checker in old_generation.checkers:
+            checker.stop()
+        if self.listening:
+            for checker in generation.checkers:
+                checker.start()
         self.site.resource = generation.root
         self.site.max_body_size = max(r.max_body_size for r in settings.runners)
         self.site.trace = settings.logging.level == "trace"
@@ -320,6 +362,8 @@ class GatewayService(MultiService):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         self.listening = False
+        for checker in self.generation.checkers:
+            checker.stop()
         if self.tls is not None:
             self.tls.stop()
         stopping = [defer.maybeDeferred(port.stopListening) for port in self.ports]

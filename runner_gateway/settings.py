@@ -25,6 +25,7 @@ __all__ = [
     "Address",
     "AuthorizationSettings",
     "EndpointRule",
+    "HealthCheckSettings",
     "LoggingSettings",
     "MetricsSettings",
     "PasetoSettings",
@@ -115,10 +116,24 @@ class AuthorizationSettings:
     default_scopes: tuple[str, ...] = ("inference", "models:read")
 
 
+BALANCES = ("model-aware", "least-outstanding", "round-robin")
+
+
+@dataclass(frozen=True)
+class HealthCheckSettings:
+    """A runner pool's active health check (``interval`` 0: no checks, no ejection)."""
+
+    path: str = "/"
+    interval: float = 5.0
+    timeout: float = 2.0
+    unhealthy_after: int = 2
+    healthy_after: int = 1
+
+
 @dataclass(frozen=True)
 class RunnerSettings:
     name: str
-    host: str
+    host: str  # the first of ``hosts``
     port: int
     path: str
     scheme: str = "http"
@@ -131,6 +146,19 @@ class RunnerSettings:
     client_certificate_path: str = ""
     client_key_path: str = ""
     endpoints: tuple[EndpointRule, ...] = ()
+    hosts: tuple[Address, ...] = ()  # the pool; () means just host:port
+    balance: str = "least-outstanding"
+    health_check: HealthCheckSettings = field(default_factory=HealthCheckSettings)
+    max_concurrent: int = 0  # per host; 0: unlimited
+    max_queue: int = 64
+    queue_timeout: float = 60.0
+    keep_alive: float = 4.0  # idle pooled connections close after this (uvicorn: 5 s)
+    strict_models: bool = True
+
+    @property
+    def addresses(self) -> tuple[Address, ...]:
+        """The pool's hosts (one for ``host:``)."""
+        return self.hosts or (Address(self.host, self.port),)
 
     @property
     def netloc(self) -> str:
@@ -157,6 +185,7 @@ class ServerSettings:
     keep_alive_timeout: float = 75.0
     drain_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
+    ready_when: str = "any"  # /readyz: ready when any (or all) runners have a healthy host
     # One worker process per CPU (workers.py); 1 serves from the twistd process itself.
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 
@@ -325,6 +354,14 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "clientCertificatePath": ("client_certificate_path", "str"),
         "clientKeyPath": ("client_key_path", "str"),
         "endpoints": ("endpoints", "endpoints"),
+        "hosts": ("hosts", "hostlist"),
+        "balance": ("balance", "balance"),
+        "healthCheck": ("health_check", "healthcheck"),
+        "maxConcurrent": ("max_concurrent", "count"),
+        "maxQueue": ("max_queue", "count"),
+        "queueTimeout": ("queue_timeout", "duration"),
+        "keepAlive": ("keep_alive", "duration"),
+        "strictModels": ("strict_models", "bool"),
     },
     "server": {
         "address": ("address", "address"),
@@ -338,6 +375,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "keepAliveTimeout": ("keep_alive_timeout", "duration"),
         "drainTimeout": ("drain_timeout", "duration"),
         "corsOrigins": ("cors_origins", "origins"),
+        "readyWhen": ("ready_when", "readywhen"),
         "workers": ("workers", "workers"),
     },
     "metrics": {
@@ -388,6 +426,36 @@ def _parse_endpoints(value: object) -> tuple[EndpointRule, ...]:
             raise ValueError(f"endpoints[{i}].scope must be one of {', '.join(SCOPES)}")
         rules.append(EndpointRule(tuple(methods), path, scope))
     return tuple(rules)
+
+
+_HEALTH_KEYS = {
+    "path": ("path", "str"),
+    "interval": ("interval", "duration"),
+    "timeout": ("timeout", "duration"),
+    "unhealthyAfter": ("unhealthy_after", "count"),
+    "healthyAfter": ("healthy_after", "count"),
+}
+
+
+def _parse_health_check(value: object) -> HealthCheckSettings:
+    raw = _expect(value, dict, "a mapping (path, interval, timeout, unhealthyAfter, healthyAfter)")
+    kwargs: dict[str, Any] = {}
+    for key, item in raw.items():
+        if key not in _HEALTH_KEYS:
+            raise ValueError(f"unknown key {key!r} (known: {', '.join(_HEALTH_KEYS)})")
+        attr, kind = _HEALTH_KEYS[key]
+        try:
+            kwargs[attr] = _convert(kind, item)
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+    check = HealthCheckSettings(**kwargs)
+    if not check.path.startswith("/") or any(c in check.path for c in " \t\r\n#"):
+        raise ValueError(f"path: must be a path starting with '/', not {check.path!r}")
+    if check.unhealthy_after < 1 or check.healthy_after < 1:
+        raise ValueError("unhealthyAfter and healthyAfter must be at least 1")
+    if check.interval and not 0 < check.timeout <= check.interval:
+        raise ValueError("timeout must be more than 0 and at most the interval")
+    return check
 
 
 def _convert(kind: str, value: object) -> Any:
@@ -466,6 +534,21 @@ def _convert(kind: str, value: object) -> Any:
         return n
     if kind == "endpoints":
         return _parse_endpoints(value)
+    if kind == "hostlist":
+        items = _expect(value, list, "a list of host:port")
+        if not items:
+            raise ValueError("expected at least one host:port")
+        return tuple(_expect(v, str, "host:port") for v in items)  # parsed with the scheme
+    if kind == "balance":
+        if value not in BALANCES:
+            raise ValueError(f"unknown balance {value!r} (one of {', '.join(BALANCES)})")
+        return value
+    if kind == "healthcheck":
+        return _parse_health_check(value)
+    if kind == "readywhen":
+        if value not in ("any", "all"):
+            raise ValueError("must be any or all")
+        return value
     raise AssertionError(kind)  # pragma: no cover - schema typo
 
 
@@ -604,21 +687,48 @@ def _build_runners(tree: _Tree) -> tuple[RunnerSettings, ...]:
                     kwargs[attr] = _convert(kind, raw[key])
                 except ValueError as exc:
                     raise SettingsError(source, f"runners[{i}].{key}", str(exc)) from None
-        for required in ("name", "host", "path"):
+        if "hosts" in kwargs and "host" in kwargs:
+            raise SettingsError(source, f"runners[{i}].hosts", "set host or hosts, not both")
+        for required in ("name", "path"):
             if not kwargs.get(required):
                 raise SettingsError(source, f"runners[{i}].{required}", "required")
+        if not kwargs.get("host") and not kwargs.get("hosts"):
+            raise SettingsError(source, f"runners[{i}].host", "required (or hosts)")
         try:
             kwargs["path"] = _normalise_path(kwargs["path"])
         except ValueError as exc:
             raise SettingsError(source, f"runners[{i}].path", str(exc)) from None
         scheme = kwargs.get("scheme", "http")
-        try:
-            host, port = parse_hostport(kwargs["host"], 443 if scheme == "https" else 80)
-        except ValueError as exc:
-            raise SettingsError(source, f"runners[{i}].host", str(exc)) from None
-        if not host:
-            raise SettingsError(source, f"runners[{i}].host", "a host name or address is required")
-        kwargs["host"], kwargs["port"] = host, port
+        default_port = 443 if scheme == "https" else 80
+        if "hosts" in kwargs:
+            addresses = []
+            for j, text in enumerate(kwargs["hosts"]):
+                where = f"runners[{i}].hosts[{j}]"
+                try:
+                    host, port = parse_hostport(text, default_port)
+                except ValueError as exc:
+                    raise SettingsError(source, where, str(exc)) from None
+                if not host:
+                    raise SettingsError(source, where, "a host name or address is required")
+                if Address(host, port) in addresses:
+                    raise SettingsError(source, where, f"duplicate host {text!r}")
+                addresses.append(Address(host, port))
+            kwargs["hosts"] = tuple(addresses)
+            kwargs["host"], kwargs["port"] = addresses[0].host, addresses[0].port
+        else:
+            try:
+                host, port = parse_hostport(kwargs["host"], default_port)
+            except ValueError as exc:
+                raise SettingsError(source, f"runners[{i}].host", str(exc)) from None
+            if not host:
+                raise SettingsError(
+                    source, f"runners[{i}].host", "a host name or address is required"
+                )
+            kwargs["host"], kwargs["port"] = host, port
+        if "balance" not in kwargs:
+            # The built-in endpoint table is Ollama's (policy.py reads names Ollama's
+            # way there); a runner with its own table is of a kind we cannot tell.
+            kwargs["balance"] = "least-outstanding" if kwargs.get("endpoints") else "model-aware"
         if kwargs["path"] in seen:
             raise SettingsError(
                 source,

@@ -123,6 +123,7 @@ class GatewayRoot(Resource):
         routes: Sequence[Route],
         cors: CorsPolicy,
         readiness: Callable[[], list[str]],
+        runner_states: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         super().__init__()
         self.routes = list(routes)
@@ -130,12 +131,18 @@ class GatewayRoot(Resource):
         self.healthz = _Json(lambda: (200, {"status": "ok"}))
         self.readyz = _Json(self._ready)
         self.readiness = readiness
+        self.runner_states = runner_states
 
     def _ready(self) -> tuple[int, dict[str, object]]:
         problems = self.readiness()
-        if problems:
-            return 503, {"status": "not ready", "problems": problems}
-        return 200, {"status": "ready"}
+        body: dict[str, object] = {"status": "not ready", "problems": problems}
+        if not problems:
+            body = {"status": "ready"}
+        # Runner pools with a host down: how many of each runner's hosts are up.
+        states = self.runner_states() if self.runner_states is not None else None
+        if states:
+            body["runners"] = states
+        return (503 if problems else 200), body
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
         raw_path = request.path
