@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
@@ -37,6 +38,7 @@ __all__ = [
     "MODELS_MAX",
     "UPSTREAM_ERROR_KINDS",
     "Metrics",
+    "PoolCollector",
     "UsageTable",
     "metrics_resource",
 ]
@@ -51,7 +53,9 @@ AUTH_FAILURE_REASONS = (
     "other",
 )
 # The proxy's vocabulary for ctx.upstream_error; anything else is "other".
-UPSTREAM_ERROR_KINDS = ("connect", "tls", "timeout", "reset", "protocol", "other")
+UPSTREAM_ERROR_KINDS = ("connect", "tls", "timeout", "reset", "protocol", "unavailable", "other")
+# Seconds a request waited in a runner's queue (maxConcurrent).
+QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # Model runs take from milliseconds (cached embeddings) to many minutes
 # (long generations on slow hardware).
 DURATION_BUCKETS = (
@@ -286,6 +290,13 @@ class Metrics:
                 ["subject"],
                 registry=reg,
             )
+        self.queue_wait = Histogram(
+            "runner_gateway_queue_wait_seconds",
+            "Time requests waited in a runner's queue for a free host (maxConcurrent).",
+            ["runner"],
+            buckets=QUEUE_BUCKETS,
+            registry=reg,
+        )
         # Fixed vocabularies start at zero so rate() sees the first failure.
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason=reason)
@@ -322,6 +333,8 @@ class Metrics:
         if ctx.upstream_error is not None:
             kind = ctx.upstream_error if ctx.upstream_error in UPSTREAM_ERROR_KINDS else OTHER
             self.upstream_errors.labels(runner=runner, kind=kind).inc()
+        if ctx.queue_wait is not None:
+            self.queue_wait.labels(runner=runner).observe(max(0.0, ctx.queue_wait))
 
         prompt = completion = 0
         if ctx.usage is not None:
@@ -339,6 +352,60 @@ class Metrics:
             self.subject_requests.labels(subject=subject_label).inc()
         if subject is not None:
             self.usage.record(subject, model, prompt, completion, now)
+
+
+class _PoolHostView(Protocol):
+    label: str
+
+    @property
+    def up(self) -> bool: ...
+
+    @property
+    def outstanding(self) -> int: ...
+
+
+class _PoolView(Protocol):
+    """What the pool gauges read from a runner pool (pool.RunnerPool)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def states(self) -> Sequence[_PoolHostView]: ...
+
+    def queue_depth(self) -> int: ...
+
+
+class PoolCollector:
+    """Host health, requests in flight per host and queue depth, read at scrape time."""
+
+    def __init__(self, pools: Callable[[], Sequence[_PoolView]]) -> None:
+        self.pools = pools
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "runner_gateway_upstream_up",
+            "1 while a runner's host passes its health checks, else 0.",
+            labels=["runner", "host"],
+        )
+        in_flight = GaugeMetricFamily(
+            "runner_gateway_upstream_in_flight",
+            "Requests sent to a runner's host and not finished.",
+            labels=["runner", "host"],
+        )
+        depth = GaugeMetricFamily(
+            "runner_gateway_queue_depth",
+            "Requests waiting in a runner's queue for a free host.",
+            labels=["runner"],
+        )
+        for pool in self.pools():
+            for state in pool.states:
+                up.add_metric([pool.name, state.label], 1.0 if state.up else 0.0)
+                in_flight.add_metric([pool.name, state.label], float(state.outstanding))
+            depth.add_metric([pool.name], float(pool.queue_depth()))
+        yield up
+        yield in_flight
+        yield depth
 
 
 def _runner_label(ctx: RequestContext) -> str:

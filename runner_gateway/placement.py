@@ -93,8 +93,10 @@ def parse_inventory(body: bytes) -> frozenset[str] | None:
 
 
 def model_listed(hosts: Iterable[HostState], model: str) -> bool | None:
-    """Whether some up host lists ``model``; None when an up host's inventory is unknown."""
+    """Whether some up host lists ``model``; None when no host is up or an up
+    host's inventory is unknown."""
     forms = model_forms(model)
+    listed: bool | None = None
     for state in hosts:
         if not state.up:
             continue
@@ -102,7 +104,8 @@ def model_listed(hosts: Iterable[HostState], model: str) -> bool | None:
             return None
         if forms & (state.pulled | state.loaded):
             return True
-    return False
+        listed = False
+    return listed
 
 
 def choose(

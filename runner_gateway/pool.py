@@ -110,6 +110,10 @@ class RunnerPool:
 
     # ------------------------------------------------------------ state
 
+    @property
+    def name(self) -> str:
+        return self.runner.name
+
     def up_count(self) -> int:
         return sum(1 for s in self.states if s.up)
 

@@ -195,6 +195,9 @@ class GatewayService(MultiService):
 
             self.metrics = Metrics(settings.metrics, reactor.seconds)
             self.observers.append(self.metrics)
+            from runner_gateway.metrics import PoolCollector
+
+            self.metrics.registry.register(PoolCollector(lambda: self.generation.pools))
 
     @property
     def settings(self) -> Settings:
