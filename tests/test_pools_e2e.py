@@ -354,3 +354,90 @@ def test_the_fair_queue(make_settings: Callable[[str], GatewaySettings]) -> None
             assert _status(first) == 200 and _status(third) == 200
             prompts = [json.loads(r["body"])["prompt"] for r in pool[0].requests()]
             assert prompts[3:] == ["r0", "r2"]
+
+
+class _ClosingRunner:
+    """A runner that closes every fourth reused connection as a request arrives,
+    without answering (a uvicorn-style idle timeout racing the request)."""
+
+    ANSWER = b'{"model":"m","response":"ok","done":true}'
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.server.getsockname()[1]
+        self.reused = 0
+        self.closed = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        data = b""
+        first = True
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in data:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        return
+                    data += piece
+                head, _, data = data.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(data) < length:
+                    data += conn.recv(65536)
+                data = data[length:]
+                if not first:
+                    with self.lock:
+                        self.reused += 1
+                        close = self.reused % 4 == 0
+                        self.closed += close
+                    if close:
+                        return
+                first = False
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(self.ANSWER) + self.ANSWER
+                )
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_runner_closing_reused_connections_costs_no_request(
+    make_settings: Callable[[str], GatewaySettings],
+) -> None:
+    runner = _ClosingRunner()
+    try:
+        settings = make_settings(
+            "runners:\n  - name: r\n    path: /\n"
+            f"    host: 127.0.0.1:{runner.port}\n"
+            "server:\n  address: 127.0.0.1:0\n  workers: 1\n"
+        )
+        token = settings.token()
+        with start_gateway(settings.directory) as gw:
+            conn = connect(gw)  # one client connection: the runner's are reused
+            statuses = []
+            for i in range(40):
+                body = json.dumps({"model": "m", "prompt": f"p{i}", "stream": False})
+                conn.request(
+                    "POST", "/api/generate", body=body, headers={"Authorization": f"Bearer {token}"}
+                )
+                response = conn.getresponse()
+                response.read()
+                statuses.append(response.status)
+            conn.close()
+        assert runner.closed >= 8  # the runner did close connections under requests
+        assert statuses == [200] * 40
+    finally:
+        runner.close()
