@@ -383,5 +383,5 @@ def test_bad_pool_settings(sdir: Path, runner: str, key: str, fragment: str) -> 
 
 def test_ready_when_is_any_or_all(sdir: Path) -> None:
     write(sdir, "bad.yaml", "server: {readyWhen: most}\n")
-    with pytest.raises(SettingsError, match="server.readyWhen: must be any or all"):
+    with pytest.raises(SettingsError, match=r"server\.readyWhen: must be any or all"):
         load_settings(sdir, env="bad", environ={})
