@@ -76,6 +76,9 @@ class _Probe:
 
     def timed_out(self) -> None:
         self.timer = None
+        self.cancel()
+
+    def cancel(self) -> None:
         call, self.call = self.call, None
         if call is not None:
             call.abort()
@@ -121,7 +124,7 @@ class HealthChecker:
             timer.cancel()
         for probe in list(self._probes):
             probe.done = None
-            probe.timed_out()
+            probe.cancel()
         self._probes.clear()
         self._busy.clear()
 
