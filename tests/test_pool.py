@@ -286,3 +286,11 @@ def test_inventory_falls_back_to_v1_models(tags_status: int) -> None:
     state = pool.hosts[0].state
     assert state.inventory and state.pulled == {"qwen", "qwen:latest"} and not state.loaded
     checker.stop()
+
+
+def test_least_outstanding_spreads_a_thousand_requests_evenly() -> None:
+    from bench.pool import spread
+
+    result = spread(requests=1000, in_flight=8)
+    assert sum(result["per_host"]) == 1000
+    assert max(result["per_host"]) - min(result["per_host"]) <= 30  # within 3 % of 1,000
