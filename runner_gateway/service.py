@@ -423,7 +423,7 @@ def probe_runner(reactor: Any, runner: RunnerSettings) -> defer.Deferred[bool]:
 
     def silent(failure: Failure) -> bool:
         _log.warn(
-            "runner {name} at {url} does not answer ({why}): requests under {path} get 502 "
+            "runner {name} at {url} does not answer ({why}): requests under {path} fail "
             "until it does",
             name=runner.name,
             url=runner.base_url,
