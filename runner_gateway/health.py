@@ -18,79 +18,18 @@ The requests go through the hosts' own keep-alive clients (upstream.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
-from twisted.python.failure import Failure
 
 from runner_gateway.placement import note_check, parse_inventory
-from runner_gateway.pool import PoolHost, RunnerPool
-from runner_gateway.upstream import UpstreamCall, request_head
+from runner_gateway.pool import Collected, Collector, PoolHost, RunnerPool
+from runner_gateway.upstream import request_head
 
 __all__ = ["HealthChecker"]
 
 _LISTING_LIMIT = 4 * 1024 * 1024  # a model listing bigger than this is not read
 _USER_AGENT = b"runner-gateway-health"
-
-# What a probe reports: the status (None: no answer) and the body.
-_Done = Callable[[int | None, bytes], None]
-
-
-class _Probe:
-    """One check request's answer (an upstream ResponseHandler)."""
-
-    def __init__(self, done: _Done, limit: int) -> None:
-        self.done: _Done | None = done
-        self.limit = limit
-        self.code = 0
-        self.body: list[bytes] = []
-        self.size = 0
-        self.call: UpstreamCall | None = None
-        self.timer: IDelayedCall | None = None
-
-    def response_head(
-        self, code: int, phrase: bytes, headers: list[tuple[bytes, bytes]], length: int | None
-    ) -> None:
-        self.code = code
-
-    def response_body(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size <= self.limit:
-            self.body.append(data)
-
-    def response_end(self, reason: Failure | None) -> None:
-        if reason is None and self.size <= self.limit:
-            self._finish(self.code, b"".join(self.body))
-        else:
-            self._finish(None, b"")
-
-    def request_failed(self, reason: Failure) -> None:
-        self._finish(None, b"")
-
-    def hold(self) -> None:
-        pass
-
-    def release(self) -> None:
-        pass
-
-    def timed_out(self) -> None:
-        self.timer = None
-        self.cancel()
-
-    def cancel(self) -> None:
-        call, self.call = self.call, None
-        if call is not None:
-            call.abort()
-        self._finish(None, b"")
-
-    def _finish(self, code: int | None, body: bytes) -> None:
-        timer, self.timer = self.timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-        done, self.done = self.done, None
-        if done is not None:
-            done(code, body)
 
 
 class HealthChecker:
@@ -103,7 +42,7 @@ class HealthChecker:
         runner = pool.runner
         self.inventories = runner.balance == "model-aware" or runner.strict_models
         self._timer: IDelayedCall | None = None
-        self._probes: set[_Probe] = set()
+        self._probes: set[Collector] = set()
         self._busy: set[int] = set()  # hosts with a check in flight
         self.running = False
 
@@ -186,7 +125,7 @@ class HealthChecker:
 
         self._get(host, b"/api/tags", tags, _LISTING_LIMIT)
 
-    def _get(self, host: PoolHost, path: bytes, done: _Done, limit: int) -> None:
+    def _get(self, host: PoolHost, path: bytes, done: Collected, limit: int) -> None:
         if not self.running:
             return
         probes = self._probes
@@ -196,7 +135,7 @@ class HealthChecker:
             if self.running:
                 done(code, body)
 
-        probe = _Probe(finished, limit)
+        probe = Collector(finished, limit)
         probes.add(probe)
         head = request_head(b"GET", path, [(b"User-Agent", _USER_AGENT), (b"Host", host.netloc)], 0)
         probe.timer = self.reactor.callLater(self.settings.timeout, probe.timed_out)

@@ -22,13 +22,14 @@ from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 
 from runner_gateway.placement import HostState, choose, model_listed
 from runner_gateway.settings import RunnerSettings
-from runner_gateway.upstream import UpstreamClient, UpstreamPool
+from runner_gateway.upstream import UpstreamCall, UpstreamClient, UpstreamPool
 
-__all__ = ["DOWN", "FULL", "QUEUED", "PoolHost", "RunnerPool", "Waiter"]
+__all__ = ["DOWN", "FULL", "QUEUED", "Collected", "Collector", "PoolHost", "RunnerPool", "Waiter"]
 
 log = Logger(namespace="runner_gateway.pool")
 
@@ -52,6 +53,68 @@ def _netloc(host: str, port: int, scheme: str) -> bytes:
     shown = f"[{host}]" if ":" in host else host
     default = 443 if scheme == "https" else 80
     return (shown if port == default else f"{shown}:{port}").encode("ascii")
+
+
+# What a Collector reports: the status (None: no answer) and the body.
+Collected = Callable[[int | None, bytes], None]
+
+
+class Collector:
+    """A whole small answer (a check, a listing): an upstream ResponseHandler that
+    reports the status and body once, or (None, b"") on failure, timeout or a
+    body over ``limit``."""
+
+    def __init__(self, done: Collected, limit: int) -> None:
+        self.done: Collected | None = done
+        self.limit = limit
+        self.code = 0
+        self.body: list[bytes] = []
+        self.size = 0
+        self.call: UpstreamCall | None = None
+        self.timer: IDelayedCall | None = None
+
+    def response_head(
+        self, code: int, phrase: bytes, headers: list[tuple[bytes, bytes]], length: int | None
+    ) -> None:
+        self.code = code
+
+    def response_body(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size <= self.limit:
+            self.body.append(data)
+
+    def response_end(self, reason: Failure | None) -> None:
+        if reason is None and self.size <= self.limit:
+            self._finish(self.code, b"".join(self.body))
+        else:
+            self._finish(None, b"")
+
+    def request_failed(self, reason: Failure) -> None:
+        self._finish(None, b"")
+
+    def hold(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def timed_out(self) -> None:
+        self.timer = None
+        self.cancel()
+
+    def cancel(self) -> None:
+        call, self.call = self.call, None
+        if call is not None:
+            call.abort()
+        self._finish(None, b"")
+
+    def _finish(self, code: int | None, body: bytes) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        done, self.done = self.done, None
+        if done is not None:
+            done(code, body)
 
 
 class PoolHost:

@@ -23,6 +23,7 @@ See docs/proxy.md for the headers passed and dropped, timeouts and statuses.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import io
 import json
@@ -48,7 +49,8 @@ from runner_gateway.context import RequestContext, context_of
 from runner_gateway.errors import send_error
 from runner_gateway.fastpath import cached_header_name
 from runner_gateway.policy import INFERENCE, MODELS_MANAGE, MODELS_READ
-from runner_gateway.pool import DOWN, QUEUED, PoolHost, RunnerPool
+from runner_gateway.pool import DOWN, QUEUED, Collector, PoolHost, RunnerPool
+from runner_gateway.poolviews import POOL_LISTINGS, merge_listings
 from runner_gateway.settings import RunnerSettings
 from runner_gateway.site import on_finish
 from runner_gateway.upstream import (
@@ -370,6 +372,7 @@ class _Exchange:
         self._header_lines: list[tuple[bytes, bytes]] = []
         self._content: IO[bytes] | None = None
         self._length = 0
+        self._gathering: list[Collector] | None = None  # a pool-wide listing's requests
 
     # ------------------------------------------------------------ start
 
@@ -412,7 +415,10 @@ class _Exchange:
         self._head, self._header_lines, self._path = head, headers, path
         self._content, self._length = content if length else None, length
         on_finish(request, lost=self.client_lost)
-        self._place()
+        if ctx.route in POOL_LISTINGS and self._method == b"GET" and len(self.pool.hosts) > 1:
+            self._gather()
+        else:
+            self._place()
         return NOT_DONE_YET
 
     # ------------------------------------------------------------ hosts
@@ -431,11 +437,7 @@ class _Exchange:
         self.host = host
         ctx = self.ctx
         ctx.host = host.label
-        head = self._head
-        if host.netloc != self.netloc:
-            lines = self._header_lines
-            lines[-1] = (b"Host", host.netloc)  # upstream_header_list puts Host last
-            head = request_head(self._method, self._path, lines, self._length)
+        head = self._head if host.netloc == self.netloc else self._head_for(host)
         if self._watch is None:
             self._start_watch()
         self._pending = True
@@ -450,6 +452,62 @@ class _Exchange:
             )
         except Exception:
             self._bug(Failure())
+
+    def _head_for(self, host: PoolHost) -> bytes:
+        if host.netloc == self.netloc:
+            return self._head
+        lines = self._header_lines
+        lines[-1] = (b"Host", host.netloc)  # upstream_header_list puts Host last
+        return request_head(self._method, self._path, lines, self._length)
+
+    def _gather(self) -> None:
+        """A model listing of a pool: every healthy host's, as one (poolviews.py)."""
+        hosts = [h for h in self.pool.hosts if h.state.up]
+        if not hosts:
+            self._unavailable(DOWN)
+            return
+        answers: dict[int, bytes | None] = {}
+        collectors = self._gathering = []
+        timeout = self.runner.first_byte_timeout
+
+        def collected(host: PoolHost, code: int | None, body: bytes) -> None:
+            answers[host.index] = body if code == 200 else None
+            if len(answers) == len(hosts):
+                self._gathering = None
+                self._gathered(hosts, answers)
+
+        for host in hosts:
+            collector = Collector(functools.partial(collected, host), _TRANSFORM_LIMIT)
+            collectors.append(collector)
+            if timeout > 0:
+                collector.timer = self.reactor.callLater(timeout, collector.timed_out)
+            head = self._head_for(host)
+            collector.call = host.client.request(head, None, 0, False, collector, True)
+
+    def _gathered(self, hosts: list[PoolHost], answers: dict[int, bytes | None]) -> None:
+        if self._done:
+            return
+        ctx = self.ctx
+        bodies = [b for h in hosts if (b := answers[h.index]) is not None]
+        ctx.host = ",".join(h.label for h in hosts if answers[h.index] is not None) or None
+        try:
+            body = merge_listings(ctx.route, bodies)
+            if ctx.response_transform is not None:
+                body = ctx.response_transform(body)
+        except Exception:
+            self._error("protocol", 502, "no host of the runner sent its listing")
+            return
+        request = self.request
+        ctx.status = 200
+        request.setResponseCode(200)
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        ctx.response_started("application/json")
+        request.write(body)
+        ctx.bytes_sent += len(body)
+        ctx.first_byte = self._headers_at = self.reactor.seconds()
+        ctx.response_chunk(body)
+        self._finish()
 
     def _release(self) -> PoolHost | None:
         host = self.host
@@ -843,6 +901,10 @@ class _Exchange:
         self._producer = None  # the request's channel is gone with the connection
         if self._queued_at is not None and self.host is None:
             self.pool.leave(self)  # still queued: out at once, it never reaches a runner
+        gathering, self._gathering = self._gathering, None
+        for collector in gathering or ():
+            collector.done = None
+            collector.cancel()
         self._stop_upstream()
 
     def client_paused(self, paused: bool) -> None:

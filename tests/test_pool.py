@@ -294,3 +294,29 @@ def test_least_outstanding_spreads_a_thousand_requests_evenly() -> None:
     result = spread(requests=1000, in_flight=8)
     assert sum(result["per_host"]) == 1000
     assert max(result["per_host"]) - min(result["per_host"]) <= 30  # within 3 % of 1,000
+
+
+def test_pool_listings_merge_in_host_order() -> None:
+    from runner_gateway.poolviews import merge_listings
+
+    tags = [
+        b'{"models": [{"name": "a:1b", "size": 1}, {"name": "b:1b"}]}',
+        b"not json",
+        b'{"models": [{"name": "a:1b", "size": 2}, {"name": "c:1b"}, "odd"]}',
+    ]
+    merged = json.loads(merge_listings("/api/tags", tags))
+    assert merged == {
+        "models": [{"name": "a:1b", "size": 1}, {"name": "b:1b"}, {"name": "c:1b"}, "odd"]
+    }
+    ps = [b'{"models": [{"name": "a:1b"}]}', b'{"models": [{"name": "a:1b"}]}']
+    assert len(json.loads(merge_listings("/api/ps", ps))["models"]) == 2  # once per host
+    v1 = [
+        b'{"object": "list", "data": [{"id": "x"}]}',
+        b'{"object": "list", "data": [{"id": "x"}, {"id": "y"}]}',
+    ]
+    assert json.loads(merge_listings("/v1/models", v1)) == {
+        "object": "list",
+        "data": [{"id": "x"}, {"id": "y"}],
+    }
+    with pytest.raises(ValueError):
+        merge_listings("/api/tags", [b'{"error": "boom"}'])

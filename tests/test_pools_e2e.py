@@ -441,3 +441,33 @@ def test_a_runner_closing_reused_connections_costs_no_request(
         assert statuses == [200] * 40
     finally:
         runner.close()
+
+
+def test_listings_are_the_union_over_healthy_hosts(
+    make_settings: Callable[[str], GatewaySettings],
+) -> None:
+    one = ["--model", "a:1b", "--model", "b:1b", "--loaded", "a:1b"]
+    two = ["--model", "b:1b", "--model", "c:1b", "--loaded", "c:1b"]
+    three = ["--model", "a:1b", "--loaded", "a:1b"]
+    with hosts(one, two, three) as pool:
+        settings = make_settings(pool_yaml([h.address for h in pool]))
+        token = settings.token()
+        with start_gateway(settings.directory) as gw:
+            status, tags = get(gw, "/api/tags", token)
+            assert status == 200
+            assert [m["name"] for m in tags["models"]] == ["a:1b", "b:1b", "c:1b"]
+            status, running = get(gw, "/api/ps", token)
+            assert sorted(m["name"] for m in running["models"]) == ["a:1b", "a:1b", "c:1b"]
+            status, models = get(gw, "/v1/models", token)
+            assert (status, models["object"]) == (200, "list")
+            assert sorted(m["id"] for m in models["data"]) == ["a:1b", "b:1b", "c:1b"]
+            # The token's model filter applies to the union.
+            status, tags = get(gw, "/api/tags", settings.token(models=["a*", "c*"]))
+            assert [m["name"] for m in tags["models"]] == ["a:1b", "c:1b"]
+            line = gw.wait_for(r'"path":"/api/tags".*"host"')
+            assert sorted(json.loads(line)["host"].split(",")) == sorted(h.address for h in pool)
+            # A host that is down is left out.
+            pool[1].kill()
+            wait_until(lambda: get(gw, "/readyz")[1].get("runners") is not None, 5, "host down")
+            status, tags = get(gw, "/api/tags", token)
+            assert [m["name"] for m in tags["models"]] == ["a:1b", "b:1b"]
