@@ -154,6 +154,7 @@ class _SubjectUsage:
     last_seen: float
     total: _Counts = field(default_factory=_Counts)
     models: dict[str, _Counts] = field(default_factory=dict)
+    hosts: dict[str, _Counts] = field(default_factory=dict)  # the runner hosts that served
 
 
 class UsageTable:
@@ -176,7 +177,13 @@ class UsageTable:
         return subject in self._subjects
 
     def record(
-        self, subject: str, model: str | None, prompt: int, completion: int, now: float
+        self,
+        subject: str,
+        model: str | None,
+        prompt: int,
+        completion: int,
+        now: float,
+        host: str | None = None,
     ) -> None:
         if self.max_subjects <= 0:
             return
@@ -193,6 +200,8 @@ class UsageTable:
         if model is not None:
             # Model names are already capped by the caller (shared with the metric).
             entry.models.setdefault(model, _Counts()).add(prompt, completion)
+        if host is not None:  # host:port from the settings: a bounded set
+            entry.hosts.setdefault(host, _Counts()).add(prompt, completion)
 
     def snapshot(self, subject: str | None = None) -> dict[str, Any]:
         """The table as JSON-ready data; only ``subject`` when given."""
@@ -205,6 +214,7 @@ class UsageTable:
                 "first_seen": entry.first_seen,
                 "last_seen": entry.last_seen,
                 "models": {m: c.as_json() for m, c in sorted(entry.models.items())},
+                "hosts": {h: c.as_json() for h, c in sorted(entry.hosts.items())},
             }
         return {
             "since": self.started,
@@ -351,7 +361,7 @@ class Metrics:
         if self.subject_requests is not None and subject is not None:
             self.subject_requests.labels(subject=subject_label).inc()
         if subject is not None:
-            self.usage.record(subject, model, prompt, completion, now)
+            self.usage.record(subject, model, prompt, completion, now, ctx.host)
 
 
 class _PoolHostView(Protocol):

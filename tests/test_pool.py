@@ -320,3 +320,20 @@ def test_pool_listings_merge_in_host_order() -> None:
     }
     with pytest.raises(ValueError):
         merge_listings("/api/tags", [b'{"error": "boom"}'])
+
+
+def test_usage_counts_per_host_and_workers_merge_them() -> None:
+    from runner_gateway.metrics import UsageTable
+    from runner_gateway.workers import merge_usage
+
+    tables = [UsageTable(10, 0.0), UsageTable(10, 0.0)]
+    tables[0].record("alice", "m", 1, 2, 1.0, host="10.0.0.5:11434")
+    tables[1].record("alice", "m", 3, 4, 2.0, host="10.0.0.5:11434")
+    tables[1].record("alice", "m", 5, 6, 3.0, host="10.0.0.6:11434")
+    tables[1].record("alice", None, 0, 0, 4.0)  # answered by the gateway: no host
+    alice = merge_usage([t.snapshot() for t in tables])["subjects"]["alice"]
+    assert alice["requests"] == 4
+    assert alice["hosts"] == {
+        "10.0.0.5:11434": {"requests": 2, "prompt_tokens": 4, "completion_tokens": 6},
+        "10.0.0.6:11434": {"requests": 1, "prompt_tokens": 5, "completion_tokens": 6},
+    }
