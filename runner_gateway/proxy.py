@@ -108,6 +108,9 @@ _TRANSFORM_LIMIT = 16 * 1024 * 1024
 # After cutting a client stream short, give the kernel this long to flush
 # what was already written before the connection is aborted outright.
 _CLIENT_ABORT_GRACE = 5.0
+# A host's part of a pool-wide listing: a listing is quick, and one host that
+# does not answer must not hold up the others' for the first-byte timeout.
+_LISTING_TIMEOUT = 30.0
 # Requests that may be sent twice: no side effects on the runner.
 _REPEATABLE = frozenset({INFERENCE, MODELS_READ})
 # Failures before the request reached the runner: another host may take it.
@@ -468,7 +471,8 @@ class _Exchange:
             return
         answers: dict[int, bytes | None] = {}
         collectors = self._gathering = []
-        timeout = self.runner.first_byte_timeout
+        first_byte = self.runner.first_byte_timeout
+        timeout = min(first_byte, _LISTING_TIMEOUT) if first_byte > 0 else _LISTING_TIMEOUT
 
         def collected(host: PoolHost, code: int | None, body: bytes) -> None:
             answers[host.index] = body if code == 200 else None
@@ -479,8 +483,7 @@ class _Exchange:
         for host in hosts:
             collector = Collector(functools.partial(collected, host), _TRANSFORM_LIMIT)
             collectors.append(collector)
-            if timeout > 0:
-                collector.timer = self.reactor.callLater(timeout, collector.timed_out)
+            collector.timer = self.reactor.callLater(timeout, collector.timed_out)
             head = self._head_for(host)
             collector.call = host.client.request(head, None, 0, False, collector, True)
 

@@ -508,6 +508,7 @@ class _Connection(Protocol):
 
     def _complete(self, rest: bytes) -> None:
         handler, self.handler = self.handler, None
+        self.call = None  # an idle connection must not keep the request (and its body)
         self._state = _DONE
         if rest or self._body is not None:
             self._keep_alive = False  # unsolicited bytes, or the body is still going out
