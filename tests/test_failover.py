@@ -49,14 +49,14 @@ class _Root(resource.Resource):
 
 
 class Pool:
-    def __init__(self) -> None:
+    def __init__(self, hosts: int = 2) -> None:
         self.reactor = MemoryReactorClock()
         runner = RunnerSettings(
             name="gpu",
             host="10.0.0.5",
             port=11434,
             path="/",
-            hosts=(Address("10.0.0.5", 11434), Address("10.0.0.6", 11435)),
+            hosts=(Address("10.0.0.5", 11434), Address("10.0.0.6", 11435))[:hosts],
             balance="round-robin",
         )
         self.proxy = ReverseProxyResource(runner, self.reactor)
@@ -154,3 +154,26 @@ def test_nothing_is_retried_after_the_first_response_byte() -> None:
     first.connectionLost(Failure(ConnectionLost()))
     assert p.no_more_attempts()
     assert p.ctx.aborted and p.client.value().startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(("second", "resent"), [(GENERATE, True), (PULL, False)])
+def test_a_reused_connection_closed_before_the_answer(second: bytes, resent: bool) -> None:
+    p = Pool(hosts=1)
+    p.send(GENERATE)
+    _, protocol, transport = p.accept()
+    protocol.dataReceived(OK)
+    assert protocol._wrappedProtocol.call is None  # idle: it keeps nothing of the request
+    transport.clear()
+    p.send(second)  # on the same client connection, so on the idle runner connection
+    request_line = second.split(b"\r\n", 1)[0]
+    assert transport.value().startswith(request_line)  # written to the idle connection
+    protocol.connectionLost(Failure(ConnectionLost()))  # the runner closed it as idle
+    if resent:  # sent again on a fresh connection to the same host
+        port, fresh, again = p.accept()
+        assert port == 11434 and again.value() == transport.value()
+        fresh.dataReceived(OK)
+        assert p.client.value().count(b"HTTP/1.1 200 ") == 2
+    else:  # a models:manage request may have been read: never sent twice
+        assert p.no_more_attempts()
+        assert p.client.value().count(b"HTTP/1.1 502 ") == 1
