@@ -163,7 +163,6 @@ def test_a_reused_connection_closed_before_the_answer(second: bytes, resent: boo
     p.send(GENERATE)
     _, protocol, transport = p.accept()
     protocol.dataReceived(OK)
-    assert protocol._wrappedProtocol.call is None  # idle: it keeps nothing of the request
     transport.clear()
     p.send(second)  # on the same client connection, so on the idle runner connection
     request_line = second.split(b"\r\n", 1)[0]
@@ -177,3 +176,15 @@ def test_a_reused_connection_closed_before_the_answer(second: bytes, resent: boo
     else:  # a models:manage request may have been read: never sent twice
         assert p.no_more_attempts()
         assert p.client.value().count(b"HTTP/1.1 502 ") == 1
+
+
+@pytest.mark.timeout(10)
+def test_an_idle_connection_keeps_nothing_of_its_last_request() -> None:
+    p = Pool(hosts=1)
+    p.send(GENERATE)
+    _, protocol, _ = p.accept()
+    protocol.dataReceived(OK)
+    p.send(GENERATE)  # reuses the connection: a stale retry would need the request
+    protocol.dataReceived(OK)
+    assert p.no_more_attempts()
+    assert protocol._wrappedProtocol.call is None  # not the request, nor its body
