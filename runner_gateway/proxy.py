@@ -959,11 +959,7 @@ class ReverseProxyResource(resource.Resource):
     cached_connection_timeout = 60
 
     def __init__(
-        self,
-        runner: RunnerSettings,
-        reactor: Any,
-        pool: UpstreamPool | None = None,
-        runner_pool: RunnerPool | None = None,
+        self, runner: RunnerSettings, reactor: Any, pool: UpstreamPool | None = None
     ) -> None:
         super().__init__()
         self.runner = runner
@@ -976,12 +972,10 @@ class ReverseProxyResource(resource.Resource):
                 idle_timeout=self.cached_connection_timeout,
             )
         self.pool = pool
-        if runner_pool is None:
-            https = runner.scheme == "https"
-            runner_pool = RunnerPool(runner, reactor, pool, _tls_policy(runner) if https else None)
-        self.runner_pool = runner_pool
-        self.client = runner_pool.hosts[0].client
-        self.netloc = runner_pool.hosts[0].netloc  # settings allow ASCII hosts only
+        https = runner.scheme == "https"
+        self.runner_pool = RunnerPool(runner, reactor, pool, _tls_policy(runner) if https else None)
+        self.client = self.runner_pool.hosts[0].client
+        self.netloc = self.runner_pool.hosts[0].netloc  # settings allow ASCII hosts only
 
     def render(self, request: Request) -> bytes | int:
         return _Exchange(self, request).start()
