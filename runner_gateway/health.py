@@ -44,6 +44,9 @@ class HealthChecker:
         self._timer: IDelayedCall | None = None
         self._probes: set[Collector] = set()
         self._busy: set[int] = set()  # hosts with a check in flight
+        # Per host: bumped when its models change, so an older read in flight
+        # cannot overwrite what the newer one finds.
+        self._reads = [0] * len(pool.hosts)
         self.running = False
 
     def start(self) -> None:
@@ -103,8 +106,12 @@ class HealthChecker:
 
     def _inventory(self, host: PoolHost) -> None:
         state = host.state
+        self._reads[host.index] += 1
+        read = self._reads[host.index]
 
         def tags(code: int | None, body: bytes) -> None:
+            if read != self._reads[host.index]:
+                return
             pulled = parse_inventory(body) if code == 200 else None
             if pulled is None:
                 self._get(host, b"/v1/models", models, _LISTING_LIMIT)
@@ -113,11 +120,15 @@ class HealthChecker:
             self._get(host, b"/api/ps", running, _LISTING_LIMIT)
 
         def running(code: int | None, body: bytes) -> None:
+            if read != self._reads[host.index]:
+                return
             loaded = parse_inventory(body) if code == 200 else None
             state.loaded = loaded or frozenset()
             state.inventory = self.running and state.up
 
         def models(code: int | None, body: bytes) -> None:
+            if read != self._reads[host.index]:
+                return
             listed = parse_inventory(body) if code == 200 else None
             if listed is not None:
                 state.pulled, state.loaded = listed, frozenset()

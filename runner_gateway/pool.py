@@ -168,7 +168,6 @@ class RunnerPool:
         # Set while health checks run (health.py): only then may a failed
         # request take a host out, since only a check brings it back.
         self.checking = False
-        self.on_change: Callable[[], None] | None = None  # a host went up or down
         self.on_models: Callable[[PoolHost], None] | None = None  # a manage request ended
 
     # ------------------------------------------------------------ state
@@ -202,7 +201,8 @@ class RunnerPool:
         host.state.up = up
         if not up:
             host.state.inventory = False
-        log.warn(
+        emit = log.info if up else log.warn
+        emit(
             "runner {runner} host {host} is {state} ({why})",
             runner=self.runner.name,
             host=host.label,
@@ -214,8 +214,6 @@ class RunnerPool:
         elif not any(s.up for s in self.states):
             for waiter in self._take_all():
                 waiter.queue_expired(DOWN)
-        if self.on_change is not None:
-            self.on_change()
 
     # ------------------------------------------------------------ placement
 

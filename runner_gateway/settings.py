@@ -449,7 +449,8 @@ def _parse_health_check(value: object) -> HealthCheckSettings:
         except ValueError as exc:
             raise ValueError(f"{key}: {exc}") from None
     check = HealthCheckSettings(**kwargs)
-    if not check.path.startswith("/") or any(c in check.path for c in " \t\r\n#"):
+    path = check.path
+    if not path.startswith("/") or not path.isascii() or any(c in path for c in " \t\r\n#"):
         raise ValueError(f"path: must be a path starting with '/', not {check.path!r}")
     if check.unhealthy_after < 1 or check.healthy_after < 1:
         raise ValueError("unhealthyAfter and healthyAfter must be at least 1")

@@ -337,3 +337,34 @@ def test_usage_counts_per_host_and_workers_merge_them() -> None:
         "10.0.0.5:11434": {"requests": 2, "prompt_tokens": 4, "completion_tokens": 6},
         "10.0.0.6:11434": {"requests": 1, "prompt_tokens": 5, "completion_tokens": 6},
     }
+
+
+def test_an_older_inventory_read_does_not_overwrite_a_newer_one() -> None:
+    reactor = MemoryReactorClock()
+    pool = RunnerPool(runner(hosts=(Address("127.0.0.1", 8080),)), reactor, UpstreamPool(reactor))
+    checker = HealthChecker(pool, reactor)
+    checker.start()
+    reactor.advance(0)
+    old = _connection(reactor, -1)
+    old[0].dataReceived(_ok())  # the check passes; /api/tags goes out on this connection
+    assert b"GET /api/tags " in old[1].value()
+    assert pool.on_models is not None
+    pool.on_models(pool.hosts[0])  # a pull ended meanwhile: read again, on a new connection
+    reactor.advance(0)
+    new = _connection(reactor, -1)
+    assert new[1].value().startswith(b"GET /api/tags ")
+    old[0].dataReceived(_ok(b'{"models": [{"name": "before:1b"}]}'))
+    state = pool.hosts[0].state
+    assert not state.inventory and not state.pulled  # the older answer is dropped
+    new[0].dataReceived(_ok(b'{"models": [{"name": "before:1b"}, {"name": "pulled:1b"}]}'))
+    new[0].dataReceived(_ok(b'{"models": []}'))  # /api/ps
+    assert state.inventory and state.pulled == {"before:1b", "pulled:1b"}
+    checker.stop()
+
+
+def _connection(reactor: MemoryReactorClock, index: int) -> tuple[Any, StringTransport]:
+    host, port, factory, _, _ = reactor.tcpClients[index]
+    protocol: Any = factory.buildProtocol(IPv4Address("TCP", host, port))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
