@@ -45,6 +45,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from runner_gateway.broadcast import BROADCAST_ROUTES, Broadcast, streamed
 from runner_gateway.context import RequestContext, context_of
 from runner_gateway.errors import send_error
 from runner_gateway.fastpath import cached_header_name
@@ -376,6 +377,7 @@ class _Exchange:
         self._content: IO[bytes] | None = None
         self._length = 0
         self._gathering: list[Collector] | None = None  # a pool-wide listing's requests
+        self._broadcast: Broadcast | None = None  # a models:manage request to every host
 
     # ------------------------------------------------------------ start
 
@@ -418,8 +420,11 @@ class _Exchange:
         self._head, self._header_lines, self._path = head, headers, path
         self._content, self._length = content if length else None, length
         on_finish(request, lost=self.client_lost)
-        if ctx.route in POOL_LISTINGS and self._method == b"GET" and len(self.pool.hosts) > 1:
+        several = len(self.pool.hosts) > 1
+        if several and ctx.route in POOL_LISTINGS and self._method == b"GET":
             self._gather()
+        elif several and ctx.route in BROADCAST_ROUTES and ctx.scope == MODELS_MANAGE:
+            self._send_to_all()
         else:
             self._place()
         return NOT_DONE_YET
@@ -486,6 +491,39 @@ class _Exchange:
             collector.timer = self.reactor.callLater(timeout, collector.timed_out)
             head = self._head_for(host)
             collector.call = host.client.request(head, None, 0, False, collector, True)
+
+    def _send_to_all(self) -> None:
+        """A models:manage request: every healthy host's models change (broadcast.py)."""
+        hosts = [h for h in self.pool.hosts if h.state.up]
+        if not hosts:
+            self._unavailable(DOWN)
+            return
+        content = self._content
+        body = b""
+        if content is not None:
+            content.seek(0)
+            body = content.read()
+            content.seek(0)
+        ctx = self.ctx
+        ctx.host = ",".join(h.label for h in hosts)
+
+        def host_done(host: PoolHost) -> None:
+            if self.pool.on_models is not None:
+                self.pool.on_models(host)  # its model inventory changed
+
+        self._broadcast = Broadcast(
+            self.request,
+            ctx,
+            hosts,
+            self._head_for,
+            content,
+            self._length,
+            streamed(ctx.route, body),
+            self.runner.first_byte_timeout,
+            self.reactor,
+            host_done,
+        )
+        self._broadcast.start()
 
     def _gathered(self, hosts: list[PoolHost], answers: dict[int, bytes | None]) -> None:
         if self._done:
@@ -908,6 +946,8 @@ class _Exchange:
         for collector in gathering or ():
             collector.done = None
             collector.cancel()
+        if self._broadcast is not None:
+            self._broadcast.stop()
         self._stop_upstream()
 
     def client_paused(self, paused: bool) -> None:

@@ -471,3 +471,57 @@ def test_listings_are_the_union_over_healthy_hosts(
             wait_until(lambda: get(gw, "/readyz")[1].get("runners") is not None, 5, "host down")
             status, tags = get(gw, "/api/tags", token)
             assert [m["name"] for m in tags["models"]] == ["a:1b", "b:1b"]
+
+
+def _post(gw: GatewayProcess, method: str, path: str, token: str, body: object) -> Any:
+    conn = connect(gw)
+    conn.request(method, path, body=json.dumps(body), headers={"Authorization": f"Bearer {token}"})
+    return conn, conn.getresponse()
+
+
+def test_manage_requests_go_to_every_healthy_host_in_turn(
+    make_settings: Callable[[str], GatewaySettings],
+) -> None:
+    with hosts(["--interval", "0.05"], ["--interval", "0.05"], ["--interval", "0.05"]) as pool:
+        settings = make_settings(pool_yaml([h.address for h in pool]))
+        token = settings.token(scope="inference models:read models:manage")
+        with start_gateway(settings.directory) as gw:
+            # A streamed pull: each host's progress in turn, then which hosts succeeded.
+            conn, response = _post(gw, "POST", "/api/pull", token, {"model": "fresh:1b"})
+            assert response.status == 200
+            assert response.getheader("content-type") == "application/x-ndjson"
+            lines = [json.loads(line) for line in response.read().splitlines()]
+            conn.close()
+            assert [line["status"] for line in lines].count("pulling manifest") == 3
+            assert lines[-1] == {
+                "status": "success",
+                "hosts": {h.address: "success" for h in pool},
+            }
+            seen = [[r["time"] for r in h.requests() if r["path"] == "/api/pull"] for h in pool]
+            assert all(len(times) == 1 for times in seen)
+            assert seen[0][0] < seen[1][0] < seen[2][0]  # one after another, in order
+            # Every host now lists it (the inventories are read again after a pull).
+            status, _ = generate(gw, token, "fresh:1b", "hi")
+            assert status == 200
+            # A host that fails says so; the others still get the request.
+            pool[1].kill()
+            wait_until(lambda: get(gw, "/readyz")[1].get("runners") is not None, 5, "down")
+            conn, response = _post(gw, "DELETE", "/api/delete", token, {"model": "fresh:1b"})
+            body = json.loads(response.read())
+            conn.close()
+            assert (response.status, body["status"]) == (200, "success")
+            assert set(body["hosts"]) == {pool[0].address, pool[2].address}  # the healthy ones
+            conn, response = _post(gw, "DELETE", "/api/delete", token, {"model": "fresh:1b"})
+            body = json.loads(response.read())
+            conn.close()
+            assert response.status == 404  # the first failing host's status
+            assert body["hosts"][pool[0].address] == "model 'fresh:1b' not found"
+            assert "failed on" in body["error"]
+            # An {"error": ...} line in a host's stream is that host's failure.
+            conn, response = _post(gw, "POST", "/api/pull", token, {"model": "error"})
+            lines = [json.loads(line) for line in response.read().splitlines()]
+            conn.close()
+            assert not any("error" in line for line in lines[:-1])  # clients stop at one
+            assert lines[-1]["hosts"] == {
+                h.address: "pull model manifest: file does not exist" for h in (pool[0], pool[2])
+            }
