@@ -95,13 +95,15 @@ def parse_inventory(body: bytes) -> frozenset[str] | None:
 def model_listed(hosts: Iterable[HostState], model: str) -> bool | None:
     """Whether some up host lists ``model``; None when no host is up or an up
     host's inventory is unknown."""
-    forms = model_forms(model)
+    forms: frozenset[str] | None = None  # made once an inventory needs it
     listed: bool | None = None
     for state in hosts:
         if not state.up:
             continue
         if not state.inventory:
             return None
+        if forms is None:
+            forms = model_forms(model)
         if forms & (state.pulled | state.loaded):
             return True
         listed = False

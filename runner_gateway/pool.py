@@ -42,7 +42,8 @@ QUEUED = "queued"  # the waiter is queued: granted() or queue_expired() follows
 class Waiter(Protocol):
     """A request waiting in the queue (the proxy's exchange)."""
 
-    model: str | None
+    @property
+    def model(self) -> str | None: ...
 
     def granted(self, host: PoolHost) -> None: ...
 

@@ -201,6 +201,9 @@ def upstream_headers(
     return out
 
 
+# What the exchange sends a host: head, header lines, path, body, body length.
+_Out = tuple[bytes, list[tuple[bytes, bytes]], bytes, IO[bytes] | None, int]
+
 # The runner's response headers by lower-cased name: (name as sent, values), in order.
 _Grouped = dict[bytes, tuple[bytes, list[bytes]]]
 
@@ -342,7 +345,6 @@ class _Exchange:
 
     def __init__(self, proxy: ReverseProxyResource, request: Request) -> None:
         self.pool = proxy.runner_pool
-        self.netloc = proxy.netloc
         self.runner: RunnerSettings = proxy.runner
         self.reactor: IReactorTime = proxy.reactor
         self.request = request
@@ -367,17 +369,14 @@ class _Exchange:
         self._phrase = b""
         self._headers: _Grouped = {}
         self.host: PoolHost | None = None  # the host this request holds a slot on
-        self.model: str | None = self.ctx.model  # for placement (pool.Waiter)
         self._tried: tuple[int, ...] = ()  # hosts this request failed on
         self._resent = False  # sent again after its host died before answering
         self._queued_at: float | None = None
-        self._head = b""
-        self._path = b"/"
-        self._header_lines: list[tuple[bytes, bytes]] = []
-        self._content: IO[bytes] | None = None
-        self._length = 0
-        self._gathering: list[Collector] | None = None  # a pool-wide listing's requests
-        self._broadcast: Broadcast | None = None  # a models:manage request to every host
+        # What goes to a host: head (for the first host), header lines, path, body, length.
+        # Few attributes: past 30, CPython gives every instance its own dict keys.
+        self._out: _Out = (b"", [], b"/", None, 0)
+        # A pool-wide listing's requests, or a models:manage request to every host.
+        self._fanout: list[Collector] | Broadcast | None = None
 
     # ------------------------------------------------------------ start
 
@@ -396,7 +395,7 @@ class _Exchange:
         client = request.getClientAddress()
         headers = _upstream_header_list(
             request.requestHeaders,
-            netloc=self.netloc,
+            netloc=self.pool.hosts[0].netloc,
             client_ip=getattr(client, "host", None),
             secure=request.isSecure(),
             request_id=ctx.request_id,
@@ -417,56 +416,50 @@ class _Exchange:
             and self.pool.model_listed(ctx.model) is False
         ):
             return self._no_such_model(ctx.model)
-        self._head, self._header_lines, self._path = head, headers, path
-        self._content, self._length = content if length else None, length
+        self._out = (head, headers, path, content if length else None, length)
         on_finish(request, lost=self.client_lost)
-        several = len(self.pool.hosts) > 1
-        if several and ctx.route in POOL_LISTINGS and self._method == b"GET":
-            self._gather()
-        elif several and ctx.route in BROADCAST_ROUTES and ctx.scope == MODELS_MANAGE:
-            self._send_to_all()
-        else:
-            self._place()
-        return NOT_DONE_YET
-
-    # ------------------------------------------------------------ hosts
-
-    def _place(self) -> None:
-        """Send to a host of the pool, wait in its queue, or answer 503."""
-        got = self.pool.acquire(self, self._tried)
+        pool = self.pool
+        if not pool.single and len(pool.hosts) > 1:
+            if ctx.route in POOL_LISTINGS and self._method == b"GET":
+                self._gather()
+                return NOT_DONE_YET
+            if ctx.route in BROADCAST_ROUTES and ctx.scope == MODELS_MANAGE:
+                self._send_to_all()
+                return NOT_DONE_YET
+        # A host of the pool, a place in its queue, or 503.
+        got = pool.acquire(self)
         if isinstance(got, PoolHost):
             self._send(got)
         elif got == QUEUED:
             self._queued_at = self.reactor.seconds()
         else:
             self._unavailable(got)
+        return NOT_DONE_YET
+
+    # ------------------------------------------------------------ hosts
 
     def _send(self, host: PoolHost) -> None:
         self.host = host
         ctx = self.ctx
         ctx.host = host.label
-        head = self._head if host.netloc == self.netloc else self._head_for(host)
+        out = self._out
+        head = out[0] if host.index == 0 else self._head_for(host)
         if self._watch is None:
             self._start_watch()
         self._pending = True
         try:
             self.call = host.client.request(
-                head,
-                self._content,
-                self._length,
-                self._method == b"HEAD",
-                self,
-                ctx.scope in _REPEATABLE,
+                head, out[3], out[4], self._method == b"HEAD", self, ctx.scope in _REPEATABLE
             )
         except Exception:
             self._bug(Failure())
 
     def _head_for(self, host: PoolHost) -> bytes:
-        if host.netloc == self.netloc:
-            return self._head
-        lines = self._header_lines
+        head, lines, path, _, length = self._out
+        if host.netloc == self.pool.hosts[0].netloc:
+            return head
         lines[-1] = (b"Host", host.netloc)  # upstream_header_list puts Host last
-        return request_head(self._method, self._path, lines, self._length)
+        return request_head(self._method, path, lines, length)
 
     def _gather(self) -> None:
         """A model listing of a pool: every healthy host's, as one (poolviews.py)."""
@@ -475,14 +468,15 @@ class _Exchange:
             self._unavailable(DOWN)
             return
         answers: dict[int, bytes | None] = {}
-        collectors = self._gathering = []
+        collectors: list[Collector] = []
+        self._fanout = collectors
         first_byte = self.runner.first_byte_timeout
         timeout = min(first_byte, _LISTING_TIMEOUT) if first_byte > 0 else _LISTING_TIMEOUT
 
         def collected(host: PoolHost, code: int | None, body: bytes) -> None:
             answers[host.index] = body if code == 200 else None
             if len(answers) == len(hosts):
-                self._gathering = None
+                self._fanout = None
                 self._gathered(hosts, answers)
 
         for host in hosts:
@@ -498,7 +492,7 @@ class _Exchange:
         if not hosts:
             self._unavailable(DOWN)
             return
-        content = self._content
+        content, length = self._out[3], self._out[4]
         body = b""
         if content is not None:
             content.seek(0)
@@ -511,19 +505,19 @@ class _Exchange:
             if self.pool.on_models is not None:
                 self.pool.on_models(host)  # its model inventory changed
 
-        self._broadcast = Broadcast(
+        broadcast = self._fanout = Broadcast(
             self.request,
             ctx,
             hosts,
             self._head_for,
             content,
-            self._length,
+            length,
             streamed(ctx.route, body),
             self.runner.first_byte_timeout,
             self.reactor,
             host_done,
         )
-        self._broadcast.start()
+        broadcast.start()
 
     def _gathered(self, hosts: list[PoolHost], answers: dict[int, bytes | None]) -> None:
         if self._done:
@@ -549,6 +543,11 @@ class _Exchange:
         ctx.first_byte = self._headers_at = self.reactor.seconds()
         ctx.response_chunk(body)
         self._finish()
+
+    @property
+    def model(self) -> str | None:
+        """The model the request names, for placement (pool.Waiter)."""
+        return self.ctx.model
 
     def _release(self) -> PoolHost | None:
         host = self.host
@@ -779,9 +778,12 @@ class _Exchange:
 
     def response_end(self, reason: Failure | None) -> None:
         self.call = None
-        host = self._release()
-        if host is not None and self.ctx.scope == MODELS_MANAGE and self.pool.on_models is not None:
-            self.pool.on_models(host)  # its model inventory changed
+        host = self.host
+        if host is not None:  # _release(), inline: once per request
+            self.host = None
+            self.pool.release(host)
+            if self.ctx.scope == MODELS_MANAGE and self.pool.on_models is not None:
+                self.pool.on_models(host)  # its model inventory changed
         if self._done:
             return
         if reason is None:
@@ -942,12 +944,13 @@ class _Exchange:
         self._producer = None  # the request's channel is gone with the connection
         if self._queued_at is not None and self.host is None:
             self.pool.leave(self)  # still queued: out at once, it never reaches a runner
-        gathering, self._gathering = self._gathering, None
-        for collector in gathering or ():
-            collector.done = None
-            collector.cancel()
-        if self._broadcast is not None:
-            self._broadcast.stop()
+        fanout, self._fanout = self._fanout, None
+        if isinstance(fanout, Broadcast):
+            fanout.stop()
+        elif fanout is not None:
+            for collector in fanout:
+                collector.done = None
+                collector.cancel()
         self._stop_upstream()
 
     def client_paused(self, paused: bool) -> None:

@@ -595,6 +595,7 @@ class UpstreamPool:
         self.idle_timeout = idle_timeout
         self.timeouts: dict[object, float] = {}  # per key, where not idle_timeout
         self._idle: dict[object, list[_Connection]] = {}
+        self._sweep_at = 0.0  # when the sweep runs, while there is one
         self._sweep: IDelayedCall | None = None
 
     def take(self, key: object) -> _Connection | None:
@@ -624,11 +625,13 @@ class UpstreamPool:
         idle.append(connection)
         timeout = self.timeouts.get(connection.key, self.idle_timeout)
         if timeout > 0:
-            sweep = self._sweep
-            if sweep is None:
+            due = connection.idle_since + timeout
+            if self._sweep is None:
                 self._sweep = self.reactor.callLater(timeout, self._expire)
-            elif sweep.getTime() > connection.idle_since + timeout:
-                sweep.reset(timeout)
+                self._sweep_at = due
+            elif self._sweep_at > due:  # a key with a shorter timeout than the sweep's
+                self._sweep.reset(timeout)
+                self._sweep_at = due
 
     def discard(self, connection: _Connection) -> None:
         idle = self._idle.get(connection.key)
@@ -659,7 +662,8 @@ class UpstreamPool:
             else:
                 del self._idle[key]
         if oldest is not None:
-            self._sweep = self.reactor.callLater(max(oldest - now, 0.001), self._expire)
+            self._sweep_at = max(oldest, now + 0.001)
+            self._sweep = self.reactor.callLater(self._sweep_at - now, self._expire)
 
     def closeCachedConnections(self) -> Deferred[None]:
         """Close every idle connection; fires when they are all gone."""
