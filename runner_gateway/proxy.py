@@ -458,7 +458,10 @@ class _Exchange:
         head, lines, path, _, length = self._out
         if host.netloc == self.pool.hosts[0].netloc:
             return head
-        lines[-1] = (b"Host", host.netloc)  # upstream_header_list puts Host last
+        for i in range(len(lines) - 1, -1, -1):  # Host is the last line, or near it
+            if lines[i][0].lower() == b"host":
+                lines[i] = (lines[i][0], host.netloc)
+                break
         return request_head(self._method, path, lines, length)
 
     def _gather(self) -> None:
