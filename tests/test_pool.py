@@ -368,3 +368,23 @@ def _connection(reactor: MemoryReactorClock, index: int) -> tuple[Any, StringTra
     transport = StringTransport()
     protocol.makeConnection(transport)
     return protocol, transport
+
+
+def test_pool_gauges() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from runner_gateway.metrics import PoolCollector
+
+    reactor = MemoryReactorClock()
+    pool = RunnerPool(runner(max_concurrent=1), reactor, UpstreamPool(reactor))
+    held = pool.acquire(Waiter("a", []))
+    assert isinstance(held, PoolHost)
+    pool.hosts[1].state.up = False
+    assert pool.acquire(Waiter("b", [])) == QUEUED
+    registry = CollectorRegistry()
+    registry.register(PoolCollector(lambda: [pool]))
+    text = generate_latest(registry).decode()
+    assert 'runner_gateway_upstream_up{host="127.0.0.1:8080",runner="gpu"} 1.0' in text
+    assert 'runner_gateway_upstream_up{host="127.0.0.1:8081",runner="gpu"} 0.0' in text
+    assert 'runner_gateway_upstream_in_flight{host="127.0.0.1:8080",runner="gpu"} 1.0' in text
+    assert 'runner_gateway_queue_depth{runner="gpu"} 1.0' in text
