@@ -185,9 +185,8 @@ def test_a_host_killed_under_load_costs_no_request_before_its_first_byte(
                 victim = pool[1]
                 assert len(victim.requests()) > 0  # it takes its share of the load
                 victim.kill()
-                killed_at = time.monotonic()
+                # Marked down within one check interval (2 s) of the kill.
                 gw.wait_for(rf"host {victim.address} is down", timeout=2.0)
-                assert time.monotonic() - killed_at <= 2.0  # within one interval (2s)
                 before = out.ok
                 wait_until(lambda: out.ok >= before + 40, 30, "load on two hosts")
                 victim.start()
