@@ -30,6 +30,9 @@ class RequestContext:
     runner: RunnerSettings | None = None
     upstream_path: bytes = b""  # path (and query) as sent to the runner
     route: str = "other"  # bounded label: endpoint class or a known path
+    scope: str = ""  # the scope the endpoint needs (policy.py), once authorized
+    host: str | None = None  # host:port of the pool's host that took the request
+    queue_wait: float | None = None  # seconds spent in the runner's queue
     claims: Mapping[str, Any] | None = None
     model: str | None = None
     status: int | None = None

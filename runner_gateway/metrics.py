@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
@@ -39,6 +40,7 @@ __all__ = [
     "MODELS_MAX",
     "UPSTREAM_ERROR_KINDS",
     "Metrics",
+    "PoolCollector",
     "UsageTable",
     "metrics_resource",
 ]
@@ -54,10 +56,12 @@ AUTH_FAILURE_REASONS = (
     "other",
 )
 # The proxy's vocabulary for ctx.upstream_error; anything else is "other".
-UPSTREAM_ERROR_KINDS = ("connect", "tls", "timeout", "reset", "protocol", "other")
+UPSTREAM_ERROR_KINDS = ("connect", "tls", "timeout", "reset", "protocol", "unavailable", "other")
 # Why the limits layer (admission.py) refused: a limit, an unknown tier, a
 # token without sub or jti, or the backend.
 LIMIT_REFUSALS = (*LIMIT_KINDS, "tier", "subject", "backend")
+# Seconds a request waited in a runner's queue (maxConcurrent).
+QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # Model runs take from milliseconds (cached embeddings) to many minutes
 # (long generations on slow hardware).
 DURATION_BUCKETS = (
@@ -156,6 +160,7 @@ class _SubjectUsage:
     last_seen: float
     total: _Counts = field(default_factory=_Counts)
     models: dict[str, _Counts] = field(default_factory=dict)
+    hosts: dict[str, _Counts] = field(default_factory=dict)  # the runner hosts that served
 
 
 class UsageTable:
@@ -178,7 +183,13 @@ class UsageTable:
         return subject in self._subjects
 
     def record(
-        self, subject: str, model: str | None, prompt: int, completion: int, now: float
+        self,
+        subject: str,
+        model: str | None,
+        prompt: int,
+        completion: int,
+        now: float,
+        host: str | None = None,
     ) -> None:
         if self.max_subjects <= 0:
             return
@@ -195,6 +206,8 @@ class UsageTable:
         if model is not None:
             # Model names are already capped by the caller (shared with the metric).
             entry.models.setdefault(model, _Counts()).add(prompt, completion)
+        if host is not None:  # host:port from the settings: a bounded set
+            entry.hosts.setdefault(host, _Counts()).add(prompt, completion)
 
     def snapshot(self, subject: str | None = None) -> dict[str, Any]:
         """The table as JSON-ready data; only ``subject`` when given."""
@@ -207,6 +220,7 @@ class UsageTable:
                 "first_seen": entry.first_seen,
                 "last_seen": entry.last_seen,
                 "models": {m: c.as_json() for m, c in sorted(entry.models.items())},
+                "hosts": {h: c.as_json() for h, c in sorted(entry.hosts.items())},
             }
         return {
             "since": self.started,
@@ -322,6 +336,13 @@ class Metrics:
         )
         if limiter is not None:
             self.limits_backend_down.set_function(lambda: 0.0 if limiter.healthy else 1.0)
+        self.queue_wait = Histogram(
+            "runner_gateway_queue_wait_seconds",
+            "Time requests waited in a runner's queue for a free host (maxConcurrent).",
+            ["runner"],
+            buckets=QUEUE_BUCKETS,
+            registry=reg,
+        )
         # Fixed vocabularies start at zero so rate() sees the first failure.
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason=reason)
@@ -378,6 +399,8 @@ class Metrics:
         refused = ctx.extra.get(REFUSED_KEY)
         if refused is not None:
             self.limit_refusals.labels(kind=refused).inc()
+        if ctx.queue_wait is not None:
+            self.queue_wait.labels(runner=runner).observe(max(0.0, ctx.queue_wait))
 
         prompt = completion = 0
         if ctx.usage is not None:
@@ -394,7 +417,61 @@ class Metrics:
         if self.subject_requests is not None and subject is not None:
             self.subject_requests.labels(subject=subject_label).inc()
         if subject is not None:
-            self.usage.record(subject, model, prompt, completion, now)
+            self.usage.record(subject, model, prompt, completion, now, ctx.host)
+
+
+class _PoolHostView(Protocol):
+    label: str
+
+    @property
+    def up(self) -> bool: ...
+
+    @property
+    def outstanding(self) -> int: ...
+
+
+class _PoolView(Protocol):
+    """What the pool gauges read from a runner pool (pool.RunnerPool)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def states(self) -> Sequence[_PoolHostView]: ...
+
+    def queue_depth(self) -> int: ...
+
+
+class PoolCollector:
+    """Host health, requests in flight per host and queue depth, read at scrape time."""
+
+    def __init__(self, pools: Callable[[], Sequence[_PoolView]]) -> None:
+        self.pools = pools
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "runner_gateway_upstream_up",
+            "1 while a runner's host passes its health checks, else 0.",
+            labels=["runner", "host"],
+        )
+        in_flight = GaugeMetricFamily(
+            "runner_gateway_upstream_in_flight",
+            "Requests sent to a runner's host and not finished.",
+            labels=["runner", "host"],
+        )
+        depth = GaugeMetricFamily(
+            "runner_gateway_queue_depth",
+            "Requests waiting in a runner's queue for a free host.",
+            labels=["runner"],
+        )
+        for pool in self.pools():
+            for state in pool.states:
+                up.add_metric([pool.name, state.label], 1.0 if state.up else 0.0)
+                in_flight.add_metric([pool.name, state.label], float(state.outstanding))
+            depth.add_metric([pool.name], float(pool.queue_depth()))
+        yield up
+        yield in_flight
+        yield depth
 
 
 def _runner_label(ctx: RequestContext) -> str:

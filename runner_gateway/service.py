@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService
 from twisted.internet import defer, tcp
@@ -56,6 +56,10 @@ from runner_gateway.settings import (
 from runner_gateway.site import GatewaySite, RequestObserver
 from runner_gateway.tree import CorsPolicy, GatewayRoot, Route
 from runner_gateway.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from runner_gateway.health import HealthChecker
+    from runner_gateway.pool import RunnerPool
 
 __all__ = ["GatewayService", "Options", "build_root", "make_service"]
 
@@ -101,6 +105,8 @@ class _Generation:
 
     settings: Settings
     root: GatewayRoot
+    pools: list[RunnerPool]
+    checkers: list[HealthChecker]
 
 
 def build_root(
@@ -111,8 +117,13 @@ def build_root(
     limiter: Limiter | None = None,
     revocations: RevocationState | None = None,
     details: Callable[[], dict[str, str]] | None = None,
+    pools: list[RunnerPool] | None = None,
+    states: Callable[[], dict[str, object]] | None = None,
 ) -> GatewayRoot:
-    """The resource tree for one settings generation; raises SettingsError on bad keys."""
+    """The resource tree for one settings generation; raises SettingsError on bad keys.
+
+    Each runner's :class:`RunnerPool` is appended to ``pools`` when given.
+    """
     from runner_gateway import oauth
     from runner_gateway.admission import AdmissionResource
     from runner_gateway.auth import AuthResource, TokenCache
@@ -124,16 +135,17 @@ def build_root(
     cache = TokenCache.from_settings(settings.paseto, revocations)
     routes = []
     for runner in settings.runners:
-        proxy: Any = ReverseProxyResource(runner, reactor, pool)
-        if limiter is not None:
-            proxy = AdmissionResource(proxy, limiter)
-        policy = AuthorizationResource(proxy, runner, settings.authorization)
+        proxy = ReverseProxyResource(runner, reactor, pool)
+        if pools is not None:
+            pools.append(proxy.runner_pool)
+        admitted: Any = proxy if limiter is None else AdmissionResource(proxy, limiter)
+        policy = AuthorizationResource(admitted, runner, settings.authorization)
         extra = oauth.challenge_parameter(settings, runner)
         guarded = AuthResource(policy, verifier, cache, reactor.seconds, extra)
         routes.append(Route(runner, guarded))
     paths = oauth.resources(settings, verifier, cache, reactor.seconds)
     cors = CorsPolicy(settings.server.cors_origins)
-    return GatewayRoot(routes, cors, readiness, details, paths)
+    return GatewayRoot(routes, cors, readiness, details, paths, states)
 
 
 def _endpoint(reactor: Any, address: Address, tls_creator: Any = None) -> IStreamServerEndpoint:
@@ -211,12 +223,18 @@ class GatewayService(MultiService):
             self.metrics = Metrics(settings.metrics, reactor.seconds, self.limiter)
             self.metrics.watch_shared_state(self.revocations, self.shared)
             self.observers.append(self.metrics)
+            from runner_gateway.metrics import PoolCollector
+
+            self.metrics.registry.register(PoolCollector(lambda: self.generation.pools))
 
     @property
     def settings(self) -> Settings:
         return self.generation.settings
 
     def _build(self, settings: Settings) -> _Generation:
+        from runner_gateway.health import HealthChecker
+
+        pools: list[RunnerPool] = []
         root = build_root(
             settings,
             self.reactor,
@@ -225,8 +243,11 @@ class GatewayService(MultiService):
             self.limiter,
             self.revocations,
             self.details,
+            pools,
+            self.runner_states,
         )
-        return _Generation(settings, root)
+        checkers = [HealthChecker(p, self.reactor) for p in pools]
+        return _Generation(settings, root, pools, checkers)
 
     def _limits_store(self) -> str | None:
         """The limits' shared store (a worker's is its supervisor's); None: make one."""
@@ -239,11 +260,26 @@ class GatewayService(MultiService):
             found.update(self.shared.detail())
         return found
 
+    def runner_states(self) -> dict[str, object]:
+        """Each runner's hosts up and in total (names, never addresses: /readyz
+        is public); empty while every host is up."""
+        pools = self.generation.pools
+        if all(p.up_count() == len(p.hosts) for p in pools):
+            return {}
+        return {
+            p.runner.name: {"hosts": len(p.hosts), "up": p.up_count(), "queued": p.queue_depth()}
+            for p in pools
+        }
+
     def problems(self) -> list[str]:
         """What keeps the gateway from being ready (for /readyz)."""
         found = []
         if not self.listening:
             found.append("not listening")
+        pools = self.generation.pools
+        down = [p.runner.name for p in pools if p.up_count() == 0]
+        if down and (self.settings.server.ready_when == "all" or len(down) == len(pools)):
+            found.append(f"no healthy host: runner(s) {', '.join(down)}")
         if self.tls is not None and self.tls.error:
             # /readyz is public: say what is wrong, the log says where (file paths).
             found.append("tls: the certificate files changed but could not be loaded (see the log)")
@@ -336,6 +372,8 @@ class GatewayService(MultiService):
             self.shared.start()
         for runner in settings.runners:
             probe_runner(self.reactor, runner)
+        for checker in self.generation.checkers:
+            checker.start()
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, self._on_sighup)
         self.limiter.start()
@@ -365,7 +403,12 @@ class GatewayService(MultiService):
                 "settings reloaded, but these changes need a restart: {keys}",
                 keys=", ".join(restart),
             )
-        self.generation = generation
+        old_generation, self.generation = self.generation, generation
+        for checker in old_generation.checkers:
+            checker.stop()
+        if self.listening:
+            for checker in generation.checkers:
+                checker.start()
         self.limiter.configure(settings.limits)
         self.site.resource = generation.root
         self.site.max_body_size = max(r.max_body_size for r in settings.runners)
@@ -378,6 +421,8 @@ class GatewayService(MultiService):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         self.listening = False
+        for checker in self.generation.checkers:
+            checker.stop()
         if self.tls is not None:
             self.tls.stop()
         self.revocation_feed.stop()
@@ -447,7 +492,7 @@ def probe_runner(reactor: Any, runner: RunnerSettings) -> defer.Deferred[bool]:
 
     def silent(failure: Failure) -> bool:
         _log.warn(
-            "runner {name} at {url} does not answer ({why}): requests under {path} get 502 "
+            "runner {name} at {url} does not answer ({why}): requests under {path} fail "
             "until it does",
             name=runner.name,
             url=runner.base_url,

@@ -30,6 +30,7 @@ __all__ = [
     "Address",
     "AuthorizationSettings",
     "EndpointRule",
+    "HealthCheckSettings",
     "LimitsSettings",
     "LoggingSettings",
     "MetricsSettings",
@@ -160,10 +161,24 @@ class AuthorizationSettings:
     default_scopes: tuple[str, ...] = ("inference", "models:read")
 
 
+BALANCES = ("model-aware", "least-outstanding", "round-robin")
+
+
+@dataclass(frozen=True)
+class HealthCheckSettings:
+    """A runner pool's active health check (``interval`` 0: no checks, no ejection)."""
+
+    path: str = "/"
+    interval: float = 5.0
+    timeout: float = 2.0
+    unhealthy_after: int = 2
+    healthy_after: int = 1
+
+
 @dataclass(frozen=True)
 class RunnerSettings:
     name: str
-    host: str
+    host: str  # the first of ``hosts``
     port: int
     path: str
     scheme: str = "http"
@@ -178,6 +193,19 @@ class RunnerSettings:
     endpoints: tuple[EndpointRule, ...] = ()
     # Ask an OpenAI-compatible runner for usage in streams (limits.md).
     request_usage: bool = True
+    hosts: tuple[Address, ...] = ()  # the pool; () means just host:port
+    balance: str = "least-outstanding"
+    health_check: HealthCheckSettings = field(default_factory=HealthCheckSettings)
+    max_concurrent: int = 0  # per host; 0: unlimited
+    max_queue: int = 64
+    queue_timeout: float = 60.0
+    keep_alive: float = 4.0  # idle pooled connections close after this (uvicorn: 5 s)
+    strict_models: bool = True
+
+    @property
+    def addresses(self) -> tuple[Address, ...]:
+        """The pool's hosts (one for ``host:``)."""
+        return self.hosts or (Address(self.host, self.port),)
 
     @property
     def netloc(self) -> str:
@@ -205,6 +233,7 @@ class ServerSettings:
     drain_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
     public_url: str = ""  # how clients reach the gateway, for the OAuth metadata (oauth.py)
+    ready_when: str = "any"  # /readyz: ready when any (or all) runners have a healthy host
     # One worker process per CPU this process may use (cpus.py: affinity and the
     # cgroup quota, not the host's count); 1 serves from the twistd process itself.
     workers: int = field(default_factory=lambda: usable_cpus())
@@ -439,6 +468,14 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "clientKeyPath": ("client_key_path", "str"),
         "endpoints": ("endpoints", "endpoints"),
         "requestUsage": ("request_usage", "bool"),
+        "hosts": ("hosts", "hostlist"),
+        "balance": ("balance", "balance"),
+        "healthCheck": ("health_check", "healthcheck"),
+        "maxConcurrent": ("max_concurrent", "count"),
+        "maxQueue": ("max_queue", "count"),
+        "queueTimeout": ("queue_timeout", "duration"),
+        "keepAlive": ("keep_alive", "duration"),
+        "strictModels": ("strict_models", "bool"),
     },
     "server": {
         "address": ("address", "address"),
@@ -453,6 +490,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "drainTimeout": ("drain_timeout", "duration"),
         "corsOrigins": ("cors_origins", "origins"),
         "publicUrl": ("public_url", "publicurl"),
+        "readyWhen": ("ready_when", "readywhen"),
         "workers": ("workers", "workers"),
     },
     "metrics": {
@@ -568,6 +606,37 @@ def _parse_tiers(value: object) -> tuple[tuple[str, TierLimits], ...]:
     return tuple(sorted(tiers))
 
 
+_HEALTH_KEYS = {
+    "path": ("path", "str"),
+    "interval": ("interval", "duration"),
+    "timeout": ("timeout", "duration"),
+    "unhealthyAfter": ("unhealthy_after", "count"),
+    "healthyAfter": ("healthy_after", "count"),
+}
+
+
+def _parse_health_check(value: object) -> HealthCheckSettings:
+    raw = _expect(value, dict, "a mapping (path, interval, timeout, unhealthyAfter, healthyAfter)")
+    kwargs: dict[str, Any] = {}
+    for key, item in raw.items():
+        if key not in _HEALTH_KEYS:
+            raise ValueError(f"unknown key {key!r} (known: {', '.join(_HEALTH_KEYS)})")
+        attr, kind = _HEALTH_KEYS[key]
+        try:
+            kwargs[attr] = _convert(kind, item)
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+    check = HealthCheckSettings(**kwargs)
+    path = check.path
+    if not path.startswith("/") or not path.isascii() or any(c in path for c in " \t\r\n#"):
+        raise ValueError(f"path: must be a path starting with '/', not {check.path!r}")
+    if check.unhealthy_after < 1 or check.healthy_after < 1:
+        raise ValueError("unhealthyAfter and healthyAfter must be at least 1")
+    if check.interval and not 0 < check.timeout <= check.interval:
+        raise ValueError("timeout must be more than 0 and at most the interval")
+    return check
+
+
 def _convert(kind: str, value: object) -> Any:
     """Turn one raw YAML value into its typed form, or raise ValueError."""
     if kind == "str":
@@ -670,6 +739,21 @@ def _convert(kind: str, value: object) -> Any:
         if len(text) > 100 or not re.fullmatch(r"[A-Za-z0-9:_.-]*", text):
             raise ValueError("use at most 100 of A-Z a-z 0-9 : _ . -")
         return text
+    if kind == "hostlist":
+        items = _expect(value, list, "a list of host:port")
+        if not items:
+            raise ValueError("expected at least one host:port")
+        return tuple(_expect(v, str, "host:port") for v in items)  # parsed with the scheme
+    if kind == "balance":
+        if value not in BALANCES:
+            raise ValueError(f"unknown balance {value!r} (one of {', '.join(BALANCES)})")
+        return value
+    if kind == "healthcheck":
+        return _parse_health_check(value)
+    if kind == "readywhen":
+        if value not in ("any", "all"):
+            raise ValueError("must be any or all")
+        return value
     raise AssertionError(kind)  # pragma: no cover - schema typo
 
 
@@ -882,10 +966,15 @@ def _build_runners(tree: _Tree, errors: _Errors) -> tuple[RunnerSettings, ...]:
                     kwargs[attr] = _convert(kind, raw[key])
                 except ValueError as exc:
                     bad(key, str(exc))
-        for required in ("name", "host", "path"):
+        if "hosts" in kwargs and "host" in kwargs:
+            bad("hosts", "set host or hosts, not both")
+        for required in ("name", "path"):
             # (a value that did not convert is reported already)
             if not kwargs.get(required) and not (required in raw and required not in kwargs):
                 bad(required, "required")
+        unconverted = any(k in raw and k not in kwargs for k in ("host", "hosts"))
+        if not kwargs.get("host") and not kwargs.get("hosts") and not unconverted:
+            bad("host", "required (or hosts)")
         if len(errors.found) > before:
             continue
         try:
@@ -894,15 +983,40 @@ def _build_runners(tree: _Tree, errors: _Errors) -> tuple[RunnerSettings, ...]:
             bad("path", str(exc))
             continue
         scheme = kwargs.get("scheme", "http")
-        try:
-            host, port = parse_hostport(kwargs["host"], 443 if scheme == "https" else 80)
-        except ValueError as exc:
-            bad("host", str(exc))
-            continue
-        if not host:
-            bad("host", "a host name or address is required")
-            continue
-        kwargs["host"], kwargs["port"] = host, port
+        default_port = 443 if scheme == "https" else 80
+        if "hosts" in kwargs:
+            addresses: list[Address] = []
+            for j, text in enumerate(kwargs["hosts"]):
+                where = f"hosts[{j}]"
+                try:
+                    host, port = parse_hostport(text, default_port)
+                except ValueError as exc:
+                    bad(where, str(exc))
+                    continue
+                if not host:
+                    bad(where, "a host name or address is required")
+                elif Address(host, port) in addresses:
+                    bad(where, f"duplicate host {text!r}")
+                else:
+                    addresses.append(Address(host, port))
+            if len(errors.found) > before:
+                continue
+            kwargs["hosts"] = tuple(addresses)
+            kwargs["host"], kwargs["port"] = addresses[0].host, addresses[0].port
+        else:
+            try:
+                host, port = parse_hostport(kwargs["host"], default_port)
+            except ValueError as exc:
+                bad("host", str(exc))
+                continue
+            if not host:
+                bad("host", "a host name or address is required")
+                continue
+            kwargs["host"], kwargs["port"] = host, port
+        if "balance" not in kwargs:
+            # The built-in endpoint table is Ollama's (policy.py reads names Ollama's
+            # way there); a runner with its own table is of a kind we cannot tell.
+            kwargs["balance"] = "least-outstanding" if kwargs.get("endpoints") else "model-aware"
         if kwargs["path"] in seen:
             bad("path", f"duplicate path {kwargs['path']!r} (also runners[{seen[kwargs['path']]}])")
             continue
@@ -1073,7 +1187,7 @@ def _read_secret(path: str) -> str:
 
 
 # Applied by a reload (service.py builds the resource tree from them).
-_LIVE = frozenset({"server.corsOrigins"})
+_LIVE = frozenset({"server.corsOrigins", "server.readyWhen"})
 
 
 def restart_needed(old: Settings, new: Settings) -> list[str]:

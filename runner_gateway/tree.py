@@ -125,6 +125,7 @@ class GatewayRoot(Resource):
         readiness: Callable[[], list[str]],
         details: Callable[[], dict[str, str]] | None = None,
         paths: Mapping[bytes, IResource] | None = None,
+        runner_states: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         super().__init__()
         self.routes = list(routes)
@@ -135,12 +136,17 @@ class GatewayRoot(Resource):
         self.healthz = _Json(lambda: (200, {"status": "ok"}))
         self.readyz = _Json(self._ready)
         self.readiness = readiness
+        self.runner_states = runner_states
 
     def _ready(self) -> tuple[int, dict[str, object]]:
         problems = self.readiness()
         payload: dict[str, object] = (
             {"status": "not ready", "problems": problems} if problems else {"status": "ready"}
         )
+        # Runner pools with a host down: how many of each runner's hosts are up.
+        states = self.runner_states() if self.runner_states is not None else None
+        if states:
+            payload["runners"] = states
         # Degraded but serving (e.g. Redis unreachable): said, not a reason to be unready.
         detail = self.details() if self.details is not None else None
         if detail:

@@ -147,6 +147,7 @@ def merge_exposition(texts: Sequence[str]) -> list[Metric]:
 
 
 _COUNTS = ("requests", "prompt_tokens", "completion_tokens")
+_PER = ("models", "hosts")  # per-model and per-host counts of a subject
 
 
 def merge_usage(snapshots: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -158,19 +159,21 @@ def merge_usage(snapshots: Sequence[dict[str, Any]]) -> dict[str, Any]:
             if merged is None:
                 subjects[name] = {
                     **entry,
-                    "models": {m: dict(c) for m, c in entry["models"].items()},
+                    **{k: {m: dict(c) for m, c in entry.get(k, {}).items()} for k in _PER},
                 }
                 continue
             for key in _COUNTS:
                 merged[key] += entry[key]
             merged["first_seen"] = min(merged["first_seen"], entry["first_seen"])
             merged["last_seen"] = max(merged["last_seen"], entry["last_seen"])
-            for model, counts in entry["models"].items():
-                into = merged["models"].setdefault(model, dict.fromkeys(_COUNTS, 0))
-                for key in _COUNTS:
-                    into[key] += counts[key]
+            for per in _PER:
+                for model, counts in entry.get(per, {}).items():
+                    into = merged[per].setdefault(model, dict.fromkeys(_COUNTS, 0))
+                    for key in _COUNTS:
+                        into[key] += counts[key]
     for entry in subjects.values():
-        entry["models"] = dict(sorted(entry["models"].items()))
+        for per in _PER:
+            entry[per] = dict(sorted(entry[per].items()))
     result: dict[str, Any] = {
         "since": min((s["since"] for s in snapshots), default=None),
         "subjects_max": max((s["subjects_max"] for s in snapshots), default=0),

@@ -9,6 +9,7 @@ import pytest
 
 from runner_gateway.settings import (
     Address,
+    HealthCheckSettings,
     LimitsSettings,
     SettingsError,
     TierLimits,
@@ -442,3 +443,108 @@ def test_bad_redis_settings(sdir: Path, body: str, message: str) -> None:
     write(sdir, "settings.yaml", body)
     with pytest.raises(SettingsError, match=re.escape(message)):
         load_settings(sdir, environ={})
+
+
+# ------------------------------------------------------------- runner pools
+
+
+def test_host_is_a_pool_of_one_with_the_pool_defaults(sdir: Path) -> None:
+    runner = load_settings(sdir, environ={}).runners[0]
+    assert runner.addresses == (Address("127.0.0.1", 11434),)
+    assert runner.balance == "model-aware"  # the built-in (Ollama) endpoint table
+    assert runner.health_check == HealthCheckSettings("/", 5.0, 2.0, 2, 1)
+    assert (runner.max_concurrent, runner.max_queue, runner.queue_timeout) == (0, 64, 60.0)
+    assert 0 < runner.keep_alive < 5  # below uvicorn's 5 s idle timeout
+    assert runner.strict_models is True
+    assert load_settings(sdir, environ={}).server.ready_when == "any"
+
+
+def test_a_pool_of_hosts(sdir: Path) -> None:
+    write(
+        sdir,
+        "p.yaml",
+        "runners:\n"
+        "  - name: gpu\n"
+        "    path: /gpu\n"
+        "    scheme: https\n"
+        "    hosts: [10.0.0.5:11434, gpu6.example.com, '[::1]:8080']\n"
+        "    balance: round-robin\n"
+        "    healthCheck: {path: /api/version, interval: 10s, timeout: 1s,"
+        " unhealthyAfter: 3, healthyAfter: 2}\n"
+        "    maxConcurrent: 4\n"
+        "    maxQueue: 8\n"
+        "    queueTimeout: 2m\n"
+        "    keepAlive: 2s\n"
+        "    strictModels: false\n"
+        "server: {readyWhen: all}\n",
+    )
+    s = load_settings(sdir, env="p", environ={})
+    runner = s.runners[0]
+    assert runner.addresses == (
+        Address("10.0.0.5", 11434),
+        Address("gpu6.example.com", 443),
+        Address("::1", 8080),
+    )
+    assert (runner.host, runner.port) == ("10.0.0.5", 11434)
+    assert runner.balance == "round-robin"
+    assert runner.health_check == HealthCheckSettings("/api/version", 10.0, 1.0, 3, 2)
+    assert (runner.max_concurrent, runner.max_queue, runner.queue_timeout) == (4, 8, 120.0)
+    assert (runner.keep_alive, runner.strict_models) == (2.0, False)
+    assert s.server.ready_when == "all"
+
+
+def test_own_endpoint_table_balances_by_outstanding_requests(sdir: Path) -> None:
+    write(
+        sdir,
+        "e.yaml",
+        "runners: [{name: a, host: 'h:1', path: /, endpoints: "
+        "[{methods: [post], path: /completion, scope: inference}]}]\n",
+    )
+    assert load_settings(sdir, env="e", environ={}).runners[0].balance == "least-outstanding"
+
+
+def test_health_checks_can_be_off(sdir: Path) -> None:
+    write(
+        sdir, "h.yaml", "runners: [{name: a, host: 'h:1', path: /, healthCheck: {interval: 0}}]\n"
+    )
+    assert load_settings(sdir, env="h", environ={}).runners[0].health_check.interval == 0
+
+
+@pytest.mark.parametrize(
+    ("runner", "key", "fragment"),
+    [
+        ("hosts: ['h:1'], host: 'h:2'", "runners[0].hosts", "not both"),
+        ("hosts: []", "runners[0].hosts", "at least one"),
+        ("hosts: 'h:1'", "runners[0].hosts", "a list"),
+        ("hosts: ['h:1', 'h:x']", "runners[0].hosts[1]", "invalid port"),
+        ("hosts: ['h:1', 'h:1']", "runners[0].hosts[1]", "duplicate host"),
+        ("hosts: [':1']", "runners[0].hosts[0]", "host name or address is required"),
+        ("host: 'h:1', balance: random", "runners[0].balance", "unknown balance"),
+        ("host: 'h:1', healthCheck: {path: /, every: 5s}", "healthCheck", "unknown key 'every'"),
+        ("host: 'h:1', healthCheck: {path: health}", "healthCheck", "starting with '/'"),
+        ("host: 'h:1', healthCheck: {interval: 5}", "healthCheck", "interval: expected a duration"),
+        ("host: 'h:1', healthCheck: {unhealthyAfter: 0}", "healthCheck", "at least 1"),
+        ("host: 'h:1', healthCheck: {interval: 1s, timeout: 2s}", "healthCheck", "at most"),
+        ("host: 'h:1', healthCheck: [1]", "healthCheck", "a mapping"),
+        ("host: 'h:1', maxConcurrent: -1", "runners[0].maxConcurrent", "negative"),
+        ("host: 'h:1', maxQueue: many", "runners[0].maxQueue", "whole number"),
+        ("host: 'h:1', queueTimeout: soon", "runners[0].queueTimeout", "invalid duration"),
+        ("host: 'h:1', keepAlive: 4", "runners[0].keepAlive", "a duration"),
+        ("host: 'h:1', strictModels: 'yes'", "runners[0].strictModels", "true or false"),
+        ("path: /x", "runners[0].host", "required (or hosts)"),
+    ],
+)
+def test_bad_pool_settings(sdir: Path, runner: str, key: str, fragment: str) -> None:
+    if "path:" not in runner:
+        runner += ", path: /"
+    write(sdir, "bad.yaml", f"runners: [{{name: a, {runner}}}]\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(sdir, env="bad", environ={})
+    message = str(info.value)
+    assert key in message and fragment in message and "bad.yaml" in message
+
+
+def test_ready_when_is_any_or_all(sdir: Path) -> None:
+    write(sdir, "bad.yaml", "server: {readyWhen: most}\n")
+    with pytest.raises(SettingsError, match=r"server\.readyWhen: must be any or all"):
+        load_settings(sdir, env="bad", environ={})
