@@ -151,3 +151,19 @@ def test_twisted_has_an_upper_bound() -> None:
     tested must not be installed by a range (README "Supported versions")."""
     (twisted,) = [r for r in _declared("options", "install_requires") if r.name == "Twisted"]
     assert any(spec.operator == "<" for spec in twisted.specifier)
+
+
+def test_readme_states_the_tested_ranges() -> None:
+    """README "Supported versions" says what setup.cfg declares."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Supported versions", 1)[1].split("\n## ", 1)[0]
+    (twisted,) = [
+        line.strip()
+        for line in config["options"]["install_requires"].split("\n")
+        if line.strip().startswith("Twisted")
+    ]
+    assert f"`{twisted}`" in section
+    pythons = re.findall(r"Python :: (3\.\d+)$", config["metadata"]["classifiers"], flags=re.M)
+    assert f"| Python | {', '.join(pythons)} |" in section
