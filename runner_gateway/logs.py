@@ -41,7 +41,7 @@ ACCESS_NAMESPACE = "runner_gateway.access"
 # The access line's message; access_message() renders the same text faster.
 ACCESS_FORMAT = (
     "{method} {path} {status} {bytes}B {duration_ms}ms"
-    " runner={runner} sub={sub} id={request_id}{aborted_note}"
+    " runner={runner} sub={sub} id={request_id} client={client}{aborted_note}"
 )
 
 _LEVELS: dict[str, LogLevel] = {
@@ -171,7 +171,7 @@ def access_message(fields: dict[str, Any]) -> str:
     aborted = " aborted" if f["aborted"] else ""
     return (
         f"{f['method']} {f['path']} {f['status']} {f['bytes']}B {f['duration_ms']}ms"
-        f" runner={f['runner']} sub={f['sub']} id={f['request_id']}{aborted}"
+        f" runner={f['runner']} sub={f['sub']} id={f['request_id']} client={f['client']}{aborted}"
     )
 
 

@@ -40,7 +40,7 @@ from zope.interface import implementer
 from runner_gateway.context import RequestContext, context_of
 from runner_gateway.errors import send_error
 from runner_gateway.fastpath import cached_header_name
-from runner_gateway.settings import RunnerSettings
+from runner_gateway.settings import FORWARDABLE_HEADERS, RunnerSettings
 from runner_gateway.site import on_finish
 from runner_gateway.upstream import (
     UpstreamCall,
@@ -51,6 +51,7 @@ from runner_gateway.upstream import (
 )
 
 __all__ = [
+    "CREDENTIAL_HEADERS",
     "HOP_BY_HOP",
     "ReverseProxyResource",
     "response_headers",
@@ -75,21 +76,20 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Request headers the gateway never forwards: credentials are for the gateway
-# (never the runner), Ollama answers 403 to a foreign Origin (the gateway does
-# CORS), framing is the body producer's business, and the X-Forwarded-* /
-# X-Request-Id values are the gateway's own, not the client's claims.
+# Request headers the gateway never forwards: its credential is for the
+# gateway (never the runner), Ollama answers 403 to a foreign Origin (the
+# gateway does CORS), framing is the body producer's business, and the
+# request id is the gateway's (site.py takes a trusted proxy's).
 _REQUEST_DROP = frozenset(
-    {
-        b"authorization",
-        b"origin",
-        b"host",
-        b"content-length",
-        b"expect",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-        b"x-request-id",
-    }
+    {b"authorization", b"origin", b"host", b"content-length", b"expect", b"x-request-id"}
+)
+# Credentials for something else than the runner: forwarded only when the
+# runner's forwardHeaders names them (Proxy-Authorization is hop-by-hop).
+CREDENTIAL_HEADERS = frozenset(name.encode() for name in FORWARDABLE_HEADERS)
+# What a proxy in front says about the client: dropped unless the peer is in
+# server.trustedProxies (then extended), as is any other X-Forwarded-*.
+_FORWARDING = frozenset(
+    {b"forwarded", b"x-real-ip", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
 )
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 _CHUNK = 64 * 1024
@@ -107,6 +107,11 @@ def _tokens(values: Iterable[bytes]) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
+def _forwarded_node(ip: bytes) -> bytes:
+    """An address as RFC 7239's ``for=`` takes it (IPv6 quoted, in brackets)."""
+    return b'"[' + ip + b']"' if b":" in ip else ip
+
+
 def _upstream_header_list(
     incoming: Headers,
     *,
@@ -115,10 +120,20 @@ def _upstream_header_list(
     secure: bool,
     request_id: str,
     identity: bool,
+    trusted: bool = False,
+    forward: frozenset[bytes] = frozenset(),
 ) -> list[tuple[bytes, bytes]]:
-    """The runner's request headers as (name, value) lines, in the order they are sent."""
+    """The runner's request headers as (name, value) lines, in the order they are sent.
+
+    ``trusted``: the peer is in server.trustedProxies, so the forwarding
+    headers it sent are kept and extended; otherwise they are dropped and
+    the gateway's own are sent. ``forward``: the credential headers
+    (:data:`CREDENTIAL_HEADERS`) this runner gets.
+    """
     out: list[tuple[bytes, bytes]] = []
     forwarded_for: list[bytes] = []
+    forwarded: list[bytes] = []
+    kept: set[bytes] = set()  # forwarding headers a trusted proxy set
     client_host: bytes | None = None
     connection: list[bytes] | None = None
     raw = list(incoming.getAllRawHeaders())
@@ -135,20 +150,37 @@ def _upstream_header_list(
             continue
         if name in HOP_BY_HOP or name.startswith(b"proxy-") or name in tokens:
             continue
-        if name == b"x-forwarded-for":
-            forwarded_for.extend(v.strip() for v in values if v.strip())
+        if name in CREDENTIAL_HEADERS and name not in forward:
             continue
+        if name in _FORWARDING or name.startswith(b"x-forwarded-"):
+            if not trusted:
+                continue
+            if name == b"x-forwarded-for":
+                forwarded_for.extend(v.strip() for v in values if v.strip())
+                continue
+            if name == b"forwarded":
+                forwarded.extend(v.strip() for v in values if v.strip())
+                continue
+            kept.add(name)
         if identity and name == b"accept-encoding":
             continue
         for value in values:
             append((raw_name, value))
-    if client_ip:
-        forwarded_for.append(client_ip.encode("ascii", "replace"))
+    peer = client_ip.encode("ascii", "replace") if client_ip else None
+    if peer is not None:
+        forwarded_for.append(peer)
+        if forwarded:  # a trusted proxy's chain, extended by one hop
+            forwarded.append(b"for=" + _forwarded_node(peer))
     if forwarded_for:
         out.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
-    out.append((b"X-Forwarded-Proto", b"https" if secure else b"http"))
-    if client_host is not None:
+    if forwarded:
+        out.append((b"Forwarded", b", ".join(forwarded)))
+    if b"x-forwarded-proto" not in kept:
+        out.append((b"X-Forwarded-Proto", b"https" if secure else b"http"))
+    if client_host is not None and b"x-forwarded-host" not in kept:
         out.append((b"X-Forwarded-Host", client_host))
+    if peer is not None and b"x-real-ip" not in kept:
+        out.append((b"X-Real-IP", peer))
     out.append((b"X-Request-Id", request_id.encode("ascii", "replace")))
     out.append((b"Host", netloc))
     return out
@@ -162,11 +194,14 @@ def upstream_headers(
     secure: bool,
     request_id: str,
     identity: bool = False,
+    trusted: bool = False,
+    forward: frozenset[bytes] = frozenset(),
 ) -> Headers:
     """The headers sent to the runner for a client request's headers.
 
     ``identity`` strips Accept-Encoding so the runner answers uncompressed
-    (used when the gateway must rewrite the body).
+    (used when the gateway must rewrite the body); ``trusted`` and
+    ``forward`` as for :func:`_upstream_header_list`.
     """
     out = Headers()
     for name, value in _upstream_header_list(
@@ -176,6 +211,8 @@ def upstream_headers(
         secure=secure,
         request_id=request_id,
         identity=identity,
+        trusted=trusted,
+        forward=forward,
     ):
         out.addRawHeader(name, value)
     return out
@@ -202,7 +239,8 @@ def _copy_response_headers(upstream: _Grouped, target: Headers, head: bool) -> N
     tokens = _tokens(connection[1]) if connection is not None else frozenset()
     # What target.setRawHeaders does, into its table directly: the name in
     # Twisted's canonical form, line breaks in a value made spaces (the
-    # runner's head parser never passes CR or LF, but a value is not trusted).
+    # runner's head parser passes no control character, but a value is not
+    # trusted).
     table = target._rawHeaders
     for name, (raw_name, values) in upstream.items():
         if name in HOP_BY_HOP or name in tokens or name.startswith((b"proxy-", b"access-control-")):
@@ -273,8 +311,8 @@ def classify(failure: Failure) -> tuple[str, int, str]:
         return "tls", 502, "the TLS handshake with the runner failed"
     if any(r.check(net_error.ConnectError) for r in reasons):
         return "connect", 502, "the runner is unreachable"
-    if any(r.check(ParseError) for r in reasons):
-        return "protocol", 502, "the runner sent an invalid response"
+    if any(r.check(ParseError, UpstreamProtocolError) for r in reasons):
+        return "protocol", 502, "the runner sent an invalid HTTP response"
     if any(r.check(net_error.ConnectionLost, net_error.ConnectionDone) for r in reasons):
         return "reset", 502, "the runner closed the connection without answering"
     return "protocol", 502, "the request to the runner failed"
@@ -323,6 +361,7 @@ class _Exchange:
     def __init__(self, proxy: ReverseProxyResource, request: Request) -> None:
         self.client = proxy.client
         self.netloc = proxy.netloc
+        self.forward = proxy.forward
         self.runner: RunnerSettings = proxy.runner
         self.reactor: IReactorTime = proxy.reactor
         self.request = request
@@ -344,7 +383,6 @@ class _Exchange:
         self._headers_at: float | None = None
         self._method = request.method
         self._code = 0
-        self._phrase = b""
         self._headers: _Grouped = {}
 
     # ------------------------------------------------------------ start
@@ -369,12 +407,18 @@ class _Exchange:
             secure=request.isSecure(),
             request_id=ctx.request_id,
             identity=ctx.response_transform is not None,
+            trusted=ctx.trusted_peer,
+            forward=self.forward,
         )
         path = ctx.upstream_path or b"/"
         if not path.startswith(b"/"):
             path = b"/" + path
+        method = self._method
+        if method == b"HEAD" and ctx.response_transform is not None:
+            # A filtered listing's length is known only from the listing.
+            method = b"GET"
         try:
-            head = request_head(self._method, path, headers, length)
+            head = request_head(method, path, headers, length)
         except ValueError:
             ctx.status = 400
             return send_error(request, 400, "invalid request target")
@@ -383,7 +427,7 @@ class _Exchange:
         self._pending = True
         try:
             self.call = self.client.request(
-                head, content if length else None, length, self._method == b"HEAD", self
+                head, content if length else None, length, method == b"HEAD", self
             )
         except Exception:
             self._bug(Failure())
@@ -478,7 +522,12 @@ class _Exchange:
     # ------------------------------------------------------------ upstream answers
 
     def response_head(
-        self, code: int, phrase: bytes, lines: list[tuple[bytes, bytes]], length: int | None
+        self,
+        code: int,
+        phrase: bytes,
+        lines: list[tuple[bytes, bytes]],
+        length: int | None,
+        dropped: int,
     ) -> None:
         self._pending = False  # the first-byte deadline is met
         if self._done:  # cannot happen (client_lost aborts), but never write twice
@@ -488,25 +537,25 @@ class _Exchange:
         headers = self._headers = _grouped(lines)
         head = self._method == b"HEAD"
         ctx.status = code
+        ctx.header_values_dropped = dropped
         content_type = _first(headers, b"content-type")
-        if ctx.response_transform is not None and code == 200 and not head:
+        if ctx.response_transform is not None and code == 200:
             encoding = _first(headers, b"content-encoding") or [b"identity"]
             if any(v.strip().lower() != b"identity" for v in encoding):
                 self._stop_upstream()
                 self._error("protocol", 502, "the runner sent an encoded listing")
                 return
-            self._code, self._phrase = code, phrase
+            self._code = code
             self._buffer = []
             ctx.response_started(content_type[0].decode("latin-1") if content_type else None)
             self._arm_idle()
             return
-        request.setResponseCode(code, phrase)
+        # The reason phrase is the gateway's, from the code: the runner's is
+        # not relayed (a bare CR in it would end the line for some clients).
+        request.setResponseCode(code)
         _copy_response_headers(headers, request.responseHeaders, head)
         if not head and code not in NO_BODY_CODES and length is not None:
             request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % length])
-        if ctx.response_transform is not None and head:
-            # The unfiltered listing's length would be wrong for the filtered one.
-            request.responseHeaders.removeHeader(b"content-length")
         if not content_type:
             request.defaultContentType = None
         ctx.response_started(content_type[0].decode("latin-1") if content_type else None)
@@ -588,7 +637,7 @@ class _Exchange:
             self._error("protocol", 502, "the runner sent an unreadable listing")
             return
         request = self.request
-        request.setResponseCode(self._code, self._phrase)
+        request.setResponseCode(self._code)
         _copy_response_headers(self._headers, request.responseHeaders, False)
         request.responseHeaders.removeHeader(b"content-encoding")
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
@@ -596,7 +645,7 @@ class _Exchange:
             request.defaultContentType = None
         request.write(b"")
         self._headers_at = self.reactor.seconds()
-        if body:
+        if body and self._method != b"HEAD":
             request.write(body)
             self.ctx.bytes_sent += len(body)
             self.ctx.first_byte = self.reactor.seconds()
@@ -764,6 +813,7 @@ class ReverseProxyResource(resource.Resource):
         self.pool = pool
         https = runner.scheme == "https"
         self.netloc = runner.netloc.encode("ascii")  # settings allow ASCII hosts only
+        self.forward = frozenset(name.encode("ascii") for name in runner.forward_headers)
         self.client = UpstreamClient(
             reactor,
             pool,

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from runner_gateway.forwarding import TrustedProxies, parse_trusted_proxies
+
 __all__ = [
     "LEVELS",
     "SCOPES",
@@ -38,6 +40,8 @@ __all__ = [
 ]
 
 LEVELS = ("trace", "debug", "info", "warn", "error")
+# Headers not forwarded to runners unless a runner's forwardHeaders names them.
+FORWARDABLE_HEADERS = ("cookie", "x-api-key", "api-key")
 SCOPES = ("inference", "models:read", "models:manage", "admin")
 ENV_OVERRIDES = {
     "LOGGING_LEVEL": ("logging", "level"),
@@ -131,6 +135,8 @@ class RunnerSettings:
     client_certificate_path: str = ""
     client_key_path: str = ""
     endpoints: tuple[EndpointRule, ...] = ()
+    # Credential headers (lower case) this runner is sent; by default none.
+    forward_headers: tuple[str, ...] = ()
 
     @property
     def netloc(self) -> str:
@@ -157,6 +163,7 @@ class ServerSettings:
     keep_alive_timeout: float = 75.0
     drain_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
+    trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
     # One worker process per CPU (workers.py); 1 serves from the twistd process itself.
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 
@@ -325,6 +332,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "clientCertificatePath": ("client_certificate_path", "str"),
         "clientKeyPath": ("client_key_path", "str"),
         "endpoints": ("endpoints", "endpoints"),
+        "forwardHeaders": ("forward_headers", "forwardheaders"),
     },
     "server": {
         "address": ("address", "address"),
@@ -338,6 +346,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "keepAliveTimeout": ("keep_alive_timeout", "duration"),
         "drainTimeout": ("drain_timeout", "duration"),
         "corsOrigins": ("cors_origins", "origins"),
+        "trustedProxies": ("trusted_proxies", "networks"),
         "workers": ("workers", "workers"),
     },
     "metrics": {
@@ -466,6 +475,21 @@ def _convert(kind: str, value: object) -> Any:
         return n
     if kind == "endpoints":
         return _parse_endpoints(value)
+    if kind == "networks":
+        if value is None:
+            return TrustedProxies()
+        return parse_trusted_proxies(_expect(value, list, "a list of networks (CIDR)"))
+    if kind == "forwardheaders":
+        names = []
+        for name in _convert("strlist", value):
+            lower = name.lower()
+            if lower not in FORWARDABLE_HEADERS:
+                raise ValueError(
+                    f"{name!r} cannot be named here (only {', '.join(FORWARDABLE_HEADERS)}: "
+                    "the credential headers the gateway drops by default)"
+                )
+            names.append(lower)
+        return tuple(dict.fromkeys(names))
     raise AssertionError(kind)  # pragma: no cover - schema typo
 
 

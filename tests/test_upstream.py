@@ -46,9 +46,15 @@ class Handler:
         self.calls.append("release")
 
     def response_head(
-        self, code: int, phrase: bytes, headers: list[tuple[bytes, bytes]], length: int | None
+        self,
+        code: int,
+        phrase: bytes,
+        headers: list[tuple[bytes, bytes]],
+        length: int | None,
+        dropped: int,
     ) -> None:
         self.head = (code, phrase, headers, length)
+        self.dropped = dropped
         self.calls.append("head")
 
     def response_body(self, data: bytes) -> None:
