@@ -91,6 +91,16 @@ CREDENTIAL_HEADERS = frozenset(name.encode() for name in FORWARDABLE_HEADERS)
 _FORWARDING = frozenset(
     {b"forwarded", b"x-real-ip", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
 )
+# What _upstream_header_list does with a header, by lower-cased name: one
+# dict look-up tells a plain header (absent) from these.
+_DROP, _HOST, _CREDENTIAL, _FORWARDING_HEADER = range(4)
+_SPECIAL: dict[bytes, int] = {
+    **dict.fromkeys(HOP_BY_HOP | _REQUEST_DROP, _DROP),
+    b"host": _HOST,
+    **dict.fromkeys(CREDENTIAL_HEADERS, _CREDENTIAL),
+    **dict.fromkeys(_FORWARDING, _FORWARDING_HEADER),
+}
+_PREFIXES = (b"proxy-", b"x-forwarded-")
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 _CHUNK = 64 * 1024
 # A transformed body (a model listing) is buffered; beyond this it is refused.
@@ -144,26 +154,39 @@ def _upstream_header_list(
     append = out.append
     for raw_name, values in raw:
         name = raw_name.lower()
-        if name in _REQUEST_DROP:
-            if name == b"host" and values and client_host is None:
+        kind = _SPECIAL.get(name)  # one look-up for the usual, plain header
+        if kind is None:
+            if name in tokens:
+                continue
+            if name.startswith(_PREFIXES):
+                if name.startswith(b"proxy-"):
+                    continue
+                kind = _FORWARDING_HEADER  # another X-Forwarded-*
+            elif identity and name == b"accept-encoding":
+                continue
+            else:
+                for value in values:
+                    append((raw_name, value))
+                continue
+        if kind == _DROP:
+            continue
+        if kind == _HOST:
+            if values and client_host is None:
                 client_host = values[0]
             continue
-        if name in HOP_BY_HOP or name.startswith(b"proxy-") or name in tokens:
+        if kind == _CREDENTIAL:
+            if name not in forward:
+                continue
+        elif not trusted:  # _FORWARDING_HEADER
             continue
-        if name in CREDENTIAL_HEADERS and name not in forward:
+        elif name == b"x-forwarded-for":
+            forwarded_for.extend(v.strip() for v in values if v.strip())
             continue
-        if name in _FORWARDING or name.startswith(b"x-forwarded-"):
-            if not trusted:
-                continue
-            if name == b"x-forwarded-for":
-                forwarded_for.extend(v.strip() for v in values if v.strip())
-                continue
-            if name == b"forwarded":
-                forwarded.extend(v.strip() for v in values if v.strip())
-                continue
+        elif name == b"forwarded":
+            forwarded.extend(v.strip() for v in values if v.strip())
+            continue
+        else:
             kept.add(name)
-        if identity and name == b"accept-encoding":
-            continue
         for value in values:
             append((raw_name, value))
     peer = client_ip.encode("ascii", "replace") if client_ip else None

@@ -603,7 +603,7 @@ class GatewayRequest(Request):
     def process(self) -> None:
         ctx = self.gateway_context
         site = self._gateway_site
-        if site.trusted_proxies:  # empty by default: nothing to look up
+        if site.trusted_proxies.networks:  # empty by default: nothing to look up
             ctx.trusted_peer = site.trusted_proxies.is_trusted(getattr(self.client, "host", ""))
         given = self.requestHeaders._rawHeaders.get(_X_REQUEST_ID)
         if ctx.trusted_peer and given and len(given) == 1 and _REQUEST_ID.match(given[0]):
