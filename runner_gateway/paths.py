@@ -26,7 +26,7 @@ import re
 __all__ = ["BadPath", "canonical_path"]
 
 # Anything that may need work or refusal; a path without it is returned as is.
-_SUSPECT = re.compile(rb"[^!-~]|[%\\]|/\.")
+_suspect = re.compile(rb"[^!-~]|[%\\]|/\.").search
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _SEPARATORS = {0x2F: "'/'", 0x5C: "backslash"}
@@ -42,7 +42,7 @@ def _control(byte: int) -> bool:
 
 def canonical_path(path: bytes) -> bytes:
     """The RFC 3986 normal form of ``path`` (no query), or BadPath."""
-    if _SUSPECT.search(path) is None:
+    if _suspect(path) is None:
         return path
     if not path.isascii():
         raise BadPath("the path holds bytes outside ASCII (percent-encode them)")

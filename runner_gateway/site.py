@@ -109,14 +109,19 @@ class _RequestIds:
         os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
-        # 60 random bits: xxxxxxxx-xxxx-4xxx-, then the variant and a 62-bit counter.
-        r = secrets.token_hex(8)
-        self._prefix = f"{r[:8]}-{r[8:12]}-4{r[12:15]}-"
+        # 74 random bits around the version (4) and variant (8-b) digits,
+        # then a 48-bit counter: xxxxxxxx-xxxx-4xxx-yxxx-<counter>.
+        r = secrets.token_hex(10)
+        variant = "89ab"[int(r[18], 16) & 3]
+        self._prefix = f"{r[:8]}-{r[8:12]}-4{r[12:15]}-{variant}{r[15:18]}-"
         self._next = itertools.count().__next__
 
     def __call__(self) -> str:
         n = self._next()
-        return f"{self._prefix}{0x8000 | (n >> 48) & 0x3FFF:04x}-{n & 0xFFFFFFFFFFFF:012x}"
+        if n > 0xFFFFFFFFFFFF:  # 2**48 ids: draw a new prefix
+            self._reset()
+            n = self._next()
+        return f"{self._prefix}{n:012x}"
 
 
 new_request_id = _RequestIds()
