@@ -22,7 +22,7 @@ from twisted.web.server import Request
 
 from runner_gateway.context import context_of
 from runner_gateway.errors import send_error
-from runner_gateway.paths import BadPath, canonical_path
+from runner_gateway.paths import BadPath, canonical_path, suspect
 from runner_gateway.settings import RunnerSettings
 
 __all__ = ["CorsPolicy", "GatewayRoot", "Route", "match_route"]
@@ -141,10 +141,12 @@ class GatewayRoot(Resource):
         return 200, {"status": "ready"}
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
-        try:
-            canonical = canonical_path(request.path)
-        except BadPath as exc:
-            return _Error(400, str(exc))
+        canonical = request.path
+        if suspect(canonical) is not None:  # else canonical already
+            try:
+                canonical = canonical_path(canonical)
+            except BadPath as exc:
+                return _Error(400, str(exc))
         if canonical == b"/healthz":
             return self.healthz
         if canonical == b"/readyz":
