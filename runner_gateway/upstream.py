@@ -14,9 +14,9 @@ on a plain :class:`Protocol`:
   than 101 are skipped; bodies are framed by Content-Length, chunked coding
   or the connection's close (RFC 9112 section 6.3);
 * nothing with a control character is passed on: a header value holding one
-  (NUL, a bare CR, VT, DEL...) is dropped and counted, a header name that is
-  not a token or a framing header (Content-Length, Transfer-Encoding) with a
-  bad value makes the response invalid (:class:`UpstreamProtocolError`);
+  (NUL, a bare CR, VT, DEL...) is dropped and counted; one in a header name,
+  or in a framing header's value (Content-Length, Transfer-Encoding,
+  Connection), makes the response invalid (:class:`UpstreamProtocolError`);
 * a connection goes back to its :class:`UpstreamPool` only after a complete
   response that allows it (HTTP/1.1, no ``Connection: close``, not framed by
   close) and only if the request body was written completely;
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import re
 import socket
 from typing import IO, Any
 from typing import Protocol as TypingProtocol
@@ -115,8 +114,7 @@ _FOLD_START = (b" ", b"\t")  # a header line starting so continues the one befor
 # same with LF and CR, for checking a whole head in one pass.
 _CONTROL = bytes([*range(0x09), *range(0x0B, 0x20), 0x7F])
 _CONTROL_OR_EOL = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 
 
 def _socket_of(transport: Any) -> socket.socket | None:
@@ -415,6 +413,8 @@ class _Connection(Protocol):
                 line = line[:-1]
             if state == _STATUS:
                 self._status_line(line)
+                if len(line.translate(None, _CONTROL)) != len(line):
+                    self._phrase = b""  # never passed on (one read whole has none)
             elif state == _HEADERS:
                 if line:
                     self._header_line(line)
@@ -468,7 +468,13 @@ class _Connection(Protocol):
             self._headers[-1] = (name, value + b" " + folded)
             return
         name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.fullmatch(name):
+        if (
+            not sep
+            or not name
+            or name != name.strip()
+            or b" " in name
+            or len(name.translate(None, _CONTROL)) != len(name)
+        ):
             raise UpstreamProtocolError("bad header line")
         value = value.strip(b" \t")
         if len(value.translate(None, _CONTROL)) != len(value):
