@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ENV    ?=
 
-.PHONY: all install demo run test lint format docker bench bench-smoke clean
+.PHONY: all install demo run token test lint format docker bench bench-smoke clean
 
 all: test
 
@@ -27,6 +27,12 @@ demo: install
 run: install
 	@test -f settings/paseto.pub || $(BIN)/paseto-tool -action=asymmetric
 	$(BIN)/twistd -n --pidfile= runner-gateway $(if $(ENV),--env $(ENV))
+
+# A v4.public token: make token SUB=alice [ENV=my-domain] [ARGS='-scope=inference -exp=720h']
+token: install
+	@test -n "$(SUB)" || { echo "usage: make token SUB=name [ENV=...] [ARGS=...]" >&2; exit 2; }
+	@test -f settings/paseto.key || $(BIN)/paseto-tool -action=asymmetric
+	@$(BIN)/paseto-tool -action=public -sub=$(SUB) $(if $(ENV),-env=$(ENV)) $(ARGS)
 
 test: install
 	$(BIN)/pytest

@@ -9,6 +9,7 @@ byte.
 from __future__ import annotations
 
 import functools
+import re
 
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
@@ -66,14 +67,28 @@ class AuthorizationResource(Resource):
 
     def _refuse(self, request: Request, decision: Decision) -> bytes:
         if decision.status == 403:
-            challenge = (
-                f'Bearer realm="{REALM}", error="insufficient_scope", scope="{decision.scope}"'
-            )
+            # RFC 6750 3.1: scope= names the scope to get, so only a missing
+            # scope carries it; the description says what was refused.
+            challenge = f'Bearer realm="{REALM}", error="insufficient_scope"'
+            if decision.refused == "scope":
+                challenge += f', scope="{decision.scope}"'
+            challenge += f', error_description="{_description(decision.message)}"'
             return send_error(
                 request,
                 403,
                 decision.message,
-                code="insufficient_scope",
+                code=_CODES.get(decision.refused, "insufficient_scope"),
                 headers={"WWW-Authenticate": challenge},
             )
         return send_error(request, decision.status, decision.message, code="invalid_request")
+
+
+# The error code in OpenAI-shaped bodies for refusals that are not about a scope.
+_CODES = {"model": "model_not_allowed", "runner": "runner_not_allowed"}
+
+# What RFC 6750 allows in error_description: printable ASCII but '"' and '\'.
+_UNSAFE = re.compile(r"[^\x20-\x21\x23-\x5b\x5d-\x7e]")
+
+
+def _description(message: str) -> str:
+    return _UNSAFE.sub("?", message.replace('"', "'"))

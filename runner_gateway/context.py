@@ -95,6 +95,12 @@ class RequestContext:
                 for data in unread:
                     usage.feed(data)
 
+    def stream_complete(self) -> bool:
+        """Whether the runner's last event has gone to the client (usage.py's
+        ``ended``): a client that leaves after it did not abort the stream."""
+        self.after_send()
+        return self.usage is not None and self.usage.ended
+
 
 def context_of(request: IRequest) -> RequestContext:
     """The context the gateway's Request subclass carries."""

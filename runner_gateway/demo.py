@@ -3,8 +3,8 @@
 Everything lives under ``.demo/`` in the working directory (settings, keys),
 so the demo never touches ``settings/``. It runs the same command an operator
 would (``twistd -n runner-gateway``), prints what to paste, and stops both
-processes on Ctrl-C. ``--check`` makes a few requests through the gateway and
-exits (a quick self-test of the whole chain).
+processes on Ctrl-C, SIGTERM or SIGHUP. ``--check`` makes a few requests
+through the gateway and exits (a quick self-test of the whole chain).
 """
 
 from __future__ import annotations
@@ -13,15 +13,17 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import FrameType
 
 from runner_gateway.paseto import V4SecretKey, issue, public_key_pem, rfc3339, secret_key_pem
-from runner_gateway.testing.process import start_standin, stop_process
+from runner_gateway.testing.process import die_with_parent, start_standin, stop_process
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
@@ -77,7 +79,25 @@ def mint(settings: Path, scope: str, hours: float = 24) -> str:
     return issue(key, claims)
 
 
+def _python() -> str:
+    """This interpreter as a new shell in the working directory reaches it:
+    ``.venv/bin/python`` in a checkout, rather than a ``python`` on PATH that
+    may lack the clients (or be missing)."""
+    relative = os.path.relpath(sys.executable)
+    return relative if not relative.startswith("..") else sys.executable
+
+
+def _clients_note() -> str:
+    try:
+        import ollama  # noqa: F401
+        import openai  # noqa: F401
+    except ImportError:
+        return f"{_python()} -m pip install ollama openai"
+    return "installed here by make install"
+
+
 def instructions(url: str, token: str) -> str:
+    python = _python()
     return f"""
 runner-gateway demo is up: {url} -> stand-in runner (no Ollama needed)
 
@@ -91,14 +111,22 @@ Try it:
   curl -s {url}/local-ollama/api/tags          # no token: 401
   curl -s {url}/local-ollama/api/pull -H "Authorization: Bearer $TOKEN" -d '{{"model": "x"}}'  # 403
 
-With the official clients (pip install ollama openai):
-  python -c 'import ollama, os; c = ollama.Client(host="{url}/corp-ollama", \\
+With the official clients ({_clients_note()}):
+  {python} -c 'import ollama, os; c = ollama.Client(host="{url}/corp-ollama", \\
     headers={{"Authorization": "Bearer " + os.environ["TOKEN"]}}); print(c.list())'
-  python -c 'import openai, os; c = openai.OpenAI(base_url="{url}/corp-ollama/v1", \\
+  {python} -c 'import openai, os; c = openai.OpenAI(base_url="{url}/corp-ollama/v1", \\
     api_key=os.environ["TOKEN"]); print([m.id for m in c.models.list()])'
 
 Ctrl-C stops the gateway and the stand-in runner.
 """
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGHUP: leave like Ctrl-C, through every ``finally``."""
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop(signum)
 
 
 def _get(url: str, token: str | None) -> tuple[int, bytes]:
@@ -134,7 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="self-test, then exit")
     args = parser.parse_args(argv)
     root = Path(args.dir).resolve()
-    with start_standin(["--quiet"]) as (_host, runner_port, _proc):
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop)
+    try:
+        return _run(args, root)
+    except (KeyboardInterrupt, _Stop):
+        return 0
+
+
+def _run(args: argparse.Namespace, root: Path) -> int:
+    with start_standin(["--quiet"], preexec_fn=die_with_parent) as (_host, runner_port, _proc):
         settings = write_settings(root, runner_port, args.port)
         token = mint(settings, "inference models:read")
         gateway = subprocess.Popen(  # noqa: S603 - our own twistd
@@ -142,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            preexec_fn=die_with_parent,  # never outlives the demo, even on SIGKILL
         )
         try:
             assert gateway.stdout is not None
@@ -165,9 +203,11 @@ def main(argv: list[str] | None = None) -> int:
             for line in gateway.stdout:
                 sys.stdout.write(line)
             return gateway.wait()
-        except KeyboardInterrupt:
-            return 0
         finally:
+            # Also on Ctrl-C, SIGTERM and SIGHUP (_Stop): a second signal
+            # while stopping must not cut the clean-up short.
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_IGN)
             stop_process(gateway)
 
 

@@ -39,11 +39,8 @@ __all__ = [
 ]
 
 ACCESS_NAMESPACE = "runner_gateway.access"
-# The access line's message; access_message() renders the same text faster.
-ACCESS_FORMAT = (
-    "{method} {path} {status} {bytes}B {duration_ms}ms"
-    " runner={runner} sub={sub} id={request_id} client={client}{aborted_note}"
-)
+# The access event's format: its "access" key holds access_message(fields).
+ACCESS_FORMAT = "{access}"
 
 _LEVELS: dict[str, LogLevel] = {
     "trace": LogLevel.debug,
@@ -290,12 +287,29 @@ def _json_line(event: dict[str, Any]) -> str | None:
 
 
 def access_message(fields: dict[str, Any]) -> str:
-    """ACCESS_FORMAT filled in from an access record."""
+    """The access line's text: what the JSON record has, compactly, e.g.
+    ``POST /api/chat 200 512B 812.4ms ttfb=40.2ms runner=ollama sub=alice
+    model=llama3.2:1b tokens=12/40 id=... aborted``. A part with nothing to
+    say (no first byte, no model, no usage) is left out; ``tokens`` is
+    prompt/completion."""
     f = fields
-    aborted = " aborted" if f["aborted"] else ""
+    ttfb = f.get("ttfb_ms")
+    model = f.get("model")
+    prompt = f.get("prompt_tokens")
+    completion = f.get("completion_tokens")
+    error = f.get("upstream_error")
+    auth = f.get("auth_failure")
+    # One f-string: this runs for every request.
     return (
         f"{f['method']} {f['path']} {f['status']} {f['bytes']}B {f['duration_ms']}ms"
-        f" runner={f['runner']} sub={f['sub']} id={f['request_id']} client={f['client']}{aborted}"
+        f"{'' if ttfb is None else f' ttfb={ttfb}ms'}"
+        f" runner={f['runner']} sub={f['sub']}"
+        f"{'' if model is None else f' model={model}'}"
+        f"{'' if prompt is None else f' tokens={prompt}/{completion}'}"
+        f" id={f['request_id']} client={f['client']}"
+        f"{'' if error is None else f' upstream_error={error}'}"
+        f"{'' if auth is None else f' auth_failure={auth}'}"
+        f"{' aborted' if f['aborted'] else ''}"
     )
 
 
@@ -339,6 +353,11 @@ def make_observer(
     return _LevelFilter(write, twisted_level(level))
 
 
+# twisted.internet.protocol.Factory's doStart/doStop lines (info): one pair
+# per client connection for factories that do not set noisy = False.
+_FACTORY_CHATTER = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}"})
+
+
 class _LevelFilter(FilteringLogObserver):
     """FilteringLogObserver with one LogLevelFilterPredicate(defaultLogLevel=level),
     decided by a set lookup: the predicate compares LogLevel constants (slow in
@@ -351,7 +370,12 @@ class _LevelFilter(FilteringLogObserver):
 
     def __call__(self, event: dict[str, Any]) -> None:
         # As the predicate: no level or no namespace, or a lower level: dropped.
-        if event.get("log_level") in self._levels and event.get("log_namespace"):
+        # Twisted's factory start/stop chatter goes too, from any factory.
+        if (
+            event.get("log_level") in self._levels
+            and event.get("log_namespace")
+            and event.get("log_format") not in _FACTORY_CHATTER
+        ):
             if "log_trace" in event:
                 event["log_trace"].append((self, self._write))
             self._write(event)

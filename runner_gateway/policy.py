@@ -635,6 +635,10 @@ class Decision:
     route: str
     scope: str  # what the endpoint needs
     message: str = ""
+    # Why a 403: "scope" (the token lacks ``scope``), "runner", "model", or
+    # "claims" (the token's claims cannot be read); RFC 6750's scope= is for
+    # the first only.
+    refused: str = ""
     model: str | None = None  # first model named, when allowed
     transform: Callable[[bytes], bytes] | None = None
 
@@ -704,19 +708,19 @@ class Policy:
         endpoint = self.classify(method, path)
         route, scope = endpoint.route, endpoint.scope
 
-        def refuse(message: str, status: int = 403) -> Decision:
-            return Decision(status, route, scope, message)
+        def refuse(message: str, refused: str = "model", status: int = 403) -> Decision:
+            return Decision(status, route, scope, message, refused=refused if status == 403 else "")
 
         if claims is None:
-            return refuse("the request carries no verified token")
+            return refuse("the request carries no verified token", "claims")
         grant = self.grant(claims)
         if isinstance(grant, ClaimError):
-            return refuse(str(grant))
+            return refuse(str(grant), "claims")
         if not grant.allows_runner(self.runner.name):
-            return refuse(f"this token may not use runner {_quote(self.runner.name)}")
+            return refuse(f"this token may not use runner {_quote(self.runner.name)}", "runner")
         if not grant.allows_scope(scope):
             what = "this endpoint" if route == "other" else f"{_text(method)} {route}"
-            return refuse(f"{what} needs the {scope!r} scope")
+            return refuse(f"{what} needs the {scope!r} scope", "scope")
         restricted = grant.models is not None
         source = endpoint.models
 
@@ -753,7 +757,7 @@ class Policy:
                         parse_body(body), endpoint.keys, endpoint.opaque
                     )
                 except BadRequest as exc:
-                    return refuse(str(exc), 400)
+                    return refuse(str(exc), status=400)
             if opaque and restricted:
                 return refuse(
                     f"this token is limited to certain models and {_quote(opaque[0])} "

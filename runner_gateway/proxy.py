@@ -768,7 +768,7 @@ class _Exchange:
         if self._done:
             return
         self._done = True
-        self.ctx.aborted = True
+        self.ctx.aborted = not self.ctx.stream_complete()
         self._stop_watch()
         self._producer = None  # the request's channel is gone with the connection
         self._stop_upstream()

@@ -22,7 +22,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import defer, tcp
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Protocol
@@ -49,6 +49,7 @@ from runner_gateway.settings import (
     Settings,
     SettingsError,
     load_settings,
+    restart_needed,
 )
 from runner_gateway.site import GatewaySite, RequestObserver
 from runner_gateway.tree import CorsPolicy, GatewayRoot, Route
@@ -112,7 +113,7 @@ def build_root(
     from runner_gateway.paseto import build_verifier
     from runner_gateway.proxy import ReverseProxyResource
 
-    verifier = build_verifier(settings.paseto, clock=reactor.seconds)
+    verifier = build_verifier(settings.paseto, reactor.seconds, settings.source_of)
     cache = TokenCache.from_settings(settings.paseto)
     routes = []
     for runner in settings.runners:
@@ -126,7 +127,9 @@ def build_root(
 def _endpoint(reactor: Any, address: Address, tls_creator: Any = None) -> IStreamServerEndpoint:
     host = address.host
     if tls_creator is not None:
-        return SSL4ServerEndpoint(reactor, address.port, tls_creator, interface=host)
+        from runner_gateway.httpsonly import HTTPSOnlyEndpoint
+
+        return HTTPSOnlyEndpoint(_endpoint(reactor, address), tls_creator)
     if ":" in host:
         return TCP6ServerEndpoint(reactor, address.port, interface=host)
     return TCP4ServerEndpoint(reactor, address.port, interface=host)
@@ -175,6 +178,7 @@ class GatewayService(MultiService):
                     settings.server.client_ca_path,
                     reactor=reactor,
                     interval=settings.server.certificate_reload_interval,
+                    labels=_tls_labels(settings),
                 )
             except TLSConfigError as exc:
                 raise StartupError(str(exc)) from None
@@ -306,9 +310,12 @@ class GatewayService(MultiService):
                 "settings reload refused, keeping the running settings: {error}", error=str(exc)
             )
             return False
-        old = self.settings
-        if settings.server != old.server:
-            _log.warn("server.* changes (address, TLS paths, timeouts) need a restart")
+        restart = restart_needed(self.settings, settings)
+        if restart:
+            _log.warn(
+                "settings reloaded, but these changes need a restart: {keys}",
+                keys=", ".join(restart),
+            )
         self.generation = generation
         self.site.resource = generation.root
         self.site.max_body_size = max(r.max_body_size for r in settings.runners)
@@ -344,6 +351,13 @@ class GatewayService(MultiService):
             return self.pool.closeCachedConnections()
 
         return idle.addBoth(done)
+
+
+def _tls_labels(settings: Settings) -> tuple[str, str, str]:
+    """How TLS errors name the files: settings key and where it was set."""
+    keys = ("server.certificatePath", "server.keyPath", "server.clientCAPath")
+    a, b, c = (f"{settings.source_of(key)}: {key}" for key in keys)
+    return a, b, c
 
 
 def probe_runner(reactor: Any, runner: RunnerSettings) -> defer.Deferred[bool]:

@@ -1,14 +1,17 @@
 """Layered settings: defaults, settings.yaml, <env>.yaml, environment, flags.
 
-Pure logic, no Twisted. Everything is parsed once into frozen dataclasses;
-anything unknown or ill-typed raises :class:`SettingsError`, which names the
-file (or environment variable) and the dotted key, so a start-up failure is a
-single readable line.
+Pure logic, no Twisted (it reads the YAML files and the one key file
+``paseto.secretKeyPath`` names). Everything is parsed once into frozen
+dataclasses; anything unknown or ill-typed raises :class:`SettingsError`,
+which names the source (file, environment variable or flag) and the dotted
+key, one readable line per problem; a load reports all it finds at once
+(:class:`SettingsErrors`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import ipaddress
 import os
 import re
@@ -19,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from runner_gateway.cpus import usable_cpus
 from runner_gateway.forwarding import TrustedProxies, parse_trusted_proxies
 
 __all__ = [
@@ -34,9 +38,11 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "SettingsError",
+    "SettingsErrors",
     "load_settings",
     "parse_duration",
     "parse_size",
+    "restart_needed",
 ]
 
 LEVELS = ("trace", "debug", "info", "warn", "error")
@@ -61,6 +67,38 @@ class SettingsError(Exception):
         self.message = message
         where = f"{source}: {key}" if key else source
         super().__init__(f"{where}: {message}")
+
+
+MAX_ERRORS = 20  # reported from one load; more are counted
+
+
+class SettingsErrors(SettingsError):
+    """Several problems in one load, each on its own line (``errors`` has them all)."""
+
+    def __init__(self, errors: list[SettingsError]) -> None:
+        first = errors[0]
+        super().__init__(first.source, first.key, first.message)
+        self.errors = tuple(errors)
+        lines = [f"  {error}" for error in errors[:MAX_ERRORS]]
+        if len(errors) > MAX_ERRORS:
+            lines.append(f"  ... and {len(errors) - MAX_ERRORS} more")
+        self.args = (f"{len(errors)} settings errors:\n" + "\n".join(lines),)
+
+
+class _Errors:
+    """What one load found wrong, so that all of it is reported at once."""
+
+    def __init__(self) -> None:
+        self.found: list[SettingsError] = []
+
+    def add(self, source: str, key: str, message: str) -> None:
+        self.found.append(SettingsError(source, key, message))
+
+    def check(self) -> None:
+        if len(self.found) == 1:
+            raise self.found[0]
+        if self.found:
+            raise SettingsErrors(self.found)
 
 
 # ---------------------------------------------------------------- value types
@@ -103,7 +141,8 @@ class PasetoSettings:
     expiration: float = 8766 * 3600.0
     key_path: str = "./settings/paseto.key"
     public_path: str = "./settings/paseto.pub"
-    secret_key: str = ""
+    secret_key: str = ""  # from secretKey, or read from secretKeyPath
+    secret_key_path: str = ""
     issuer: str = ""
     audience: str = ""
     leeway: float = 60.0
@@ -164,8 +203,9 @@ class ServerSettings:
     drain_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
     trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
-    # One worker process per CPU (workers.py); 1 serves from the twistd process itself.
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # One worker process per CPU this process may use (cpus.py: affinity and the
+    # cgroup quota, not the host's count); 1 serves from the twistd process itself.
+    workers: int = field(default_factory=lambda: usable_cpus())
 
     @property
     def tls(self) -> bool:
@@ -188,6 +228,13 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     sources: tuple[str, ...] = ()  # files and variables read, in order
+    # Where some keys came from (a file, "environment variable X", "defaults"),
+    # for errors found outside this module: see source_of.
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def source_of(self, key: str) -> str:
+        """Where a dotted key's value came from, for an error message."""
+        return self.origins.get(key, "settings")
 
 
 # ------------------------------------------------------------ scalar parsers
@@ -308,6 +355,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "keyPath": ("key_path", "str"),
         "publicPath": ("public_path", "str"),
         "secretKey": ("secret_key", "str"),
+        "secretKeyPath": ("secret_key_path", "str"),
         "issuer": ("issuer", "str"),
         "audience": ("audience", "str"),
         "leeway": ("leeway", "duration"),
@@ -468,7 +516,7 @@ def _convert(kind: str, value: object) -> Any:
         return n
     if kind == "workers":
         if value == "auto":
-            return os.cpu_count() or 1
+            return usable_cpus()
         n = _expect(value, int, "a number of worker processes or 'auto'")
         if n < 1:
             raise ValueError("must be at least 1")
@@ -503,16 +551,19 @@ class _Tree:
         self.data: dict[str, Any] = {}
         self.origin: dict[str, str] = {}
 
-    def overlay(self, raw: Mapping[str, Any], source: str, prefix: str = "") -> None:
-        _check_keys(raw, source)
-        self._merge(self.data, raw, source, prefix)
+    def overlay(self, raw: Mapping[str, Any], source: str, errors: _Errors) -> None:
+        self._merge(self.data, _check_keys(raw, source, errors), source, "")
 
     def _merge(
         self, into: dict[str, Any], raw: Mapping[str, Any], source: str, prefix: str
     ) -> None:
         for key, value in raw.items():
             dotted = f"{prefix}{key}"
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
+            if isinstance(value, dict):
+                # Key by key, so that each one's origin is recorded: a later
+                # layer setting a sibling must not claim this key's errors.
+                if not isinstance(into.get(key), dict):
+                    into[key] = {}
                 self._merge(into[key], value, source, dotted + ".")
             else:
                 into[key] = copy.deepcopy(value)  # lists replace, as the original did
@@ -526,28 +577,40 @@ class _Tree:
         return "defaults"
 
 
-def _check_keys(raw: Mapping[str, Any], source: str) -> None:
-    """Refuse unknown keys per file, so the error names the file that has the typo."""
+def _check_keys(raw: Mapping[str, Any], source: str, errors: _Errors) -> dict[str, Any]:
+    """Refuse unknown keys per file, so the error names the file that has the typo;
+    returns ``raw`` without them, so the rest is still checked."""
+    kept: dict[str, Any] = {}
     for top, section in raw.items():
         if top not in _TOP:
-            raise SettingsError(source, str(top), f"unknown key (known: {', '.join(_TOP)})")
+            errors.add(source, str(top), f"unknown key (known: {', '.join(_TOP)})")
+            continue
         if section is None:
-            raise SettingsError(source, top, "empty section")
+            errors.add(source, top, "empty section")
+            continue
         if top == "runners":
             if not isinstance(section, list):
-                raise SettingsError(source, top, "expected a list of runners")
+                errors.add(source, top, "expected a list of runners")
+                continue
+            runners = []
             for i, runner in enumerate(section):
                 if not isinstance(runner, dict):
-                    raise SettingsError(source, f"runners[{i}]", "expected a mapping")
+                    errors.add(source, f"runners[{i}]", "expected a mapping")
+                    runner = {}
                 for key in runner:
                     if key not in _SCHEMA["runner"]:
-                        raise SettingsError(source, f"runners[{i}].{key}", "unknown key")
+                        errors.add(source, f"runners[{i}].{key}", "unknown key")
+                runners.append({k: v for k, v in runner.items() if k in _SCHEMA["runner"]})
+            kept[top] = runners
             continue
         if not isinstance(section, dict):
-            raise SettingsError(source, top, "expected a mapping")
+            errors.add(source, top, "expected a mapping")
+            continue
         for key in section:
             if key not in _SCHEMA[top]:
-                raise SettingsError(source, f"{top}.{key}", "unknown key")
+                errors.add(source, f"{top}.{key}", "unknown key")
+        kept[top] = {k: v for k, v in section.items() if k in _SCHEMA[top]}
+    return kept
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -591,7 +654,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _build_section(tree: _Tree, name: str) -> Any:
+def _build_section(tree: _Tree, name: str, errors: _Errors) -> Any:
     raw = tree.data.get(name, {})
     kwargs = {}
     for key, (attr, kind) in _SCHEMA[name].items():
@@ -600,7 +663,7 @@ def _build_section(tree: _Tree, name: str) -> Any:
                 kwargs[attr] = _convert(kind, raw[key])
             except ValueError as exc:
                 dotted = f"{name}.{key}"
-                raise SettingsError(tree.source_of(dotted), dotted, str(exc)) from None
+                errors.add(tree.source_of(dotted), dotted, str(exc))
     return _SECTION_CLASSES[name](**kwargs)
 
 
@@ -613,49 +676,54 @@ def _normalise_path(path: str) -> str:
     return "/" + "/".join(segments)
 
 
-def _build_runners(tree: _Tree) -> tuple[RunnerSettings, ...]:
+def _build_runners(tree: _Tree, errors: _Errors) -> tuple[RunnerSettings, ...]:
     raw_runners = tree.data.get("runners", _DEFAULT_RUNNERS)
     source = tree.source_of("runners")
     if not raw_runners:
-        raise SettingsError(source, "runners", "at least one runner is required")
+        errors.add(source, "runners", "at least one runner is required")
     runners: list[RunnerSettings] = []
     seen: dict[str, int] = {}
     for i, raw in enumerate(raw_runners):
+        before = len(errors.found)
+
+        def bad(key: str, message: str, i: int = i) -> None:
+            errors.add(source, f"runners[{i}].{key}", message)
+
         kwargs: dict[str, Any] = {}
         for key, (attr, kind) in _SCHEMA["runner"].items():
             if key in raw:
                 try:
                     kwargs[attr] = _convert(kind, raw[key])
                 except ValueError as exc:
-                    raise SettingsError(source, f"runners[{i}].{key}", str(exc)) from None
+                    bad(key, str(exc))
         for required in ("name", "host", "path"):
-            if not kwargs.get(required):
-                raise SettingsError(source, f"runners[{i}].{required}", "required")
+            # (a value that did not convert is reported already)
+            if not kwargs.get(required) and not (required in raw and required not in kwargs):
+                bad(required, "required")
+        if len(errors.found) > before:
+            continue
         try:
             kwargs["path"] = _normalise_path(kwargs["path"])
         except ValueError as exc:
-            raise SettingsError(source, f"runners[{i}].path", str(exc)) from None
+            bad("path", str(exc))
+            continue
         scheme = kwargs.get("scheme", "http")
         try:
             host, port = parse_hostport(kwargs["host"], 443 if scheme == "https" else 80)
         except ValueError as exc:
-            raise SettingsError(source, f"runners[{i}].host", str(exc)) from None
+            bad("host", str(exc))
+            continue
         if not host:
-            raise SettingsError(source, f"runners[{i}].host", "a host name or address is required")
+            bad("host", "a host name or address is required")
+            continue
         kwargs["host"], kwargs["port"] = host, port
         if kwargs["path"] in seen:
-            raise SettingsError(
-                source,
-                f"runners[{i}].path",
-                f"duplicate path {kwargs['path']!r} (also runners[{seen[kwargs['path']]}])",
-            )
+            bad("path", f"duplicate path {kwargs['path']!r} (also runners[{seen[kwargs['path']]}])")
+            continue
         seen[kwargs["path"]] = i
         if bool(kwargs.get("client_certificate_path")) != bool(kwargs.get("client_key_path")):
-            raise SettingsError(
-                source,
-                f"runners[{i}].clientCertificatePath",
-                "clientCertificatePath and clientKeyPath go together",
-            )
+            bad("clientCertificatePath", "clientCertificatePath and clientKeyPath go together")
+            continue
         runners.append(RunnerSettings(**kwargs))
     return tuple(runners)
 
@@ -690,39 +758,144 @@ def load_settings(
     """
     environ = os.environ if environ is None else environ
     directory = Path(directory)
+    errors = _Errors()
     tree = _Tree()
     sources = []
+
+    def read(path: Path) -> None:
+        try:
+            raw = _read_yaml(path)
+        except SettingsError as exc:
+            errors.found.append(exc)
+            return
+        tree.overlay(raw, str(path), errors)
+        sources.append(str(path))
+
     base = directory / "settings.yaml"
     if base.exists():
-        tree.overlay(_read_yaml(base), str(base))
-        sources.append(str(base))
+        read(base)
     name = resolve_env_name(env, environ)
     if name is not None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or ".." in name:
-            raise SettingsError("--env", "", f"invalid settings name {name!r}")
-        overlay = directory / f"{name}.yaml"
-        tree.overlay(_read_yaml(overlay), str(overlay))
-        sources.append(str(overlay))
+            # Say where the name came from: the flag, or which variable.
+            origin = (
+                "--env"
+                if env
+                else next(
+                    (
+                        f"environment variable {v}"
+                        for v in ("RUNNER_GATEWAY_ENV", "GO_ENV")
+                        if environ.get(v)
+                    ),
+                    "--env",
+                )
+            )
+            errors.add(origin, "", f"invalid settings name {name!r}")
+        else:
+            read(directory / f"{name}.yaml")
     for layer, source in _env_overlay(environ):
-        tree.overlay(layer, source)
+        tree.overlay(layer, source, errors)
         sources.append(source)
     if logging_level is not None:
-        tree.overlay({"logging": {"level": logging_level}}, "--logging-level")
-    sections = {name: _build_section(tree, name) for name in _SECTION_CLASSES}
-    runners = _build_runners(tree)
+        tree.overlay({"logging": {"level": logging_level}}, "--logging-level", errors)
+    sections = {name: _build_section(tree, name, errors) for name in _SECTION_CLASSES}
+    runners = _build_runners(tree, errors)
     server: ServerSettings = sections["server"]
     if bool(server.certificate_path) != bool(server.key_path):
-        raise SettingsError(
+        errors.add(
             tree.source_of("server.certificatePath"),
             "server.certificatePath",
             "certificatePath and keyPath must be set together (both empty: plain HTTP)",
         )
     if server.client_ca_path and not server.tls:
-        raise SettingsError(
-            tree.source_of("server.clientCAPath"), "server.clientCAPath", "needs TLS"
-        )
+        errors.add(tree.source_of("server.clientCAPath"), "server.clientCAPath", "needs TLS")
     if server.redirect_address is not None and not server.tls:
-        raise SettingsError(
-            tree.source_of("server.redirectAddress"), "server.redirectAddress", "needs TLS"
+        errors.add(tree.source_of("server.redirectAddress"), "server.redirectAddress", "needs TLS")
+    sections["paseto"] = _secret_key(sections["paseto"], tree, errors)
+    errors.check()
+    origins = {key: tree.source_of(key) for key in _SOURCE_KEYS}
+    return Settings(runners=runners, sources=tuple(sources), origins=origins, **sections)
+
+
+# Keys whose source service.py names in its own errors (files it opens).
+_SOURCE_KEYS = (
+    "server.certificatePath",
+    "server.keyPath",
+    "server.clientCAPath",
+    "paseto.publicPath",
+    "paseto.secretKey",
+    "paseto.secretKeyPath",
+    "paseto.publicKeys",
+    "paseto.secretKeys",
+    "paseto.implicitAssertion",
+)
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _secret_key(paseto: PasetoSettings, tree: _Tree, errors: _Errors) -> PasetoSettings:
+    """paseto.secretKey, or the key in the file paseto.secretKeyPath names (as
+    Docker and Kubernetes mount secrets): checked for shape here, where the
+    error can name its source; the verifier decodes it."""
+    k = "k4" if paseto.version == "v4" else "k2"
+    key_source = tree.source_of("paseto.secretKey")
+    path = paseto.secret_key_path
+    text = paseto.secret_key
+    where = (key_source, "paseto.secretKey")
+    if path:
+        path_source = tree.source_of("paseto.secretKeyPath")
+        if text:
+            errors.add(
+                path_source,
+                "paseto.secretKeyPath",
+                f"set together with paseto.secretKey (from {key_source}); use one",
+            )
+            return paseto
+        try:
+            text = _read_secret(path)
+        except ValueError as exc:
+            errors.add(path_source, "paseto.secretKeyPath", f"{path}: {exc}")
+            return paseto
+        where = (path_source, f"paseto.secretKeyPath ({path})")
+    if text and not (_HEX64.fullmatch(text.strip()) or text.strip().startswith(f"{k}.local.")):
+        errors.add(*where, f"expected 64 hex digits or a {k}.local. PASERK")
+    return dataclasses.replace(paseto, secret_key=text.strip())
+
+
+def _read_secret(path: str) -> str:
+    """A key file's text; refused when others could change it (see docs/settings.md)."""
+    try:
+        info = os.stat(path)
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read(4096)
+    except FileNotFoundError:
+        raise ValueError("file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read ({type(exc).__name__})") from None
+    if info.st_mode & 0o022:
+        raise ValueError(
+            f"writable by group or others (mode {info.st_mode & 0o777:o}): anyone could"
+            " replace the key; chmod 600 or 400"
         )
-    return Settings(runners=runners, sources=tuple(sources), **sections)
+    if not text.strip():
+        raise ValueError("empty")
+    return text
+
+
+# Applied by a reload (service.py builds the resource tree from them).
+_LIVE = frozenset({"server.corsOrigins", "server.trustedProxies"})
+
+
+def restart_needed(old: Settings, new: Settings) -> list[str]:
+    """The dotted keys changed from ``old`` to ``new`` that a SIGHUP reload
+    cannot apply: the listeners and what is built with them at start (server.*,
+    metrics.*) and the log format."""
+    changed = []
+    for section in ("server", "metrics"):
+        before, after = getattr(old, section), getattr(new, section)
+        for key, (attr, _) in _SCHEMA[section].items():
+            dotted = f"{section}.{key}"
+            if dotted not in _LIVE and getattr(before, attr) != getattr(after, attr):
+                changed.append(dotted)
+    if old.logging.format != new.logging.format:
+        changed.append("logging.format")
+    return changed

@@ -32,7 +32,7 @@ from twisted.web.server import Request, Site
 from runner_gateway.context import RequestContext
 from runner_gateway.fastpath import cached_header_name, write_now
 from runner_gateway.forwarding import TrustedProxies, client_address
-from runner_gateway.logs import ACCESS_FORMAT, ACCESS_NAMESPACE
+from runner_gateway.logs import ACCESS_FORMAT, ACCESS_NAMESPACE, access_message
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewaySite", "RequestObserver"]
 
@@ -61,12 +61,7 @@ _log = Logger()
 
 def log_access_event(fields: dict[str, Any]) -> None:
     """An access record as a twisted.logger event (info, ACCESS_NAMESPACE)."""
-    _access.info(
-        ACCESS_FORMAT,
-        fields=fields,
-        aborted_note=" aborted" if fields["aborted"] else "",
-        **fields,
-    )
+    _access.info(ACCESS_FORMAT, fields=fields, access=access_message(fields))
 
 
 class RequestObserver(Protocol):
@@ -707,7 +702,7 @@ class GatewayRequest(Request):
             return
         self._ended = True
         ctx = self.gateway_context
-        if isinstance(result, Failure):
+        if isinstance(result, Failure) and not ctx.stream_complete():
             ctx.aborted = True
         if ctx.status is None:
             ctx.status = self.code

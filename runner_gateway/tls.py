@@ -251,7 +251,11 @@ class ReloadingServerTLS:
         client_ca_path: str = "",
         reactor: IReactorTime | None = None,
         interval: float = 60.0,
+        labels: tuple[str, str, str] = ("certificate", "key", "client CA"),
     ) -> None:
+        # How errors name the three files: service.py passes the settings key
+        # and its source, e.g. "settings/my.yaml: server.certificatePath".
+        self.labels = labels
         self.certificate_path = certificate_path
         self.key_path = key_path
         self.client_ca_path = client_ca_path
@@ -339,9 +343,9 @@ class ReloadingServerTLS:
             _log.failure("TLS reload check failed")
 
     def _paths(self) -> list[tuple[str, str]]:
-        paths = [("certificate", self.certificate_path), ("key", self.key_path)]
+        paths = [(self.labels[0], self.certificate_path), (self.labels[1], self.key_path)]
         if self.client_ca_path:
-            paths.append(("client CA", self.client_ca_path))
+            paths.append((self.labels[2], self.client_ca_path))
         return paths
 
     def _fingerprint(self) -> bytes:
@@ -363,11 +367,11 @@ class ReloadingServerTLS:
 
     def _load(self) -> _Loaded:
         fingerprint = self._fingerprint()
-        chain = load_certificates(self.certificate_path, "certificate")
-        key = load_private_key(self.key_path, "key")
+        chain = load_certificates(self.certificate_path, self.labels[0])
+        key = load_private_key(self.key_path, self.labels[1])
         client_cas = None
         if self.client_ca_path:
-            client_cas = load_certificates(self.client_ca_path, "client CA")
+            client_cas = load_certificates(self.client_ca_path, self.labels[2])
         context = build_server_context(chain, key, client_cas, self.certificate_path, self.key_path)
         # A file changed between the digest and the parse: do not record a
         # fingerprint that does not describe what was loaded.

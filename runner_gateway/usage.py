@@ -92,6 +92,13 @@ class UsageParser(Protocol):
         """True when the runner reported the usage (else it is counted from chunks)."""
         ...
 
+    @property
+    def ended(self) -> bool:
+        """True once the stream's last event was fed: SSE ``data: [DONE]``, or
+        the NDJSON line with ``"done": true``. A client that leaves after it
+        has the whole answer."""
+        ...
+
     def feed(self, data: bytes) -> None: ...
 
 
@@ -314,6 +321,8 @@ class _Bounded:
 class _Base:
     """Shared: a committed tally plus what the pending bytes would add."""
 
+    ended = False  # set on the instance by the stream parsers
+
     def __init__(self) -> None:
         self._tally = _Tally()
         self._failed = False
@@ -410,7 +419,10 @@ class NdjsonUsageParser(_LineParser):
     """Ollama's streamed responses: one JSON object per line."""
 
     def _line_found(self, text: bytes | bytearray, over: _Bounded | None) -> None:
-        self._tally.add(_line_usage(text, over))
+        found = _line_usage(text, over)
+        if found.final:  # "done": true
+            self.ended = True
+        self._tally.add(found)
 
     def _pending(self, tally: _Tally) -> None:
         # A last line without its newline still counts if it is whole JSON.
@@ -450,6 +462,8 @@ class SseUsageParser(_LineParser):
         value = _data_value(bytes(text))
         if value is None or self._salvaged is not None:
             return
+        if value.strip() == b"[DONE]":
+            self.ended = True
         self._data.append(value)
         self._data_size += len(value) + 1
         if self._data_size > LINE_CAP:

@@ -57,7 +57,7 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, readBody
 from twisted.web.resource import IResource, NoResource, Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import directlyProvides, implementer
 
 from runner_gateway.logs import ACCESS_NAMESPACE
@@ -66,6 +66,8 @@ from runner_gateway.service import (
     StartupError,
     _endpoint,
     _LevelControl,
+    _QuietPool,
+    _QuietSite,
 )
 from runner_gateway.settings import Address, Settings
 
@@ -244,7 +246,9 @@ class AdoptedEndpoint:
         probe.detach()
         wrapped: IProtocolFactory = factory
         if self.tls_creator is not None:
-            wrapped = TLSMemoryBIOFactory(self.tls_creator, False, factory)
+            from runner_gateway.httpsonly import refuse_plain_http
+
+            wrapped = refuse_plain_http(TLSMemoryBIOFactory(self.tls_creator, False, factory))
         try:
             port = self.reactor.adoptStreamPort(self.fd, family, wrapped)
         except Exception:
@@ -429,7 +433,7 @@ class Supervisor(MultiService):
             if server.redirect_address is not None:
                 from runner_gateway.tls import RedirectResource
 
-                redirect = Site(RedirectResource(server.address.port))
+                redirect = _QuietSite(RedirectResource(server.address.port))
                 result: list[Any] = []
                 _endpoint(self.reactor, server.redirect_address).listen(redirect).addBoth(
                     result.append
@@ -439,7 +443,7 @@ class Supervisor(MultiService):
                 self.ports.extend(r for r in result if not isinstance(r, Failure))
             if self.settings.metrics.address is not None:
                 result = []
-                site = Site(_AggregateRoot(self))
+                site = _QuietSite(_AggregateRoot(self))  # no line per scrape
                 _endpoint(self.reactor, self.settings.metrics.address).listen(site).addBoth(
                     result.append
                 )
@@ -609,7 +613,9 @@ class _AggregatePage(Resource):
         super().__init__()
         self.supervisor = supervisor
         self.path = path
-        self.agent = Agent(supervisor.reactor, connectTimeout=5)
+        # Quiet: no "Starting factory" / "Stopping factory" per worker per scrape.
+        pool = _QuietPool(supervisor.reactor, persistent=False)
+        self.agent = Agent(supervisor.reactor, connectTimeout=5, pool=pool)
 
     def render_GET(self, request: Request) -> int:
         query = request.uri.partition(b"?")[2]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from typing import Any
 
 import pytest
@@ -86,7 +87,8 @@ def test_scope_refusal_ollama_shape() -> None:
     assert proxy.seen == []
     assert request.responseCode == 403
     assert challenge(request) == (
-        'Bearer realm="runner-gateway", error="insufficient_scope", scope="models:manage"'
+        'Bearer realm="runner-gateway", error="insufficient_scope", scope="models:manage", '
+        "error_description=\"POST /api/pull needs the 'models:manage' scope\""
     )
     assert request.responseHeaders.getRawHeaders(b"content-type") == [
         b"application/json; charset=utf-8"
@@ -114,7 +116,12 @@ def test_model_refusal_says_what_never_the_token() -> None:
         b"POST", b"/v1/chat/completions", b'{"model": "secret"}', claims
     )
     assert proxy.seen == [] and request.responseCode == 403
-    assert 'scope="inference"' in challenge(request)
+    # The token has the scope: no scope= to chase, the description says why.
+    assert challenge(request) == (
+        'Bearer realm="runner-gateway", error="insufficient_scope", '
+        "error_description=\"this token may not use model 'secret'\""
+    )
+    assert json.loads(result)["error"]["code"] == "model_not_allowed"
     message = json.loads(result)["error"]["message"]
     assert message == 'this token may not use model "secret"'
     for token_content in ("tiny", "alice", "s3cr3t"):
@@ -224,9 +231,33 @@ def test_over_http() -> None:
     response = _result(stub.post("http://gw/api/generate", data=b'{"model":"x"}'), stub)
     assert response.code == 403
     assert response.headers.getRawHeaders(b"www-authenticate") == [
-        b'Bearer realm="runner-gateway", error="insufficient_scope", scope="inference"'
+        b'Bearer realm="runner-gateway", error="insufficient_scope", '
+        b"error_description=\"this token may not use model 'x'\""
     ]
     assert json.loads(_result(response.content(), stub)) == {
         "error": 'this token may not use model "x"'
     }
     assert len(proxy.seen) == 1
+
+
+def test_runner_refusal_names_the_runner_and_no_scope() -> None:
+    claims = {"scope": "inference", "runners": ["other"]}
+    request, result, proxy = render(b"POST", b"/v1/chat/completions", b'{"model": "x"}', claims)
+    assert proxy.seen == [] and request.responseCode == 403
+    header = challenge(request)
+    assert "scope=" not in header.replace("insufficient_scope", "")
+    assert f"error_description=\"this token may not use runner '{OLLAMA.name}'\"" in header
+    error = json.loads(result)["error"]
+    assert error["code"] == "runner_not_allowed"
+    assert error["message"] == f'this token may not use runner "{OLLAMA.name}"'
+
+
+def test_error_description_keeps_to_rfc_6750_characters() -> None:
+    claims = {"scope": "inference", "models": ["tiny*"]}
+    name = 'caf\u00e9"\\\r\nX-Injected: 1'
+    body = json.dumps({"model": name}).encode()
+    request, _, _ = render(b"POST", b"/api/chat", body, claims)
+    assert request.responseCode == 403
+    description = challenge(request).split('error_description="', 1)[1]
+    assert description.endswith('"')
+    assert re.fullmatch(r"[\x20\x21\x23-\x5b\x5d-\x7e]*", description[:-1])

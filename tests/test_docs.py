@@ -19,7 +19,16 @@ def yaml_blocks(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("block", yaml_blocks(README))
-def test_readme_settings_examples_are_valid(tmp_path: Path, block: str) -> None:
+def test_readme_settings_examples_are_valid(
+    tmp_path: Path, block: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Key files the examples name, made as the README says (relative paths
+    # are from the working directory, as when the gateway runs).
+    monkeypatch.chdir(tmp_path)
+    for path in re.findall(r"secretKeyPath: (\S+)", block):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("ab" * 32 + "\n")
+        (tmp_path / path).chmod(0o600)
     (tmp_path / "example.yaml").write_text(block)
     settings = load_settings(tmp_path, env="example", environ={})
     assert settings.runners

@@ -37,6 +37,7 @@ from runner_gateway.logs import (
     _text_line,
     _when,
     access_line,
+    access_message,
     scrub,
     twisted_level,
 )
@@ -214,18 +215,18 @@ _FIELD_VALUES = st.one_of(
             "model": _FIELD_VALUES,
             "aborted": st.booleans(),
         },
-        optional={"upstream_error": st.text(max_size=10), "auth_failure": st.text(max_size=10)},
+        optional={
+            "upstream_error": st.text(max_size=10),
+            "auth_failure": st.text(max_size=10),
+            "prompt_tokens": _FIELD_VALUES,
+            "completion_tokens": _FIELD_VALUES,
+        },
     ),
     fmt=st.sampled_from(["json", "text"]),
 )
 def test_direct_access_line_is_the_event_line(fields: dict[str, Any], fmt: str) -> None:
     """The Site's direct access line is byte for byte what the logger event gave."""
-    event = _event(
-        ACCESS_FORMAT,
-        fields=fields,
-        aborted_note=" aborted" if fields["aborted"] else "",
-        **fields,
-    )
+    event = _event(ACCESS_FORMAT, fields=fields, access=access_message(fields))
     event["log_namespace"] = ACCESS_NAMESPACE
     render = _json_line if fmt == "json" else _text_line
     assert access_line(fmt, event["log_time"], ACCESS_NAMESPACE, fields) == render(event)
@@ -256,7 +257,7 @@ def test_access_writer_matches_the_observer(worker: bool, level: str) -> None:
         "aborted": False,
     }
     controls[0].access(dict(fields))
-    event = _event(ACCESS_FORMAT, fields=dict(fields), aborted_note="", **fields)
+    event = _event(ACCESS_FORMAT, fields=dict(fields), access=access_message(fields))
     event["log_namespace"] = ACCESS_NAMESPACE
     controls[1](event)
     # The timestamps differ (written a moment apart); the rest must not.

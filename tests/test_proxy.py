@@ -1001,3 +1001,52 @@ def test_response_headers_are_copied_as_set_raw_headers_would(
             continue
         theirs.setRawHeaders(raw_name, values)
     assert list(ours.getAllRawHeaders()) == list(theirs.getAllRawHeaders())
+
+
+_SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+_SSE_EVENT = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("head", "events", "aborted"),
+    [
+        # The openai client closes as soon as it reads [DONE], before the
+        # chunked body's last-chunk marker: the stream is complete.
+        (_SSE_HEAD, [_SSE_EVENT, b"data: [DONE]\n\n"], False),
+        (_SSE_HEAD, [_SSE_EVENT + b"data: [DONE]\n\n"], False),
+        (_SSE_HEAD, [_SSE_EVENT], True),
+        (
+            _CHUNKED_HEAD,
+            [b'{"response":"a","done":false}\n', b'{"done":true,"eval_count":1}\n'],
+            False,
+        ),
+        (_CHUNKED_HEAD, [b'{"response":"a","done":false}\n'], True),
+    ],
+)
+def test_mem_client_leaving_after_the_last_event_is_not_an_abort(
+    head: bytes, events: list[bytes], aborted: bool
+) -> None:
+    from runner_gateway.metrics import Metrics
+    from runner_gateway.settings import MetricsSettings
+
+    m = Mem(gateway=True)
+    metrics = Metrics(MetricsSettings(), m.reactor.seconds)
+    m.site.observers.append(metrics)
+    m.send(b"POST /r1/v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n\r\n{}")
+    m.connect_upstream()
+    m.runner_sends(head)
+    for event in events:
+        m.runner_sends(_chunk(event))
+    assert m.client.value().endswith(_chunk(events[-1]))
+    m.channel.connectionLost(Failure(ConnectionDone()))
+    assert m.request_ctx.aborted is aborted
+    counted = sum(
+        sample.value
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == "runner_gateway_client_aborts_total"
+    )
+    assert counted == (1 if aborted else 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -497,3 +498,22 @@ def test_parser_for(content_type: str | None, path: bytes, kind: type | None) ->
 def test_pull_progress_is_not_counted() -> None:
     body = ndjson({"status": "pulling manifest"}, {"status": "success"})
     assert result(parse(NDJSON, b"/api/pull", [body])) == (0, 0, None, False)
+
+
+@pytest.mark.parametrize(
+    ("parser", "chunks", "ended"),
+    [
+        (SseUsageParser, [b'data: {"choices":[]}\n\n', b"data: [DONE]\n\n"], True),
+        (SseUsageParser, [b"data: [DO", b"NE]\r\n"], True),  # split, CRLF
+        (SseUsageParser, [b'data: {"choices":[]}\n\n', b"data: [DONE]"], False),  # line not whole
+        (SseUsageParser, [b'data: {"content":"[DONE]"}\n\n'], False),
+        (NdjsonUsageParser, [b'{"done":false,"response":"a"}\n', b'{"done":true}\n'], True),
+        (NdjsonUsageParser, [b'{"done":false,"response":"a"}\n'], False),
+    ],
+)
+def test_stream_end_is_seen(parser: type[Any], chunks: list[bytes], ended: bool) -> None:
+    p = parser()
+    assert not p.ended
+    for chunk in chunks:
+        p.feed(chunk)
+    assert p.ended is ended

@@ -254,7 +254,9 @@ class TokenVerifier:
 
 
 def build_verifier(
-    settings: PasetoSettings, clock: Callable[[], float] = time.time
+    settings: PasetoSettings,
+    clock: Callable[[], float] = time.time,
+    source_of: Callable[[str], str] = lambda key: "settings",
 ) -> TokenVerifier:
     """The gateway's verifier from ``paseto`` settings; SettingsError names the bad key.
 
@@ -282,15 +284,23 @@ def build_verifier(
         try:
             public.append(load_public_key(text, version))
         except PasetoKeyError as exc:
-            raise SettingsError("settings", f"paseto.publicKeys[{i}]", str(exc)) from None
-    local_texts = [("paseto.secretKey", settings.secret_key)] if settings.secret_key else []
+            raise SettingsError(
+                source_of("paseto.publicKeys"), f"paseto.publicKeys[{i}]", str(exc)
+            ) from None
+    secret_name = (
+        f"paseto.secretKeyPath ({settings.secret_key_path})"
+        if settings.secret_key_path
+        else "paseto.secretKey"
+    )
+    local_texts = [(secret_name, settings.secret_key)] if settings.secret_key else []
     local_texts += [(f"paseto.secretKeys[{i}]", t) for i, t in enumerate(settings.secret_keys)]
     for name, text in local_texts:
         try:
             local.append(load_local_key(text, version))
         except PasetoKeyError:
             message = f"expected 64 hex digits or a {k}.local. PASERK"
-            raise SettingsError("settings", name, message) from None
+            where = "paseto.secretKeyPath" if name.endswith(")") else name.split("[")[0]
+            raise SettingsError(source_of(where), name, message) from None
     if not public and not local:
         raise SettingsError(
             "paseto",
@@ -301,7 +311,9 @@ def build_verifier(
     implicit = settings.implicit_assertion.encode("utf-8")
     if version == "v2" and implicit:
         raise SettingsError(
-            "settings", "paseto.implicitAssertion", "v2 tokens have no implicit assertions"
+            source_of("paseto.implicitAssertion"),
+            "paseto.implicitAssertion",
+            "v2 tokens have no implicit assertions",
         )
     return TokenVerifier(
         version,

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["StandInStartError", "start_standin", "stop_process"]
+__all__ = ["StandInStartError", "die_with_parent", "start_standin", "stop_process"]
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -55,6 +56,19 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> bool:
         return False
 
 
+def die_with_parent() -> None:
+    """A ``preexec_fn``: the child gets SIGTERM when the process that started
+    it dies, even by SIGKILL, so it never outlives it (Linux; elsewhere a no-op)."""
+    if sys.platform != "linux":
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 @contextmanager
 def start_standin(
     args: Sequence[str] = (),
@@ -62,6 +76,7 @@ def start_standin(
     timeout: float = 15.0,
     stderr: int | IO[str] | None = None,
     python: str = sys.executable,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Iterator[tuple[str, int, subprocess.Popen[str]]]:
     """Start ``python -m runner_gateway.testing --port 0 ARGS``; yield (host, port, proc).
 
@@ -82,6 +97,7 @@ def start_standin(
         stdin=subprocess.DEVNULL,
         env=env,
         text=True,
+        preexec_fn=preexec_fn,
     )
     try:
         line = _read_first_line(proc, timeout).strip()
