@@ -438,10 +438,12 @@ def start_gateway(
     env: dict[str, str] | None = None,
     prefix: tuple[str, ...] = (),
     twistd: str | None = None,
+    extra_settings: str = "",
 ) -> Gateway:
     """A runner-gateway in front of ``upstream``; ``env`` is added to the environment,
     ``prefix`` put before the command (valgrind), ``twistd`` names the interpreter's
-    (default: the targets' interpreter)."""
+    (default: the targets' interpreter); ``extra_settings`` is appended to its
+    settings.yaml (bench/limits.py: a ``limits`` section)."""
     directory = run.work / name / "settings"
     key = make_keys(directory)
     port = free_port()
@@ -461,6 +463,7 @@ server:
   workers: {workers}
   drainTimeout: 2s
 """
+        + extra_settings
     )
     command = twistd or target_twistd()
     argv = [*prefix, command, "-n", "--pidfile=", "runner-gateway", "--settings", str(directory)]
@@ -1036,6 +1039,15 @@ def auth_stage(run: Run) -> dict[str, Any]:
         assert token is not None
         return cache.get(token, now)
 
+    from bench.revocation import ENTRIES, guarded_cache
+
+    guarded = guarded_cache(public_token, verifier.verify(public_token), now)
+
+    def cached_revocations() -> object:  # issue 18: the same with 10,000 revocations
+        token = parse_authorization(header)
+        assert token is not None
+        return guarded.get(token, now)
+
     signing = nacl.signing.SigningKey.generate()
     signed = signing.sign(b"x" * 120)  # about a v4.public token's signed message
     verify_key = signing.verify_key
@@ -1043,6 +1055,7 @@ def auth_stage(run: Run) -> dict[str, Any]:
     return {
         "cached_us": _per_call_us(cached, t),
         "cache_get_only_us": _per_call_us(lambda: cache.get(public_token, now), t),
+        f"cached_with_{ENTRIES}_revocations_us": _per_call_us(cached_revocations, t),
         "uncached_v4_public_us": _per_call_us(lambda: verifier.verify(public_token), t),
         "uncached_v4_local_us": _per_call_us(lambda: verifier.verify(local_token), t),
         "pynacl_ed25519_verify_us": _per_call_us(lambda: verify_key.verify(signed), t),

@@ -27,6 +27,7 @@ from twisted.web.server import Request
 from runner_gateway.context import RequestContext, context_of
 from runner_gateway.errors import send_error
 from runner_gateway.paseto import PasetoError, TokenVerifier, VerifiedToken
+from runner_gateway.revocation import RevocationState
 from runner_gateway.settings import PasetoSettings
 
 __all__ = [
@@ -122,18 +123,31 @@ class TokenCache:
     cache can never turn a bad token into a good one. ``max_size`` 0 turns
     caching off. Make a new cache (or ``clear()`` it) whenever the keys or
     the verifier's settings change.
+
+    With ``revocations``, each entry notes the revocation generation it was
+    checked against; a hit from an older generation is checked again (and
+    dropped when revoked), so the cache never serves a revoked token and an
+    unchanged list costs one comparison per hit.
     """
 
-    def __init__(self, max_size: int, max_age: float = 3600.0) -> None:
+    def __init__(
+        self,
+        max_size: int,
+        max_age: float = 3600.0,
+        revocations: RevocationState | None = None,
+    ) -> None:
         if max_size < 0:
             raise ValueError("max_size must not be negative")
         self.max_size = max_size
         self.max_age = max_age
-        self._entries: OrderedDict[bytes, tuple[float, VerifiedToken]] = OrderedDict()
+        self.revocations = revocations
+        self._entries: OrderedDict[bytes, tuple[float, VerifiedToken, int]] = OrderedDict()
 
     @classmethod
-    def from_settings(cls, settings: PasetoSettings) -> TokenCache:
-        return cls(settings.cache_size)
+    def from_settings(
+        cls, settings: PasetoSettings, revocations: RevocationState | None = None
+    ) -> TokenCache:
+        return cls(settings.cache_size, revocations=revocations)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -148,6 +162,13 @@ class TokenCache:
         if now >= entry[0]:
             del self._entries[key]
             return None
+        revocations = self.revocations
+        if revocations is not None and entry[2] != revocations.generation:
+            verified = entry[1]
+            if revocations.check(verified.claims, verified.kid) is not None:
+                del self._entries[key]
+                return None
+            entry = self._entries[key] = (entry[0], verified, revocations.generation)
         self._entries.move_to_end(key)
         return entry[1]
 
@@ -161,7 +182,9 @@ class TokenCache:
             # Accepted only thanks to the leeway (or already over): verify each time.
             return
         key = _key(token)
-        self._entries[key] = (until, verified)
+        revocations = self.revocations
+        generation = revocations.generation if revocations is not None else 0
+        self._entries[key] = (until, verified, generation)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_size:
             self._entries.popitem(last=False)
@@ -181,12 +204,16 @@ class AuthResource(Resource):
         verifier: TokenVerifier,
         cache: TokenCache,
         clock: Callable[[], float],
+        challenge_extra: str = "",
     ) -> None:
         super().__init__()
         self.wrapped = wrapped
         self.verifier = verifier
         self.cache = cache
         self.clock = clock
+        # The cache's revocation state (the cache needs it for its hits anyway).
+        self.revocations = cache.revocations
+        self.challenge_extra = challenge_extra
 
     def render(self, request: Request) -> Any:
         ctx = context_of(request)
@@ -217,6 +244,9 @@ class AuthResource(Resource):
                     request_id=ctx.request_id,
                 )
                 return self._invalid(request, ctx, "error", "the token could not be verified")
+            revocations = self.revocations
+            if revocations is not None and revocations.check(verified.claims, verified.kid):
+                return self._invalid(request, ctx, "revoked", "token has been revoked")
             self.cache.put(token, verified, now)
         ctx.claims = verified.claims
         # Defence in depth: the credential is ours, never the runner's.
@@ -235,7 +265,7 @@ class AuthResource(Resource):
     ) -> bytes:
         ctx.auth_failure = label
         _log.debug("authentication refused: {reason}", reason=label, request_id=ctx.request_id)
-        headers: Mapping[str, str] = {"WWW-Authenticate": www_authenticate}
+        headers: Mapping[str, str] = {"WWW-Authenticate": www_authenticate + self.challenge_extra}
         return send_error(request, status, message, code=code, headers=headers)
 
     def _missing(self, request: Request, ctx: RequestContext) -> bytes:

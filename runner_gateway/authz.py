@@ -61,6 +61,7 @@ class AuthorizationResource(Resource):
         if not decision.allowed:
             return self._refuse(request, decision)
         ctx.model = decision.model
+        ctx.scope = decision.scope
         ctx.response_transform = decision.transform
         result: bytes | int = self.wrapped.render(request)
         return result

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from runner_gateway.settings import RunnerSettings
     from runner_gateway.site import RequestObserver
-    from runner_gateway.usage import UsageParser
+    from runner_gateway.usage import UsageChunkFilter, UsageParser
 
 from runner_gateway.usage import parser_for
 
@@ -30,6 +30,9 @@ class RequestContext:
     runner: RunnerSettings | None = None
     upstream_path: bytes = b""  # path (and query) as sent to the runner
     route: str = "other"  # bounded label: endpoint class or a known path
+    scope: str = ""  # the scope the endpoint needs (policy.py), once authorized
+    host: str | None = None  # host:port of the pool's host that took the request
+    queue_wait: float | None = None  # seconds spent in the runner's queue
     claims: Mapping[str, Any] | None = None
     model: str | None = None
     status: int | None = None
@@ -45,6 +48,9 @@ class RequestContext:
     # transform(body) instead, with a corrected Content-Length: used to
     # filter model listings down to what the token may see.
     response_transform: Callable[[bytes], bytes] | None = None
+    # Set when the gateway asked the runner for usage the client did not ask
+    # for (admission.py): the proxy passes the stream through it.
+    body_filter: UsageChunkFilter | None = None
     observers: list[RequestObserver] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     # What waits until the bytes it concerns are on their way to the client

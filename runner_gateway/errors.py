@@ -24,18 +24,25 @@ _OPENAI_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    429: "rate_limit_exceeded",
     502: "api_error",
     503: "api_error",
     504: "timeout_error",
 }
 
 
-def error_body(status: int, message: str, openai: bool, code: str | None = None) -> bytes:
+def error_body(
+    status: int,
+    message: str,
+    openai: bool,
+    code: str | None = None,
+    error_type: str | None = None,
+) -> bytes:
     if openai:
         payload: object = {
             "error": {
                 "message": message,
-                "type": _OPENAI_TYPES.get(status, "api_error"),
+                "type": error_type or _OPENAI_TYPES.get(status, "api_error"),
                 "code": code,
             }
         }
@@ -50,8 +57,10 @@ def send_error(
     message: str,
     code: str | None = None,
     headers: Mapping[str, str] | None = None,
+    error_type: str | None = None,
 ) -> bytes:
-    """Set status and headers for an error and return the body for render()."""
+    """Set status and headers for an error and return the body for render();
+    ``error_type`` replaces the OpenAI ``type`` the status implies."""
     try:
         openai = context_of(request).openai_style
     except LookupError:
@@ -60,7 +69,7 @@ def send_error(
     request.responseHeaders.setRawHeaders(b"content-type", [b"application/json; charset=utf-8"])
     for name, value in (headers or {}).items():
         request.responseHeaders.setRawHeaders(name.encode(), [value.encode()])
-    body = error_body(status, message, openai, code)
+    body = error_body(status, message, openai, code, error_type)
     if request.method == b"HEAD":
         request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
         return b""

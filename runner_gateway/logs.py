@@ -299,6 +299,8 @@ def access_message(fields: dict[str, Any]) -> str:
     completion = f.get("completion_tokens")
     error = f.get("upstream_error")
     auth = f.get("auth_failure")
+    host = f.get("host")
+    queue = f.get("queue_ms")
     # One f-string: this runs for every request.
     return (
         f"{f['method']} {f['path']} {f['status']} {f['bytes']}B {f['duration_ms']}ms"
@@ -310,6 +312,8 @@ def access_message(fields: dict[str, Any]) -> str:
         f"{'' if error is None else f' upstream_error={error}'}"
         f"{'' if auth is None else f' auth_failure={auth}'}"
         f"{' aborted' if f['aborted'] else ''}"
+        f"{f' host={host}' if host is not None else ''}"
+        f"{f' queue_ms={queue}' if queue is not None else ''}"
     )
 
 

@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
+from runner_gateway.admission import REFUSED_KEY
 from runner_gateway.context import RequestContext
+from runner_gateway.limits import KINDS as LIMIT_KINDS
 from runner_gateway.paseto.errors import REASONS as PASETO_REASONS
 from runner_gateway.settings import MetricsSettings
 
@@ -40,6 +43,7 @@ __all__ = [
     "MODELS_MAX",
     "UPSTREAM_ERROR_KINDS",
     "Metrics",
+    "PoolCollector",
     "UsageTable",
     "metrics_resource",
 ]
@@ -50,11 +54,17 @@ AUTH_FAILURE_REASONS = (
     "missing",
     "malformed",
     "error",
+    "revoked",
     *sorted(PASETO_REASONS - {"malformed"}),
     "other",
 )
 # The proxy's vocabulary for ctx.upstream_error; anything else is "other".
-UPSTREAM_ERROR_KINDS = ("connect", "tls", "timeout", "reset", "protocol", "other")
+UPSTREAM_ERROR_KINDS = ("connect", "tls", "timeout", "reset", "protocol", "unavailable", "other")
+# Why the limits layer (admission.py) refused: a limit, an unknown tier, a
+# token without sub or jti, or the backend.
+LIMIT_REFUSALS = (*LIMIT_KINDS, "tier", "subject", "backend")
+# Seconds a request waited in a runner's queue (maxConcurrent).
+QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # Model runs take from milliseconds (cached embeddings) to many minutes
 # (long generations on slow hardware).
 DURATION_BUCKETS = (
@@ -180,6 +190,7 @@ class _SubjectUsage:
     last_seen: float
     total: _Counts = field(default_factory=_Counts)
     models: dict[str, _Counts] = field(default_factory=dict)
+    hosts: dict[str, _Counts] = field(default_factory=dict)  # the runner hosts that served
 
 
 class UsageTable:
@@ -202,7 +213,13 @@ class UsageTable:
         return subject in self._subjects
 
     def record(
-        self, subject: str, model: str | None, prompt: int, completion: int, now: float
+        self,
+        subject: str,
+        model: str | None,
+        prompt: int,
+        completion: int,
+        now: float,
+        host: str | None = None,
     ) -> None:
         if self.max_subjects <= 0:
             return
@@ -222,6 +239,8 @@ class UsageTable:
             if model not in entry.models and len(entry.models) >= MODELS_MAX:
                 model = OTHER
             entry.models.setdefault(model, _Counts()).add(prompt, completion)
+        if host is not None:  # host:port from the settings: a bounded set
+            entry.hosts.setdefault(host, _Counts()).add(prompt, completion)
 
     def snapshot(self, subject: str | None = None) -> dict[str, Any]:
         """The table as JSON-ready data; only ``subject`` when given."""
@@ -234,6 +253,7 @@ class UsageTable:
                 "first_seen": entry.first_seen,
                 "last_seen": entry.last_seen,
                 "models": {m: c.as_json() for m, c in sorted(entry.models.items())},
+                "hosts": {h: c.as_json() for h, c in sorted(entry.hosts.items())},
             }
         return {
             "since": self.started,
@@ -246,12 +266,27 @@ class UsageTable:
 # ------------------------------------------------------------------ metrics
 
 
+class _Limits(Protocol):
+    """What the metrics read of admission.Limiter."""
+
+    @property
+    def healthy(self) -> bool: ...
+
+    def usage(self) -> dict[str, Any] | None: ...
+
+
 class Metrics:
     """The gateway's metrics; an observer of every request's context."""
 
-    def __init__(self, settings: MetricsSettings, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        settings: MetricsSettings,
+        clock: Callable[[], float],
+        limiter: _Limits | None = None,
+    ) -> None:
         self.settings = settings
         self.clock = clock
+        self.limiter = limiter
         self.registry = CollectorRegistry(auto_describe=True)
         self.usage = UsageTable(settings.subjects_max, clock())
         self._models = _Models(MODELS_MAX, self._forget_model)
@@ -325,9 +360,48 @@ class Metrics:
                 ["subject"],
                 registry=reg,
             )
+        self.limit_refusals = Counter(
+            "runner_gateway_limit_refusals",
+            "Requests refused by the limits layer, by kind (limits.md).",
+            ["kind"],
+            registry=reg,
+        )
+        # 1 per process in an outage, so the supervisor's sum counts the
+        # workers that cannot reach the backend.
+        self.limits_backend_down = Gauge(
+            "runner_gateway_limits_backend_down",
+            "1 while the limits backend fails (onBackendError decides meanwhile), else 0.",
+            registry=reg,
+        )
+        if limiter is not None:
+            self.limits_backend_down.set_function(lambda: 0.0 if limiter.healthy else 1.0)
+        self.queue_wait = Histogram(
+            "runner_gateway_queue_wait_seconds",
+            "Time requests waited in a runner's queue for a free host (maxConcurrent).",
+            ["runner"],
+            buckets=QUEUE_BUCKETS,
+            registry=reg,
+        )
         # Fixed vocabularies start at zero so rate() sees the first failure.
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason=reason)
+        for kind in LIMIT_REFUSALS:
+            self.limit_refusals.labels(kind=kind)
+
+    def watch_shared_state(self, state: Any, shared: Any) -> None:
+        """Gauges read at scrape time: the revocation state, the Redis link (when set)."""
+        reg = self.registry
+        Gauge(
+            "runner_gateway_revocations",
+            "Revocation entries in force (file and Redis together).",
+            registry=reg,
+        ).set_function(lambda: len(state))
+        if shared is not None:
+            Gauge(
+                "runner_gateway_redis_up",
+                "1 while the Redis connection (redis.url) is up, else 0.",
+                registry=reg,
+            ).set_function(lambda: 1.0 if shared.up else 0.0)
 
     # The observer protocol (site.py).
 
@@ -363,6 +437,11 @@ class Metrics:
             self.upstream_errors.labels(runner=runner, kind=kind).inc()
         if ctx.header_values_dropped:
             self.header_values_dropped.labels(runner=runner).inc(ctx.header_values_dropped)
+        refused = ctx.extra.get(REFUSED_KEY)
+        if refused is not None:
+            self.limit_refusals.labels(kind=refused).inc()
+        if ctx.queue_wait is not None:
+            self.queue_wait.labels(runner=runner).observe(max(0.0, ctx.queue_wait))
 
         prompt = completion = 0
         if ctx.usage is not None:
@@ -384,13 +463,67 @@ class Metrics:
         if self.subject_requests is not None and subject is not None:
             self.subject_requests.labels(subject=subject_label).inc()
         if subject is not None:
-            self.usage.record(subject, model, prompt, completion, now)
+            self.usage.record(subject, model, prompt, completion, now, ctx.host)
 
     def _forget_model(self, model: str) -> None:
         """Remove an evicted model's token series, so the series stay bounded too."""
         for labels in list(self.tokens._metrics):  # label-value tuples, in token_labels order
             if labels[1] == model:
                 self.tokens.remove(*labels)
+
+
+class _PoolHostView(Protocol):
+    label: str
+
+    @property
+    def up(self) -> bool: ...
+
+    @property
+    def outstanding(self) -> int: ...
+
+
+class _PoolView(Protocol):
+    """What the pool gauges read from a runner pool (pool.RunnerPool)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def states(self) -> Sequence[_PoolHostView]: ...
+
+    def queue_depth(self) -> int: ...
+
+
+class PoolCollector:
+    """Host health, requests in flight per host and queue depth, read at scrape time."""
+
+    def __init__(self, pools: Callable[[], Sequence[_PoolView]]) -> None:
+        self.pools = pools
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "runner_gateway_upstream_up",
+            "1 while a runner's host passes its health checks, else 0.",
+            labels=["runner", "host"],
+        )
+        in_flight = GaugeMetricFamily(
+            "runner_gateway_upstream_in_flight",
+            "Requests sent to a runner's host and not finished.",
+            labels=["runner", "host"],
+        )
+        depth = GaugeMetricFamily(
+            "runner_gateway_queue_depth",
+            "Requests waiting in a runner's queue for a free host.",
+            labels=["runner"],
+        )
+        for pool in self.pools():
+            for state in pool.states:
+                up.add_metric([pool.name, state.label], 1.0 if state.up else 0.0)
+                in_flight.add_metric([pool.name, state.label], float(state.outstanding))
+            depth.add_metric([pool.name], float(pool.queue_depth()))
+        yield up
+        yield in_flight
+        yield depth
 
 
 def _runner_label(ctx: RequestContext) -> str:
@@ -419,16 +552,23 @@ class _Exposition(_Page):
 
 
 class _UsageJson(_Page):
-    def __init__(self, table: UsageTable) -> None:
+    def __init__(self, table: UsageTable, limiter: _Limits | None = None) -> None:
         super().__init__()
         self.table = table
+        self.limiter = limiter
 
     def render_GET(self, request: Request) -> bytes:
         wanted = (request.args or {}).get(b"sub")
         subject = wanted[0].decode("utf-8", "replace") if wanted else None
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
-        return json.dumps(self.table.snapshot(subject), separators=(",", ":")).encode() + b"\n"
+        snapshot = self.table.snapshot(subject)
+        limits = self.limiter.usage() if self.limiter is not None else None
+        if limits is not None:
+            if subject is not None:
+                limits["subjects"] = {k: v for k, v in limits["subjects"].items() if k == subject}
+            snapshot["limits"] = limits
+        return json.dumps(snapshot, separators=(",", ":")).encode() + b"\n"
 
 
 class _Index(_Page):
@@ -444,5 +584,5 @@ def metrics_resource(metrics: Metrics) -> IResource:
     """``/metrics`` and ``/usage``, for the metrics listener only."""
     root = _Index()
     root.putChild(b"metrics", _Exposition(metrics.registry))
-    root.putChild(b"usage", _UsageJson(metrics.usage))
+    root.putChild(b"usage", _UsageJson(metrics.usage, metrics.limiter))
     return root

@@ -12,14 +12,22 @@ chunk as the runner sends it (NDJSON and SSE stream); the upstream transport
 is registered as the request's streaming producer, so a slow client pauses
 reads from the runner and memory stays bounded.
 
+The runner's hosts are a :class:`~runner_gateway.pool.RunnerPool`: the
+exchange takes a host from it (or waits in its queue), sends again on
+another host when a request could not be sent, or when a request without
+side effects lost its host before the first response byte, and gives the
+host back when it is done (docs/pools.md).
+
 See docs/proxy.md for the headers passed and dropped, timeouts and statuses.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import io
-from collections.abc import Callable, Iterable, Iterator
+import json
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import IO, Any
 
 from OpenSSL import SSL
@@ -37,14 +45,17 @@ from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from runner_gateway.broadcast import BROADCAST_ROUTES, Broadcast, streamed
 from runner_gateway.context import RequestContext, context_of
 from runner_gateway.errors import send_error
 from runner_gateway.fastpath import cached_header_name
+from runner_gateway.policy import INFERENCE, MODELS_MANAGE, MODELS_READ
+from runner_gateway.pool import DOWN, QUEUED, Collector, PoolHost, RunnerPool
+from runner_gateway.poolviews import POOL_LISTINGS, merge_listings
 from runner_gateway.settings import FORWARDABLE_HEADERS, RunnerSettings
 from runner_gateway.site import on_finish
 from runner_gateway.upstream import (
     UpstreamCall,
-    UpstreamClient,
     UpstreamPool,
     UpstreamProtocolError,
     request_head,
@@ -108,6 +119,15 @@ _TRANSFORM_LIMIT = 16 * 1024 * 1024
 # After cutting a client stream short, give the kernel this long to flush
 # what was already written before the connection is aborted outright.
 _CLIENT_ABORT_GRACE = 5.0
+# A host's part of a pool-wide listing: a listing is quick, and one host that
+# does not answer must not hold up the others' for the first-byte timeout.
+_LISTING_TIMEOUT = 30.0
+# Requests that may be sent twice: no side effects on the runner.
+_REPEATABLE = frozenset({INFERENCE, MODELS_READ})
+# Failures before the request reached the runner: another host may take it.
+_NOT_SENT = frozenset({"connect", "timeout", "tls"})
+# Failures that count against a host's health (passive checks).
+_HOST_FAILURES = frozenset({"connect", "timeout", "reset"})
 
 
 def _tokens(values: Iterable[bytes]) -> frozenset[bytes]:
@@ -131,7 +151,7 @@ def _upstream_header_list(
     request_id: str,
     identity: bool,
     trusted: bool = False,
-    forward: frozenset[bytes] = frozenset(),
+    forward: Collection[str] = (),
 ) -> list[tuple[bytes, bytes]]:
     """The runner's request headers as (name, value) lines, in the order they are sent.
 
@@ -175,7 +195,7 @@ def _upstream_header_list(
                 client_host = values[0]
             continue
         if kind == _CREDENTIAL:
-            if name not in forward:
+            if name.decode("ascii") not in forward:  # the runner's forwardHeaders
                 continue
         elif not trusted:  # _FORWARDING_HEADER
             continue
@@ -218,7 +238,7 @@ def upstream_headers(
     request_id: str,
     identity: bool = False,
     trusted: bool = False,
-    forward: frozenset[bytes] = frozenset(),
+    forward: Collection[str] = (),
 ) -> Headers:
     """The headers sent to the runner for a client request's headers.
 
@@ -240,6 +260,9 @@ def upstream_headers(
         out.addRawHeader(name, value)
     return out
 
+
+# What the exchange sends a host: head, header lines, path, body, body length.
+_Out = tuple[bytes, list[tuple[bytes, bytes]], bytes, IO[bytes] | None, int]
 
 # The runner's response headers by lower-cased name: (name as sent, values), in order.
 _Grouped = dict[bytes, tuple[bytes, list[bytes]]]
@@ -358,6 +381,14 @@ class _UpstreamProducer:
         self._exchange.client_lost(None)
 
 
+def _upstream_method(method: bytes, ctx: RequestContext) -> bytes:
+    """HEAD for a filtered listing goes as GET: its length is known only from
+    the listing (the runner's would be the unfiltered one's)."""
+    if method == b"HEAD" and ctx.response_transform is not None:
+        return b"GET"
+    return method
+
+
 def _request_length(content: IO[bytes] | None) -> int:
     if content is None:
         return 0
@@ -382,9 +413,7 @@ class _Exchange:
     """One client request relayed to the runner (the upstream client's ResponseHandler)."""
 
     def __init__(self, proxy: ReverseProxyResource, request: Request) -> None:
-        self.client = proxy.client
-        self.netloc = proxy.netloc
-        self.forward = proxy.forward
+        self.pool = proxy.runner_pool
         self.runner: RunnerSettings = proxy.runner
         self.reactor: IReactorTime = proxy.reactor
         self.request = request
@@ -407,6 +436,15 @@ class _Exchange:
         self._method = request.method
         self._code = 0
         self._headers: _Grouped = {}
+        self.host: PoolHost | None = None  # the host this request holds a slot on
+        self._tried: tuple[int, ...] = ()  # hosts this request failed on
+        self._resent = False  # sent again after its host died before answering
+        self._queued_at: float | None = None
+        # What goes to a host: head (for the first host), header lines, path, body, length.
+        # Few attributes: past 30, CPython gives every instance its own dict keys.
+        self._out: _Out = (b"", [], b"/", None, 0)
+        # A pool-wide listing's requests, or a models:manage request to every host.
+        self._fanout: list[Collector] | Broadcast | None = None
 
     # ------------------------------------------------------------ start
 
@@ -425,36 +463,224 @@ class _Exchange:
         client = request.getClientAddress()
         headers = _upstream_header_list(
             request.requestHeaders,
-            netloc=self.netloc,
+            netloc=self.pool.hosts[0].netloc,
             client_ip=getattr(client, "host", None),
             secure=request.isSecure(),
             request_id=ctx.request_id,
             identity=ctx.response_transform is not None,
             trusted=ctx.trusted_peer,
-            forward=self.forward,
+            forward=runner.forward_headers,
         )
         path = ctx.upstream_path or b"/"
         if not path.startswith(b"/"):
             path = b"/" + path
-        method = self._method
-        if method == b"HEAD" and ctx.response_transform is not None:
-            # A filtered listing's length is known only from the listing.
-            method = b"GET"
         try:
-            head = request_head(method, path, headers, length)
+            head = request_head(_upstream_method(self._method, ctx), path, headers, length)
         except ValueError:
             ctx.status = 400
             return send_error(request, 400, "invalid request target")
+        if (
+            runner.strict_models
+            and ctx.model
+            and ctx.scope == INFERENCE
+            and self.pool.model_listed(ctx.model) is False
+        ):
+            return self._no_such_model(ctx.model)
+        self._out = (head, headers, path, content if length else None, length)
         on_finish(request, lost=self.client_lost)
-        self._start_watch()
+        pool = self.pool
+        if not pool.single and len(pool.hosts) > 1:
+            if ctx.route in POOL_LISTINGS and self._method == b"GET":
+                self._gather()
+                return NOT_DONE_YET
+            if ctx.route in BROADCAST_ROUTES and ctx.scope == MODELS_MANAGE:
+                self._send_to_all()
+                return NOT_DONE_YET
+        # A host of the pool, a place in its queue, or 503.
+        got = pool.acquire(self)
+        if isinstance(got, PoolHost):
+            self._send(got)
+        elif got == QUEUED:
+            self._queued_at = self.reactor.seconds()
+        else:
+            self._unavailable(got)
+        return NOT_DONE_YET
+
+    # ------------------------------------------------------------ hosts
+
+    def _send(self, host: PoolHost) -> None:
+        self.host = host
+        ctx = self.ctx
+        ctx.host = host.label
+        out = self._out
+        head = out[0] if host.index == 0 else self._head_for(host)
+        if self._watch is None:
+            self._start_watch()
         self._pending = True
         try:
-            self.call = self.client.request(
-                head, content if length else None, length, method == b"HEAD", self
+            self.call = host.client.request(
+                head,
+                out[3],
+                out[4],
+                _upstream_method(self._method, ctx) == b"HEAD",
+                self,
+                ctx.scope in _REPEATABLE,
             )
         except Exception:
             self._bug(Failure())
-        return NOT_DONE_YET
+
+    def _head_for(self, host: PoolHost) -> bytes:
+        head, lines, path, _, length = self._out
+        if host.netloc == self.pool.hosts[0].netloc:
+            return head
+        for i in range(len(lines) - 1, -1, -1):  # Host is the last line, or near it
+            if lines[i][0].lower() == b"host":
+                lines[i] = (lines[i][0], host.netloc)
+                break
+        return request_head(_upstream_method(self._method, self.ctx), path, lines, length)
+
+    def _gather(self) -> None:
+        """A model listing of a pool: every healthy host's, as one (poolviews.py)."""
+        hosts = [h for h in self.pool.hosts if h.state.up]
+        if not hosts:
+            self._unavailable(DOWN)
+            return
+        answers: dict[int, bytes | None] = {}
+        collectors: list[Collector] = []
+        self._fanout = collectors
+        first_byte = self.runner.first_byte_timeout
+        timeout = min(first_byte, _LISTING_TIMEOUT) if first_byte > 0 else _LISTING_TIMEOUT
+
+        def collected(host: PoolHost, code: int | None, body: bytes) -> None:
+            answers[host.index] = body if code == 200 else None
+            if len(answers) == len(hosts):
+                self._fanout = None
+                self._gathered(hosts, answers)
+
+        for host in hosts:
+            collector = Collector(functools.partial(collected, host), _TRANSFORM_LIMIT)
+            collectors.append(collector)
+            collector.timer = self.reactor.callLater(timeout, collector.timed_out)
+            head = self._head_for(host)
+            collector.call = host.client.request(head, None, 0, False, collector, True)
+
+    def _send_to_all(self) -> None:
+        """A models:manage request: every healthy host's models change (broadcast.py)."""
+        hosts = [h for h in self.pool.hosts if h.state.up]
+        if not hosts:
+            self._unavailable(DOWN)
+            return
+        content, length = self._out[3], self._out[4]
+        body = b""
+        if content is not None:
+            content.seek(0)
+            body = content.read()
+            content.seek(0)
+        ctx = self.ctx
+        ctx.host = ",".join(h.label for h in hosts)
+
+        def host_done(host: PoolHost) -> None:
+            if self.pool.on_models is not None:
+                self.pool.on_models(host)  # its model inventory changed
+
+        broadcast = self._fanout = Broadcast(
+            self.request,
+            ctx,
+            hosts,
+            self._head_for,
+            content,
+            length,
+            streamed(ctx.route, body),
+            self.runner.first_byte_timeout,
+            self.reactor,
+            host_done,
+        )
+        broadcast.start()
+
+    def _gathered(self, hosts: list[PoolHost], answers: dict[int, bytes | None]) -> None:
+        if self._done:
+            return
+        ctx = self.ctx
+        bodies = [b for h in hosts if (b := answers[h.index]) is not None]
+        ctx.host = ",".join(h.label for h in hosts if answers[h.index] is not None) or None
+        try:
+            body = merge_listings(ctx.route, bodies)
+            if ctx.response_transform is not None:
+                body = ctx.response_transform(body)
+        except Exception:
+            self._error("protocol", 502, "no host of the runner sent its listing")
+            return
+        request = self.request
+        ctx.status = 200
+        request.setResponseCode(200)
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        ctx.response_started("application/json")
+        request.write(body)
+        ctx.bytes_sent += len(body)
+        ctx.first_byte = self._headers_at = self.reactor.seconds()
+        ctx.response_chunk(body)
+        self._finish()
+
+    @property
+    def model(self) -> str | None:
+        """The model the request names, for placement (pool.Waiter)."""
+        return self.ctx.model
+
+    def _release(self) -> PoolHost | None:
+        host = self.host
+        if host is not None:
+            self.host = None
+            self.pool.release(host)
+        return host
+
+    def granted(self, host: PoolHost) -> None:
+        """A slot freed up for this queued request (pool.Waiter)."""
+        if self._queued_at is not None:
+            self.ctx.queue_wait = self.reactor.seconds() - self._queued_at
+        if self._done:  # pragma: no cover - a client that leaves is taken out of the queue
+            self.pool.release(host)
+            return
+        self._send(host)
+
+    def queue_expired(self, reason: str) -> None:
+        """The queue gave up on this request (pool.Waiter)."""
+        if self._queued_at is not None:
+            self.ctx.queue_wait = self.reactor.seconds() - self._queued_at
+        if not self._done:
+            self._unavailable(reason)
+
+    def _unavailable(self, reason: str) -> None:
+        runner = self.runner
+        if reason == DOWN:
+            retry = max(1, round(runner.health_check.interval or 1))
+            message = "no host of the runner is up"
+        else:
+            retry = 1
+            message = "the runner is busy and its queue is full"
+            if self._queued_at is not None:
+                message = f"the runner stayed busy for {runner.queue_timeout:g}s"
+        self._error("unavailable", 503, message, {"Retry-After": str(retry)})
+
+    def _no_such_model(self, model: str) -> bytes:
+        """What the runner would say (Ollama's or OpenAI's 404), without asking it."""
+        request, ctx = self.request, self.ctx
+        ctx.status = 404
+        request.setResponseCode(404)
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        payload: object
+        if ctx.openai_style:
+            payload = {
+                "error": {
+                    "message": f"The model `{model}` does not exist.",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "model_not_found",
+                }
+            }
+        else:
+            payload = {"error": f'model "{model}" not found, try pulling it first'}
+        return b"" if self._method == b"HEAD" else json.dumps(payload).encode()
 
     # ------------------------------------------------------------ timers
 
@@ -556,12 +782,21 @@ class _Exchange:
         if self._done:  # cannot happen (client_lost aborts), but never write twice
             self._stop_upstream()
             return
+        host = self.host
+        if host is not None:
+            host.state.fails = 0  # it answers: failures in a row start over
         request, ctx = self.request, self.ctx
         headers = self._headers = _grouped(lines)
         head = self._method == b"HEAD"
         ctx.status = code
         ctx.header_values_dropped = dropped
         content_type = _first(headers, b"content-type")
+        if ctx.body_filter is not None and (
+            code != 200
+            or not content_type
+            or not content_type[0].lower().startswith(b"text/event-stream")
+        ):
+            ctx.body_filter = None  # not the stream the usage was asked for in
         if ctx.response_transform is not None and code == 200:
             encoding = _first(headers, b"content-encoding") or [b"identity"]
             if any(v.strip().lower() != b"identity" for v in encoding):
@@ -609,12 +844,16 @@ class _Exchange:
             return
         if not data:
             return
-        self.request.write(data)
         ctx = self.ctx
+        ctx.response_chunk(data)  # the runner's bytes: usage is read from all of them
+        if ctx.body_filter is not None:
+            data = ctx.body_filter.feed(data)
+            if not data:
+                return
+        self.request.write(data)
         ctx.bytes_sent += len(data)
         if ctx.first_byte is None:
             ctx.first_byte = self.reactor.seconds()
-        ctx.response_chunk(data)
 
     def hold(self) -> None:
         """A read from the runner begins: keep what goes to the client until :meth:`release`."""
@@ -632,6 +871,12 @@ class _Exchange:
 
     def response_end(self, reason: Failure | None) -> None:
         self.call = None
+        host = self.host
+        if host is not None:  # _release(), inline: once per request
+            self.host = None
+            self.pool.release(host)
+            if self.ctx.scope == MODELS_MANAGE and self.pool.on_models is not None:
+                self.pool.on_models(host)  # its model inventory changed
         if self._done:
             return
         if reason is None:
@@ -678,9 +923,24 @@ class _Exchange:
     def request_failed(self, failure: Failure) -> None:
         self._pending = False
         self.call = None
+        host = self._release()
         if self._done:
             return  # the client went away or a timeout answered: nothing more to say
         kind, status, message = classify(failure)
+        if host is not None:
+            if kind in _HOST_FAILURES:
+                self.pool.passive_failure(host)
+            # Not sent: any other host may take it. Lost before the answer:
+            # once more elsewhere, when sending it twice does no harm.
+            again = kind in _NOT_SENT
+            if not again and kind == "reset" and not self._resent:
+                again = self._resent = self.ctx.scope in _REPEATABLE
+            if again and len(self.pool.hosts) > 1:
+                self._tried += (host.index,)
+                got = self.pool.acquire(self, self._tried)
+                if isinstance(got, PoolHost):
+                    self._send(got)
+                    return
         log.warn(
             "runner {runner} request {request_id} failed ({kind}: {error})",
             runner=self.runner.name,
@@ -701,14 +961,18 @@ class _Exchange:
 
     # ------------------------------------------------------------ endings
 
-    def _error(self, kind: str, status: int, message: str) -> None:
+    def _error(
+        self, kind: str, status: int, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         """Answer with an error body (nothing was written to the client yet)."""
         self.ctx.upstream_error = kind
         self.ctx.status = status
         self._done = True
         self._stop_watch()
         request = self.request
-        body = send_error(request, status, f"{message} (runner {self.runner.name})")
+        body = send_error(
+            request, status, f"{message} (runner {self.runner.name})", headers=headers
+        )
         if body:
             request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
         request.write(body)
@@ -718,6 +982,12 @@ class _Exchange:
         request.finish()
 
     def _finish(self) -> None:
+        body_filter = self.ctx.body_filter
+        if body_filter is not None:
+            rest = body_filter.flush()
+            if rest:
+                self.request.write(rest)
+                self.ctx.bytes_sent += len(rest)
         self._done = True
         self._stop_watch()
         self._unregister()
@@ -771,6 +1041,15 @@ class _Exchange:
         self.ctx.aborted = not self.ctx.stream_complete()
         self._stop_watch()
         self._producer = None  # the request's channel is gone with the connection
+        if self._queued_at is not None and self.host is None:
+            self.pool.leave(self)  # still queued: out at once, it never reaches a runner
+        fanout, self._fanout = self._fanout, None
+        if isinstance(fanout, Broadcast):
+            fanout.stop()
+        elif fanout is not None:
+            for collector in fanout:
+                collector.done = None
+                collector.cancel()
         self._stop_upstream()
 
     def client_paused(self, paused: bool) -> None:
@@ -792,6 +1071,7 @@ class _Exchange:
         self._pending = False
         if call is not None:
             call.abort()
+        self._release()
 
     def _unregister(self) -> None:
         if self._producer is not None:
@@ -835,18 +1115,9 @@ class ReverseProxyResource(resource.Resource):
             )
         self.pool = pool
         https = runner.scheme == "https"
-        self.netloc = runner.netloc.encode("ascii")  # settings allow ASCII hosts only
-        self.forward = frozenset(name.encode("ascii") for name in runner.forward_headers)
-        self.client = UpstreamClient(
-            reactor,
-            pool,
-            scheme=runner.scheme,
-            host=runner.host,
-            port=runner.port,
-            connect_timeout=runner.connect_timeout,
-            tls_policy=_tls_policy(runner) if https else None,
-            tag=object() if https else None,
-        )
+        self.runner_pool = RunnerPool(runner, reactor, pool, _tls_policy(runner) if https else None)
+        self.client = self.runner_pool.hosts[0].client
+        self.netloc = self.runner_pool.hosts[0].netloc  # settings allow ASCII hosts only
 
     def render(self, request: Request) -> bytes | int:
         return _Exchange(self, request).start()

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService
 from twisted.internet import defer, tcp
@@ -36,6 +36,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from runner_gateway import __version__, fastpath
+from runner_gateway.admission import Limiter
 from runner_gateway.logs import (
     ACCESS_NAMESPACE,
     access_line,
@@ -43,6 +44,7 @@ from runner_gateway.logs import (
     make_observer,
     write_line,
 )
+from runner_gateway.revocation import RevocationState
 from runner_gateway.settings import (
     Address,
     RunnerSettings,
@@ -54,6 +56,10 @@ from runner_gateway.settings import (
 from runner_gateway.site import GatewaySite, RequestObserver
 from runner_gateway.tree import CorsPolicy, GatewayRoot, Route
 from runner_gateway.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from runner_gateway.health import HealthChecker
+    from runner_gateway.pool import RunnerPool
 
 __all__ = ["GatewayService", "Options", "build_root", "make_service"]
 
@@ -99,6 +105,8 @@ class _Generation:
 
     settings: Settings
     root: GatewayRoot
+    pools: list[RunnerPool]
+    checkers: list[HealthChecker]
 
 
 def build_root(
@@ -106,22 +114,38 @@ def build_root(
     reactor: Any,
     pool: UpstreamPool,
     readiness: Callable[[], list[str]],
+    limiter: Limiter | None = None,
+    revocations: RevocationState | None = None,
+    details: Callable[[], dict[str, str]] | None = None,
+    pools: list[RunnerPool] | None = None,
+    states: Callable[[], dict[str, object]] | None = None,
 ) -> GatewayRoot:
-    """The resource tree for one settings generation; raises SettingsError on bad keys."""
+    """The resource tree for one settings generation; raises SettingsError on bad keys.
+
+    Each runner's :class:`RunnerPool` is appended to ``pools`` when given.
+    """
+    from runner_gateway import oauth
+    from runner_gateway.admission import AdmissionResource
     from runner_gateway.auth import AuthResource, TokenCache
     from runner_gateway.authz import AuthorizationResource
     from runner_gateway.paseto import build_verifier
     from runner_gateway.proxy import ReverseProxyResource
 
     verifier = build_verifier(settings.paseto, reactor.seconds, settings.source_of)
-    cache = TokenCache.from_settings(settings.paseto)
+    cache = TokenCache.from_settings(settings.paseto, revocations)
     routes = []
     for runner in settings.runners:
         proxy = ReverseProxyResource(runner, reactor, pool)
-        policy = AuthorizationResource(proxy, runner, settings.authorization)
-        guarded = AuthResource(policy, verifier, cache, reactor.seconds)
+        if pools is not None:
+            pools.append(proxy.runner_pool)
+        admitted: Any = proxy if limiter is None else AdmissionResource(proxy, limiter)
+        policy = AuthorizationResource(admitted, runner, settings.authorization)
+        extra = oauth.challenge_parameter(settings, runner)
+        guarded = AuthResource(policy, verifier, cache, reactor.seconds, extra)
         routes.append(Route(runner, guarded))
-    return GatewayRoot(routes, CorsPolicy(settings.server.cors_origins), readiness)
+    paths = oauth.resources(settings, verifier, cache, reactor.seconds)
+    cors = CorsPolicy(settings.server.cors_origins)
+    return GatewayRoot(routes, cors, readiness, details, paths, states)
 
 
 def _endpoint(reactor: Any, address: Address, tls_creator: Any = None) -> IStreamServerEndpoint:
@@ -155,6 +179,18 @@ class GatewayService(MultiService):
         self.observers: list[RequestObserver] = []
         self.metrics: Any = None
         settings = load()
+        self.limiter = Limiter(reactor, settings.limits, self._limits_store())
+        self.observers.append(self.limiter)
+        from runner_gateway.revocation_feed import RevocationFeed
+
+        # Redis (redis.url): one connection per process, for whatever replicas share.
+        self.shared: Any = None
+        if settings.redis.enabled:
+            from runner_gateway.shared_state import SharedState
+
+            self.shared = SharedState(settings.redis, reactor)
+        self.revocations = RevocationState()
+        self.revocation_feed = RevocationFeed(self.revocations, settings, reactor, self.shared)
         self.generation = self._build(settings)
         self.site = GatewaySite(
             self.generation.root,
@@ -185,21 +221,66 @@ class GatewayService(MultiService):
         if settings.metrics.address is not None:
             from runner_gateway.metrics import Metrics
 
-            self.metrics = Metrics(settings.metrics, reactor.seconds)
+            self.metrics = Metrics(settings.metrics, reactor.seconds, self.limiter)
+            self.metrics.watch_shared_state(self.revocations, self.shared)
             self.observers.append(self.metrics)
+            from runner_gateway.metrics import PoolCollector
+
+            self.metrics.registry.register(PoolCollector(lambda: self.generation.pools))
 
     @property
     def settings(self) -> Settings:
         return self.generation.settings
 
     def _build(self, settings: Settings) -> _Generation:
-        return _Generation(settings, build_root(settings, self.reactor, self.pool, self.problems))
+        from runner_gateway.health import HealthChecker
+
+        pools: list[RunnerPool] = []
+        root = build_root(
+            settings,
+            self.reactor,
+            self.pool,
+            self.problems,
+            self.limiter,
+            self.revocations,
+            self.details,
+            pools,
+            self.runner_states,
+        )
+        checkers = [HealthChecker(p, self.reactor) for p in pools]
+        return _Generation(settings, root, pools, checkers)
+
+    def _limits_store(self) -> str | None:
+        """The limits' shared store (a worker's is its supervisor's); None: make one."""
+        return None
+
+    def details(self) -> dict[str, str]:
+        """Degraded but serving (for /readyz detail)."""
+        found = self.revocation_feed.problems()
+        if self.shared is not None:
+            found.update(self.shared.detail())
+        return found
+
+    def runner_states(self) -> dict[str, object]:
+        """Each runner's hosts up and in total (names, never addresses: /readyz
+        is public); empty while every host is up."""
+        pools = self.generation.pools
+        if all(p.up_count() == len(p.hosts) for p in pools):
+            return {}
+        return {
+            p.runner.name: {"hosts": len(p.hosts), "up": p.up_count(), "queued": p.queue_depth()}
+            for p in pools
+        }
 
     def problems(self) -> list[str]:
         """What keeps the gateway from being ready (for /readyz)."""
         found = []
         if not self.listening:
             found.append("not listening")
+        pools = self.generation.pools
+        down = [p.runner.name for p in pools if p.up_count() == 0]
+        if down and (self.settings.server.ready_when == "all" or len(down) == len(pools)):
+            found.append(f"no healthy host: runner(s) {', '.join(down)}")
         if self.tls is not None and self.tls.error:
             # /readyz is public: say what is wrong, the log says where (file paths).
             found.append("tls: the certificate files changed but could not be loaded (see the log)")
@@ -287,10 +368,16 @@ class GatewayService(MultiService):
             )
         if self.tls is not None:
             self.tls.start()
+        self.revocation_feed.start()
+        if self.shared is not None:
+            self.shared.start()
         for runner in settings.runners:
             probe_runner(self.reactor, runner)
+        for checker in self.generation.checkers:
+            checker.start()
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, self._on_sighup)
+        self.limiter.start()
         fastpath.install_dispatch(self.reactor)
         fastpath.install_loop(self.reactor)
         _settle_gc()
@@ -305,6 +392,7 @@ class GatewayService(MultiService):
         try:
             settings = self.load()
             generation = self._build(settings)
+            self.revocation_feed.configure(settings)
         except (SettingsError, ValueError) as exc:  # ValueError: TLSConfigError, key errors
             _log.error(
                 "settings reload refused, keeping the running settings: {error}", error=str(exc)
@@ -316,7 +404,13 @@ class GatewayService(MultiService):
                 "settings reloaded, but these changes need a restart: {keys}",
                 keys=", ".join(restart),
             )
-        self.generation = generation
+        old_generation, self.generation = self.generation, generation
+        for checker in old_generation.checkers:
+            checker.stop()
+        if self.listening:
+            for checker in generation.checkers:
+                checker.start()
+        self.limiter.configure(settings.limits)
         self.site.resource = generation.root
         self.site.max_body_size = max(r.max_body_size for r in settings.runners)
         self.site.trace = settings.logging.level == "trace"
@@ -329,8 +423,13 @@ class GatewayService(MultiService):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         self.listening = False
+        for checker in self.generation.checkers:
+            checker.stop()
         if self.tls is not None:
             self.tls.stop()
+        self.revocation_feed.stop()
+        if self.shared is not None:
+            self.shared.stop()
         stopping = [defer.maybeDeferred(port.stopListening) for port in self.ports]
         self.ports = []
         return defer.gatherResults(stopping).addBoth(lambda _: self._drain())
@@ -348,7 +447,10 @@ class GatewayService(MultiService):
             if self.site.inflight:
                 _log.warn("drain timeout: cutting {n} request(s)", n=len(self.site.inflight))
                 self.site.abort_inflight()
-            return self.pool.closeCachedConnections()
+            closed = self.pool.closeCachedConnections()
+            # After the cut requests have ended (a turn later): their tokens
+            # are charged, then this process's slots go with its lease.
+            return closed.addBoth(lambda _: self.limiter.stop())
 
         return idle.addBoth(done)
 
@@ -392,7 +494,7 @@ def probe_runner(reactor: Any, runner: RunnerSettings) -> defer.Deferred[bool]:
 
     def silent(failure: Failure) -> bool:
         _log.warn(
-            "runner {name} at {url} does not answer ({why}): requests under {path} get 502 "
+            "runner {name} at {url} does not answer ({why}): requests under {path} fail "
             "until it does",
             name=runner.name,
             url=runner.base_url,

@@ -31,14 +31,18 @@ __all__ = [
     "Address",
     "AuthorizationSettings",
     "EndpointRule",
+    "HealthCheckSettings",
+    "LimitsSettings",
     "LoggingSettings",
     "MetricsSettings",
     "PasetoSettings",
+    "RedisSettings",
     "RunnerSettings",
     "ServerSettings",
     "Settings",
     "SettingsError",
     "SettingsErrors",
+    "TierLimits",
     "load_settings",
     "parse_duration",
     "parse_size",
@@ -48,7 +52,7 @@ __all__ = [
 LEVELS = ("trace", "debug", "info", "warn", "error")
 # Headers not forwarded to runners unless a runner's forwardHeaders names them.
 FORWARDABLE_HEADERS = ("cookie", "x-api-key", "api-key")
-SCOPES = ("inference", "models:read", "models:manage", "admin")
+SCOPES = ("inference", "models:read", "models:manage", "admin", "introspect")
 ENV_OVERRIDES = {
     "LOGGING_LEVEL": ("logging", "level"),
     "PASETO_SECRET_KEY": ("paseto", "secretKey"),
@@ -151,6 +155,8 @@ class PasetoSettings:
     public_keys: tuple[str, ...] = ()
     secret_keys: tuple[str, ...] = ()
     cache_size: int = 10000
+    revocation_path: str = ""  # revocation.py; "" for none
+    ledger_path: str = ""  # paseto-tool's issuance ledger; "" for none
 
 
 @dataclass(frozen=True)
@@ -158,10 +164,24 @@ class AuthorizationSettings:
     default_scopes: tuple[str, ...] = ("inference", "models:read")
 
 
+BALANCES = ("model-aware", "least-outstanding", "round-robin")
+
+
+@dataclass(frozen=True)
+class HealthCheckSettings:
+    """A runner pool's active health check (``interval`` 0: no checks, no ejection)."""
+
+    path: str = "/"
+    interval: float = 5.0
+    timeout: float = 2.0
+    unhealthy_after: int = 2
+    healthy_after: int = 1
+
+
 @dataclass(frozen=True)
 class RunnerSettings:
     name: str
-    host: str
+    host: str  # the first of ``hosts``
     port: int
     path: str
     scheme: str = "http"
@@ -174,8 +194,23 @@ class RunnerSettings:
     client_certificate_path: str = ""
     client_key_path: str = ""
     endpoints: tuple[EndpointRule, ...] = ()
+    # Ask an OpenAI-compatible runner for usage in streams (limits.md).
+    request_usage: bool = True
+    hosts: tuple[Address, ...] = ()  # the pool; () means just host:port
+    balance: str = "least-outstanding"
+    health_check: HealthCheckSettings = field(default_factory=HealthCheckSettings)
+    max_concurrent: int = 0  # per host; 0: unlimited
+    max_queue: int = 64
+    queue_timeout: float = 60.0
+    keep_alive: float = 4.0  # idle pooled connections close after this (uvicorn: 5 s)
+    strict_models: bool = True
     # Credential headers (lower case) this runner is sent; by default none.
     forward_headers: tuple[str, ...] = ()
+
+    @property
+    def addresses(self) -> tuple[Address, ...]:
+        """The pool's hosts (one for ``host:``)."""
+        return self.hosts or (Address(self.host, self.port),)
 
     @property
     def netloc(self) -> str:
@@ -203,6 +238,8 @@ class ServerSettings:
     drain_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
     trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
+    public_url: str = ""  # how clients reach the gateway, for the OAuth metadata (oauth.py)
+    ready_when: str = "any"  # /readyz: ready when any (or all) runners have a healthy host
     # One worker process per CPU this process may use (cpus.py: affinity and the
     # cgroup quota, not the host's count); 1 serves from the twistd process itself.
     workers: int = field(default_factory=lambda: usable_cpus())
@@ -220,6 +257,58 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class TierLimits:
+    """One tier's limits; 0 is unlimited."""
+
+    requests_per_minute: int = 0
+    concurrent_requests: int = 0
+    tokens_per_day: int = 0
+
+    @property
+    def unlimited(self) -> bool:
+        return not (self.requests_per_minute or self.concurrent_requests or self.tokens_per_day)
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    backend: str = "local"
+    on_backend_error: str = "allow"
+    default: TierLimits = TierLimits()
+    tiers: tuple[tuple[str, TierLimits], ...] = ()  # (name, limits), sorted by name
+
+    @property
+    def enabled(self) -> bool:
+        """False when nothing is limited: no tier, and an unlimited default."""
+        return bool(self.tiers) or not self.default.unlimited
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """Shared state (shared_state.py). ``url`` "" means none; the password is
+    never part of ``display_url``, which is what logs show."""
+
+    url: str = field(default="", repr=False)
+    key_prefix: str = "runner-gateway:"
+    ca_path: str = ""
+    command_timeout: float = 1.0
+    host: str = ""
+    port: int = 6379
+    tls: bool = False
+    username: str = ""
+    password: str = field(default="", repr=False)
+    database: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+    @property
+    def display_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'rediss' if self.tls else 'redis'}://{host}:{self.port}/{self.database}"
+
+
+@dataclass(frozen=True)
 class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     paseto: PasetoSettings = field(default_factory=PasetoSettings)
@@ -227,6 +316,8 @@ class Settings:
     runners: tuple[RunnerSettings, ...] = ()
     server: ServerSettings = field(default_factory=ServerSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
     sources: tuple[str, ...] = ()  # files and variables read, in order
     # Where some keys came from (a file, "environment variable X", "defaults"),
     # for errors found outside this module: see source_of.
@@ -364,6 +455,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "publicKeys": ("public_keys", "strlist"),
         "secretKeys": ("secret_keys", "strlist"),
         "cacheSize": ("cache_size", "count"),
+        "revocationPath": ("revocation_path", "str"),
+        "ledgerPath": ("ledger_path", "str"),
     },
     "authorization": {"defaultScopes": ("default_scopes", "scopes")},
     "runner": {
@@ -380,6 +473,15 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "clientCertificatePath": ("client_certificate_path", "str"),
         "clientKeyPath": ("client_key_path", "str"),
         "endpoints": ("endpoints", "endpoints"),
+        "requestUsage": ("request_usage", "bool"),
+        "hosts": ("hosts", "hostlist"),
+        "balance": ("balance", "balance"),
+        "healthCheck": ("health_check", "healthcheck"),
+        "maxConcurrent": ("max_concurrent", "count"),
+        "maxQueue": ("max_queue", "count"),
+        "queueTimeout": ("queue_timeout", "duration"),
+        "keepAlive": ("keep_alive", "duration"),
+        "strictModels": ("strict_models", "bool"),
         "forwardHeaders": ("forward_headers", "forwardheaders"),
     },
     "server": {
@@ -394,6 +496,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "keepAliveTimeout": ("keep_alive_timeout", "duration"),
         "drainTimeout": ("drain_timeout", "duration"),
         "corsOrigins": ("cors_origins", "origins"),
+        "publicUrl": ("public_url", "publicurl"),
+        "readyWhen": ("ready_when", "readywhen"),
         "trustedProxies": ("trusted_proxies", "networks"),
         "workers": ("workers", "workers"),
     },
@@ -402,14 +506,43 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "perSubject": ("per_subject", "bool"),
         "subjectsMax": ("subjects_max", "count"),
     },
+    "limits": {
+        "backend": ("backend", "limitsbackend"),
+        "onBackendError": ("on_backend_error", "onerror"),
+        "default": ("default", "tier"),
+        "tiers": ("tiers", "tiers"),
+    },
+    "redis": {
+        "url": ("url", "redisurl"),
+        "keyPrefix": ("key_prefix", "keyprefix"),
+        "caPath": ("ca_path", "str"),
+        "commandTimeout": ("command_timeout", "duration"),
+    },
 }
-_TOP = ("logging", "paseto", "authorization", "runners", "server", "metrics")
+_TOP = (
+    "logging",
+    "paseto",
+    "authorization",
+    "runners",
+    "server",
+    "metrics",
+    "limits",
+    "redis",
+)
+_TIER_KEYS = {
+    "requestsPerMinute": "requests_per_minute",
+    "concurrentRequests": "concurrent_requests",
+    "tokensPerDay": "tokens_per_day",
+}
+_TIER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _SECTION_CLASSES: dict[str, type[Any]] = {
     "logging": LoggingSettings,
     "paseto": PasetoSettings,
     "authorization": AuthorizationSettings,
     "server": ServerSettings,
     "metrics": MetricsSettings,
+    "limits": LimitsSettings,
+    "redis": RedisSettings,
 }
 _DEFAULT_RUNNERS: list[dict[str, Any]] = [
     {"name": "ollama", "host": "127.0.0.1:11434", "path": "/", "scheme": "http"}
@@ -445,6 +578,71 @@ def _parse_endpoints(value: object) -> tuple[EndpointRule, ...]:
             raise ValueError(f"endpoints[{i}].scope must be one of {', '.join(SCOPES)}")
         rules.append(EndpointRule(tuple(methods), path, scope))
     return tuple(rules)
+
+
+def _parse_tier(value: object) -> TierLimits:
+    if value is None:
+        return TierLimits()
+    raw = _expect(value, dict, "a mapping of limits")
+    kwargs = {}
+    for key, item in raw.items():
+        attr = _TIER_KEYS.get(key)
+        if attr is None:
+            raise ValueError(f"unknown key {key!r} (known: {', '.join(_TIER_KEYS)})")
+        if item is None:
+            continue  # absent and null both mean unlimited
+        n = _expect(item, int, f"{key} to be a whole number")
+        if n < 0:
+            raise ValueError(f"{key} must not be negative (0 is unlimited)")
+        kwargs[attr] = n
+    return TierLimits(**kwargs)
+
+
+def _parse_tiers(value: object) -> tuple[tuple[str, TierLimits], ...]:
+    if value is None:
+        return ()
+    tiers = []
+    for name, limits in _expect(value, dict, "a mapping of tier names to limits").items():
+        if not isinstance(name, str) or not _TIER_NAME.fullmatch(name):
+            raise ValueError(f"invalid tier name {name!r} (letters, digits, _.:-; up to 64)")
+        if name == "default":
+            raise ValueError("'default' is the limits.default section, not a tier name")
+        try:
+            tiers.append((name, _parse_tier(limits)))
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    return tuple(sorted(tiers))
+
+
+_HEALTH_KEYS = {
+    "path": ("path", "str"),
+    "interval": ("interval", "duration"),
+    "timeout": ("timeout", "duration"),
+    "unhealthyAfter": ("unhealthy_after", "count"),
+    "healthyAfter": ("healthy_after", "count"),
+}
+
+
+def _parse_health_check(value: object) -> HealthCheckSettings:
+    raw = _expect(value, dict, "a mapping (path, interval, timeout, unhealthyAfter, healthyAfter)")
+    kwargs: dict[str, Any] = {}
+    for key, item in raw.items():
+        if key not in _HEALTH_KEYS:
+            raise ValueError(f"unknown key {key!r} (known: {', '.join(_HEALTH_KEYS)})")
+        attr, kind = _HEALTH_KEYS[key]
+        try:
+            kwargs[attr] = _convert(kind, item)
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+    check = HealthCheckSettings(**kwargs)
+    path = check.path
+    if not path.startswith("/") or not path.isascii() or any(c in path for c in " \t\r\n#"):
+        raise ValueError(f"path: must be a path starting with '/', not {check.path!r}")
+    if check.unhealthy_after < 1 or check.healthy_after < 1:
+        raise ValueError("unhealthyAfter and healthyAfter must be at least 1")
+    if check.interval and not 0 < check.timeout <= check.interval:
+        raise ValueError("timeout must be more than 0 and at most the interval")
+    return check
 
 
 def _convert(kind: str, value: object) -> Any:
@@ -538,7 +736,102 @@ def _convert(kind: str, value: object) -> Any:
                 )
             names.append(lower)
         return tuple(dict.fromkeys(names))
+    if kind == "limitsbackend":
+        if value == "redis":
+            raise ValueError("redis is not available in this version; use local")
+        if value != "local":
+            raise ValueError(f"unknown backend {value!r} (local)")
+        return value
+    if kind == "onerror":
+        if value not in ("allow", "deny"):
+            raise ValueError("must be allow or deny")
+        return value
+    if kind == "tier":
+        return _parse_tier(value)
+    if kind == "tiers":
+        return _parse_tiers(value)
+    if kind == "publicurl":
+        return _parse_public_url(_convert("str", value))
+    if kind == "redisurl":
+        text = _convert("str", value)
+        if text:
+            parse_redis_url(text)  # validated here, split in _redis_section
+        return text
+    if kind == "keyprefix":
+        text = _expect(value, str, "a string")
+        if len(text) > 100 or not re.fullmatch(r"[A-Za-z0-9:_.-]*", text):
+            raise ValueError("use at most 100 of A-Z a-z 0-9 : _ . -")
+        return text
+    if kind == "hostlist":
+        items = _expect(value, list, "a list of host:port")
+        if not items:
+            raise ValueError("expected at least one host:port")
+        return tuple(_expect(v, str, "host:port") for v in items)  # parsed with the scheme
+    if kind == "balance":
+        if value not in BALANCES:
+            raise ValueError(f"unknown balance {value!r} (one of {', '.join(BALANCES)})")
+        return value
+    if kind == "healthcheck":
+        return _parse_health_check(value)
+    if kind == "readywhen":
+        if value not in ("any", "all"):
+            raise ValueError("must be any or all")
+        return value
     raise AssertionError(kind)  # pragma: no cover - schema typo
+
+
+def _parse_public_url(text: str) -> str:
+    if not text:
+        return text
+    # An origin only: RFC 9728 puts the well-known path right after the host,
+    # so a path here would name documents outside what the gateway serves.
+    match = re.fullmatch(r"(https?)://([^/?#\s@]+)/?", text)
+    if match is None:
+        raise ValueError("expected the gateway's origin: https://host[:port], no path")
+    try:
+        parse_hostport(match.group(2), 443)
+    except ValueError as exc:
+        raise ValueError(f"invalid host in URL: {exc}") from None
+    return text.rstrip("/")
+
+
+def parse_redis_url(text: str) -> dict[str, Any]:
+    """``redis://[user[:password]@]host[:port][/db]``, or ``rediss://`` for TLS."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid URL: {exc}") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("expected a redis:// or rediss:// URL")
+    if parts.query or parts.fragment:
+        raise ValueError("no query or fragment allowed")
+    host = parts.hostname or ""
+    if not host:
+        raise ValueError("the URL needs a host")
+    _parse_host(host)
+    database = parts.path.lstrip("/")
+    if database and not database.isdigit():
+        raise ValueError("the path must be a database number, e.g. /0")
+    return {
+        "host": host,
+        "port": port or 6379,
+        "tls": parts.scheme == "rediss",
+        "username": unquote(parts.username or ""),
+        "password": unquote(parts.password or ""),
+        "database": int(database or 0),
+    }
+
+
+def _redis_section(section: RedisSettings, environ: Mapping[str, str]) -> RedisSettings:
+    if not section.url:
+        return section
+    fields = parse_redis_url(section.url)
+    if not fields["password"]:
+        fields["password"] = environ.get("REDIS_PASSWORD", "")
+    return dataclasses.replace(section, **fields)
 
 
 # ------------------------------------------------------------------- loading
@@ -696,10 +989,15 @@ def _build_runners(tree: _Tree, errors: _Errors) -> tuple[RunnerSettings, ...]:
                     kwargs[attr] = _convert(kind, raw[key])
                 except ValueError as exc:
                     bad(key, str(exc))
-        for required in ("name", "host", "path"):
+        if "hosts" in kwargs and "host" in kwargs:
+            bad("hosts", "set host or hosts, not both")
+        for required in ("name", "path"):
             # (a value that did not convert is reported already)
             if not kwargs.get(required) and not (required in raw and required not in kwargs):
                 bad(required, "required")
+        unconverted = any(k in raw and k not in kwargs for k in ("host", "hosts"))
+        if not kwargs.get("host") and not kwargs.get("hosts") and not unconverted:
+            bad("host", "required (or hosts)")
         if len(errors.found) > before:
             continue
         try:
@@ -708,15 +1006,40 @@ def _build_runners(tree: _Tree, errors: _Errors) -> tuple[RunnerSettings, ...]:
             bad("path", str(exc))
             continue
         scheme = kwargs.get("scheme", "http")
-        try:
-            host, port = parse_hostport(kwargs["host"], 443 if scheme == "https" else 80)
-        except ValueError as exc:
-            bad("host", str(exc))
-            continue
-        if not host:
-            bad("host", "a host name or address is required")
-            continue
-        kwargs["host"], kwargs["port"] = host, port
+        default_port = 443 if scheme == "https" else 80
+        if "hosts" in kwargs:
+            addresses: list[Address] = []
+            for j, text in enumerate(kwargs["hosts"]):
+                where = f"hosts[{j}]"
+                try:
+                    host, port = parse_hostport(text, default_port)
+                except ValueError as exc:
+                    bad(where, str(exc))
+                    continue
+                if not host:
+                    bad(where, "a host name or address is required")
+                elif Address(host, port) in addresses:
+                    bad(where, f"duplicate host {text!r}")
+                else:
+                    addresses.append(Address(host, port))
+            if len(errors.found) > before:
+                continue
+            kwargs["hosts"] = tuple(addresses)
+            kwargs["host"], kwargs["port"] = addresses[0].host, addresses[0].port
+        else:
+            try:
+                host, port = parse_hostport(kwargs["host"], default_port)
+            except ValueError as exc:
+                bad("host", str(exc))
+                continue
+            if not host:
+                bad("host", "a host name or address is required")
+                continue
+            kwargs["host"], kwargs["port"] = host, port
+        if "balance" not in kwargs:
+            # The built-in endpoint table is Ollama's (policy.py reads names Ollama's
+            # way there); a runner with its own table is of a kind we cannot tell.
+            kwargs["balance"] = "least-outstanding" if kwargs.get("endpoints") else "model-aware"
         if kwargs["path"] in seen:
             bad("path", f"duplicate path {kwargs['path']!r} (also runners[{seen[kwargs['path']]}])")
             continue
@@ -812,6 +1135,11 @@ def load_settings(
     if server.redirect_address is not None and not server.tls:
         errors.add(tree.source_of("server.redirectAddress"), "server.redirectAddress", "needs TLS")
     sections["paseto"] = _secret_key(sections["paseto"], tree, errors)
+    # The URL was validated with its key; here it is split and the password
+    # taken from REDIS_PASSWORD when the URL has none.
+    sections["redis"] = _redis_section(sections["redis"], environ)
+    if sections["redis"].ca_path and not sections["redis"].tls:
+        errors.add(tree.source_of("redis.caPath"), "redis.caPath", "needs rediss://")
     errors.check()
     origins = {key: tree.source_of(key) for key in _SOURCE_KEYS}
     return Settings(runners=runners, sources=tuple(sources), origins=origins, **sections)
@@ -882,15 +1210,15 @@ def _read_secret(path: str) -> str:
 
 
 # Applied by a reload (service.py builds the resource tree from them).
-_LIVE = frozenset({"server.corsOrigins", "server.trustedProxies"})
+_LIVE = frozenset({"server.corsOrigins", "server.readyWhen", "server.trustedProxies"})
 
 
 def restart_needed(old: Settings, new: Settings) -> list[str]:
     """The dotted keys changed from ``old`` to ``new`` that a SIGHUP reload
     cannot apply: the listeners and what is built with them at start (server.*,
-    metrics.*) and the log format."""
+    metrics.*), the Redis connection (redis.*) and the log format."""
     changed = []
-    for section in ("server", "metrics"):
+    for section in ("server", "metrics", "redis"):
         before, after = getattr(old, section), getattr(new, section)
         for key, (attr, _) in _SCHEMA[section].items():
             dotted = f"{section}.{key}"

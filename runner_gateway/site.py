@@ -870,8 +870,15 @@ def access_fields(request: Request, ctx: RequestContext, now: float) -> dict[str
         "completion_tokens": ctx.usage.completion_tokens if ctx.usage is not None else None,
         "aborted": ctx.aborted,
     }
+    if ctx.host is not None:
+        fields["host"] = ctx.host
+    if ctx.queue_wait is not None:
+        fields["queue_ms"] = round(ctx.queue_wait * 1000, 2)
     if ctx.upstream_error:
         fields["upstream_error"] = ctx.upstream_error
+    usage = ctx.usage
+    if usage is not None and not usage.reported and usage.completion_tokens:
+        fields["usage_estimated"] = True  # counted from the chunks, not reported
     if ctx.auth_failure:
         fields["auth_failure"] = ctx.auth_failure
     return fields

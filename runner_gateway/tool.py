@@ -18,6 +18,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from runner_gateway.lifecycle import (
+    UsageProblem,
+    append_ledger,
+    list_issued,
+    list_revocations,
+    revoke,
+)
 from runner_gateway.paseto import (
     LocalKey,
     PasetoError,
@@ -36,9 +43,11 @@ from runner_gateway.paseto import (
     rfc3339,
     secret_key_pem,
 )
+from runner_gateway.revocation import RevocationError, precise_rfc3339
 from runner_gateway.settings import (
     SCOPES,
     PasetoSettings,
+    Settings,
     SettingsError,
     load_settings,
     parse_duration,
@@ -47,7 +56,16 @@ from runner_gateway.settings import (
 __all__ = ["ToolError", "UsageError", "main", "parse_flags"]
 
 PROG = "paseto-tool"
-ACTIONS = ("asymmetric", "symmetric", "public", "private", "validate")
+ACTIONS = (
+    "asymmetric",
+    "symmetric",
+    "public",
+    "private",
+    "validate",
+    "revoke",
+    "revocations",
+    "issued",
+)
 
 
 class ToolError(Exception):
@@ -67,25 +85,46 @@ class _Flag:
     name: str
     help: str
     is_bool: bool = False
+    # A bool flag that also takes -name=VALUE (for -kid: a switch when minting, an id to revoke).
+    may_have_value: bool = False
 
 
 _FLAGS = {
     flag.name: flag
     for flag in (
-        _Flag("action", "asymmetric | symmetric | public | private | validate"),
+        _Flag(
+            "action",
+            "asymmetric | symmetric | public | private | validate | revoke | revocations | issued",
+        ),
         _Flag("settings", "settings directory (default ./settings)"),
         _Flag("env", "settings overlay <settings>/<env>.yaml (else RUNNER_GATEWAY_ENV, GO_ENV)"),
-        _Flag("force", "asymmetric: replace existing key files", is_bool=True),
+        _Flag(
+            "force",
+            "asymmetric: replace existing key files; public/private: allow unknown -runners",
+            is_bool=True,
+        ),
         _Flag("token", "validate: the token, or - to read it from stdin"),
-        _Flag("sub", "public/private: subject claim"),
+        _Flag("sub", "public/private: subject claim; revoke/issued: the subject"),
         _Flag("aud", "public/private: audience claim (default paseto.audience)"),
         _Flag("iss", "public/private: issuer claim (default paseto.issuer)"),
-        _Flag("jti", "public/private: token id (default: random)"),
+        _Flag("jti", "public/private: token id (default: random); revoke: the token id"),
         _Flag("scope", 'public/private: space-separated scopes, e.g. "inference models:read"'),
         _Flag("models", 'public/private: comma-separated model patterns, e.g. "llama3:*,tiny*"'),
         _Flag("runners", 'public/private: comma-separated runner names, e.g. "ollama,corp"'),
-        _Flag("exp", "public/private: lifetime instead of paseto.expiration (Go form: 1h, 30m)"),
-        _Flag("kid", "public/private: put the key's PASERK id in the footer", is_bool=True),
+        _Flag(
+            "exp",
+            "public/private: lifetime instead of paseto.expiration (Go form: 1h, 30m); "
+            "revoke: the longest lifetime of the tokens it revokes (lets the entry expire)",
+        ),
+        _Flag("tier", "public/private: tier claim (a limits tier)"),
+        _Flag(
+            "kid",
+            "public/private: put the key's PASERK id in the footer; "
+            "revoke: -kid=k4.pid... revokes every token of that key",
+            is_bool=True,
+            may_have_value=True,
+        ),
+        _Flag("reason", "revoke: why (kept with the entry, never shown to clients)"),
     )
 }
 
@@ -127,6 +166,8 @@ def parse_flags(argv: Sequence[str]) -> dict[str, Any]:
                 values[name] = True
             elif value in _FALSE:
                 values[name] = False
+            elif flag.may_have_value and value:
+                values[name] = value
             else:
                 raise UsageError(f"invalid boolean value {value!r} for -{name}")
         else:
@@ -192,17 +233,21 @@ class _Tool:
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
-        self._settings: PasetoSettings | None = None
+        self._settings: Settings | None = None
 
     def say(self, text: str) -> None:
         print(text, file=self.stderr)
 
     @property
-    def settings(self) -> PasetoSettings:
+    def all_settings(self) -> Settings:
         if self._settings is None:
             directory = self.flags.get("settings") or "settings"
-            self._settings = load_settings(directory, env=self.flags.get("env") or None).paseto
+            self._settings = load_settings(directory, env=self.flags.get("env") or None)
         return self._settings
+
+    @property
+    def settings(self) -> PasetoSettings:
+        return self.all_settings.paseto
 
     def asymmetric(self) -> None:
         settings = self.settings
@@ -266,6 +311,15 @@ class _Tool:
         for item in scope.split():
             if item not in SCOPES:
                 raise UsageError(f"-scope: unknown scope {item!r} (one of {', '.join(SCOPES)})")
+        if isinstance(flags.get("kid"), str):
+            raise UsageError("-kid takes no value when minting (it is a switch)")
+        known = {runner.name for runner in self.all_settings.runners}
+        unknown = [name for name in _list(flags.get("runners", "")) if name not in known]
+        if unknown and not flags.get("force"):
+            raise ToolError(
+                f"-runners: the settings have no runner named {unknown[0]!r} "
+                f"(they have {', '.join(sorted(known))}; -force mints it anyway)"
+            )
         key: SecretKey | LocalKey
         key = self._secret_key() if purpose == "public" else self._local_key()
         now = time.time()
@@ -276,19 +330,31 @@ class _Tool:
                 claims[claim] = value
         if lifetime:
             claims["exp"] = rfc3339(now + lifetime)
-        claims["nbf"] = claims["iat"] = rfc3339(now)
+        claims["nbf"] = rfc3339(now)
+        # Microseconds: a subject revoked this second keeps tokens minted after it (revocation.py).
+        claims["iat"] = precise_rfc3339(now)
         claims["jti"] = flags.get("jti") or secrets.token_hex(16)
         if scope:
             claims["scope"] = scope
         for claim in ("models", "runners"):
             if claim in flags:
                 claims[claim] = _list(flags[claim])
+        if flags.get("tier"):
+            claims["tier"] = flags["tier"]
         footer = None
         if flags.get("kid"):
             footer = {"kid": footer_kid(key)}
         implicit = settings.implicit_assertion.encode() if settings.version == "v4" else b""
         token = issue(key, claims, footer, implicit=implicit)
+        if settings.ledger_path:
+            # Before the token is shown: no token leaves the tool unrecorded.
+            append_ledger(settings.ledger_path, {**claims, "kid": footer_kid(key)})
         print(token, file=self.stdout)
+        if "sub" not in claims:
+            self.say(
+                "warning: the token has no sub: its requests cannot be told apart in logs and "
+                "metrics, and -action=revoke -sub cannot reach it (use -sub=NAME)"
+            )
         if not lifetime:
             self.say(
                 "warning: the token has no exp; the gateway refuses it unless "
@@ -337,15 +403,18 @@ def main(
             "public": lambda: tool.mint("public"),
             "private": lambda: tool.mint("local"),
             "validate": tool.validate,
+            "revoke": lambda: revoke(flags, tool.all_settings, tool.stdout, err),
+            "revocations": lambda: list_revocations(tool.all_settings, tool.stdout, err),
+            "issued": lambda: list_issued(flags, tool.all_settings, tool.stdout, err),
         }
         actions[action]()
     except _Help:
         print(usage(), file=stdout or sys.stdout)
         return 0
-    except UsageError as exc:
+    except (UsageError, UsageProblem) as exc:
         print(f"{PROG}: {exc} (see {PROG} -help)", file=err)
         return 2
-    except (ToolError, SettingsError, PasetoKeyError) as exc:
+    except (ToolError, SettingsError, PasetoKeyError, RevocationError) as exc:
         print(f"{PROG}: {exc}", file=err)
         return 1
     except OSError as exc:

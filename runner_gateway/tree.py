@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from twisted.web.http_headers import _nameEncoder
@@ -126,19 +126,35 @@ class GatewayRoot(Resource):
         routes: Sequence[Route],
         cors: CorsPolicy,
         readiness: Callable[[], list[str]],
+        details: Callable[[], dict[str, str]] | None = None,
+        paths: Mapping[bytes, IResource] | None = None,
+        runner_states: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         super().__init__()
         self.routes = list(routes)
+        self.details = details
+        # Exact paths served before runner routing (oauth.py's documents and introspection).
+        self.paths = dict(paths or {})
         self.cors = cors
         self.healthz = _Json(lambda: (200, {"status": "ok"}))
         self.readyz = _Json(self._ready)
         self.readiness = readiness
+        self.runner_states = runner_states
 
     def _ready(self) -> tuple[int, dict[str, object]]:
         problems = self.readiness()
-        if problems:
-            return 503, {"status": "not ready", "problems": problems}
-        return 200, {"status": "ready"}
+        payload: dict[str, object] = (
+            {"status": "not ready", "problems": problems} if problems else {"status": "ready"}
+        )
+        # Runner pools with a host down: how many of each runner's hosts are up.
+        states = self.runner_states() if self.runner_states is not None else None
+        if states:
+            payload["runners"] = states
+        # Degraded but serving (e.g. Redis unreachable): said, not a reason to be unready.
+        detail = self.details() if self.details is not None else None
+        if detail:
+            payload["detail"] = detail
+        return (503 if problems else 200), payload
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
         canonical = request.path
@@ -151,6 +167,10 @@ class GatewayRoot(Resource):
             return self.healthz
         if canonical == b"/readyz":
             return self.readyz
+        if self.paths:
+            found_path = self.paths.get(canonical)
+            if found_path is not None:
+                return found_path
         if getattr(request, "body_too_large", False):
             return _Error(413, "request body too large")
         origins = request.requestHeaders._rawHeaders.get(_ORIGIN)  # getRawHeaders(b"origin")

@@ -23,7 +23,10 @@ on a plain :class:`Protocol`:
 * an idle pooled connection the runner has closed (or sent anything on) is
   found before a byte of the next request is written to it (a non-blocking
   peek at its socket) and replaced: that request is retried on another
-  connection. A request whose fresh connection fails is not retried.
+  connection. One that closes as the request arrives, before a byte of the
+  answer (the runner's idle timeout racing the request), is sent again on a
+  fresh connection when the caller allows it (``retry_stale``: requests with
+  no side effects). A request whose fresh connection fails is not retried.
 
 Callers get their answers through an :class:`ResponseHandler`; nothing here
 knows about the gateway's request objects.
@@ -203,6 +206,7 @@ class _Connection(Protocol):
         self.pool = pool
         self.key = key
         self.handler: ResponseHandler | None = None
+        self.call: UpstreamCall | None = None  # set when reused, for a stale retry
         self.lost = False
         self.reused = False
         self.paused = False
@@ -542,6 +546,7 @@ class _Connection(Protocol):
 
     def _complete(self, rest: bytes) -> None:
         handler, self.handler = self.handler, None
+        self.call = None  # an idle connection must not keep the request (and its body)
         self._state = _DONE
         if rest or self._body is not None:
             self._keep_alive = False  # unsolicited bytes, or the body is still going out
@@ -581,6 +586,19 @@ class _Connection(Protocol):
         handler, self.handler = self.handler, None
         if handler is None:
             return
+        call = self.call
+        if (
+            call is not None
+            and call.handler is handler
+            and call.retry_stale
+            and self._state == _STATUS
+            and not self._buf
+        ):
+            # A reused connection closed before a byte of the answer: the
+            # runner closed it as idle while the request was on its way.
+            self.call = None
+            call.resend()
+            return
         if self._state == _BODY_CLOSE and reason.check(*_ClosedOK):
             self._state = _DONE
             handler.response_end(None)
@@ -613,7 +631,9 @@ class UpstreamPool:
         self.reactor = reactor
         self.max_idle_per_key = max_idle_per_key
         self.idle_timeout = idle_timeout
+        self.timeouts: dict[object, float] = {}  # per key, where not idle_timeout
         self._idle: dict[object, list[_Connection]] = {}
+        self._sweep_at = 0.0  # when the sweep runs, while there is one
         self._sweep: IDelayedCall | None = None
 
     def take(self, key: object) -> _Connection | None:
@@ -629,6 +649,9 @@ class UpstreamPool:
             return connection
         return None
 
+    def _timeout(self, key: object) -> float:
+        return self.timeouts.get(key, self.idle_timeout)
+
     def release(self, connection: _Connection) -> None:
         if connection.lost:
             return
@@ -638,8 +661,15 @@ class UpstreamPool:
             oldest.close()
         connection.idle_since = self.reactor.seconds()
         idle.append(connection)
-        if self._sweep is None and self.idle_timeout > 0:
-            self._sweep = self.reactor.callLater(self.idle_timeout, self._expire)
+        timeout = self.timeouts.get(connection.key, self.idle_timeout)
+        if timeout > 0:
+            due = connection.idle_since + timeout
+            if self._sweep is None:
+                self._sweep = self.reactor.callLater(timeout, self._expire)
+                self._sweep_at = due
+            elif self._sweep_at > due:  # a key with a shorter timeout than the sweep's
+                self._sweep.reset(timeout)
+                self._sweep_at = due
 
     def discard(self, connection: _Connection) -> None:
         idle = self._idle.get(connection.key)
@@ -656,22 +686,22 @@ class UpstreamPool:
         now = self.reactor.seconds()
         oldest: float | None = None
         for key in list(self._idle):
+            timeout = self._timeout(key)
             keep = []
             for connection in self._idle[key]:
-                if now - connection.idle_since >= self.idle_timeout:
+                if timeout > 0 and now - connection.idle_since >= timeout:
                     connection.close()
                 else:
                     keep.append(connection)
-                    if oldest is None or connection.idle_since < oldest:
-                        oldest = connection.idle_since
+                    if timeout > 0 and (oldest is None or connection.idle_since + timeout < oldest):
+                        oldest = connection.idle_since + timeout
             if keep:
                 self._idle[key] = keep
             else:
                 del self._idle[key]
         if oldest is not None:
-            self._sweep = self.reactor.callLater(
-                max(oldest + self.idle_timeout - now, 0.001), self._expire
-            )
+            self._sweep_at = max(oldest, now + 0.001)
+            self._sweep = self.reactor.callLater(self._sweep_at - now, self._expire)
 
     def closeCachedConnections(self) -> Deferred[None]:
         """Close every idle connection; fires when they are all gone."""
@@ -696,6 +726,15 @@ class UpstreamCall:
         self.connection: _Connection | None = None
         self._connecting: Deferred[Any] | None = None
         self.cancelled = False
+        self.retry_stale = False
+        self.client: UpstreamClient | None = None
+        self.sent: _SendArgs | None = None
+
+    def resend(self) -> None:
+        """Send again on a fresh connection (the reused one died before answering)."""
+        self.connection = None
+        assert self.client is not None and self.sent is not None
+        self.client._connect(self, self.sent)
 
     def _ours(self) -> _Connection | None:
         connection = self.connection
@@ -744,10 +783,13 @@ class UpstreamClient:
         connect_timeout: float,
         tls_policy: IPolicyForHTTPS | None = None,
         tag: object = None,
+        idle_timeout: float | None = None,
     ) -> None:
         self.reactor = reactor
         self.pool = pool
         self.key = (scheme, host, port, tag)
+        if idle_timeout is not None:
+            pool.timeouts[self.key] = idle_timeout
         kwargs: dict[str, Any] = {}
         if connect_timeout > 0:
             kwargs["timeout"] = connect_timeout
@@ -770,13 +812,26 @@ class UpstreamClient:
         length: int,
         method_head: bool,
         handler: ResponseHandler,
+        retry_stale: bool = True,
     ) -> UpstreamCall:
-        """Send ``head`` (request line, headers) and the body; answers go to ``handler``."""
+        """Send ``head`` (request line, headers) and the body; answers go to ``handler``.
+
+        ``retry_stale``: when a reused connection closes before a byte of the
+        answer, send the request again on a fresh one (for requests that may
+        be repeated).
+        """
         call = UpstreamCall(handler)
         sent: _SendArgs = (head, content, length, method_head, handler)
         connection = self.pool.take(self.key)
         if connection is not None:
             call.connection = connection
+            if retry_stale:
+                call.retry_stale = True
+                call.client = self
+                call.sent = sent
+                connection.call = call
+            else:
+                connection.call = None
             connection.send(*sent)
         else:
             self._connect(call, sent)

@@ -48,7 +48,10 @@ __all__ = [
     "JsonUsageParser",
     "NdjsonUsageParser",
     "SseUsageParser",
+    "UsageChunkFilter",
     "UsageParser",
+    "ask_for_usage",
+    "may_ask_for_usage",
     "parser_for",
 ]
 
@@ -199,8 +202,12 @@ def _is_step(obj: dict[str, Any]) -> bool:
             if choice.get("text"):
                 return True
             delta = choice.get("delta")
-            if isinstance(delta, dict) and any(
-                delta.get(k) for k in ("content", "reasoning_content", "reasoning", "tool_calls")
+            # Every delta with a "content" key is a token, empty ones too:
+            # llama-cpp-python's server sends one chunk per token, {"content": ""}
+            # for tokens without text of their own (and reports no usage).
+            if isinstance(delta, dict) and (
+                "content" in delta
+                or any(delta.get(k) for k in ("reasoning_content", "reasoning", "tool_calls"))
             ):
                 return True
         return False
@@ -519,3 +526,96 @@ class JsonUsageParser(_Base):
     def _pending(self, tally: _Tally) -> None:
         if self._body.size:
             tally.add(self._body.found(whole_body=True))
+
+
+# ------------------------------------------------------- asking for usage
+
+# OpenAI-compatible paths whose streams report usage only when asked
+# (stream_options.include_usage); the Responses API always reports it.
+_ASK_PATHS = frozenset({b"/v1/chat/completions", b"/v1/completions"})
+_ASK = b'"stream_options":{"include_usage":true},'
+
+
+def may_ask_for_usage(path: bytes) -> bool:
+    """True for the paths :func:`ask_for_usage` may change a body on."""
+    return path.split(b"?", 1)[0].rstrip(b"/") in _ASK_PATHS
+
+
+def ask_for_usage(path: bytes, body: bytes) -> bytes | None:
+    """The request body asking for usage, for a streaming OpenAI-style request
+    that did not; None to send the body as it is."""
+    if not may_ask_for_usage(path) or b'"stream"' not in body:
+        return None
+    try:
+        request = orjson.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(request, dict) or request.get("stream") is not True:
+        return None
+    options = request.get("stream_options")
+    if "stream_options" not in request:
+        # The usual case: one key in front, the client's bytes untouched.
+        start = body.index(b"{") + 1
+        return body[:start] + _ASK + body[start:]
+    if options is not None and not isinstance(options, dict):
+        return None  # the runner's to refuse, as it would without the gateway
+    if options is not None and options.get("include_usage") is True:
+        return None
+    request["stream_options"] = {**(options or {}), "include_usage": True}
+    try:
+        return orjson.dumps(request)
+    except TypeError:  # an integer orjson cannot write (over 64 bits)
+        return None
+
+
+class UsageChunkFilter:
+    """Takes the usage-only chunk (``"choices": []`` with ``usage``) out of an
+    SSE stream, for a client that did not ask for it (the gateway did).
+
+    Bytes go through event by event: an event is held until its blank line
+    arrives (runners send whole events, so normally nothing waits); a final
+    CR is held in case its LF follows in the next piece.
+    """
+
+    def __init__(self) -> None:
+        self._event: list[bytes] = []  # lines of the event being read
+        self._tail = b""  # an unterminated last line
+
+    def feed(self, data: bytes) -> bytes:
+        buffer = self._tail + data if self._tail else data
+        lines = buffer.splitlines(keepends=True)
+        self._tail = b""
+        if lines and (not lines[-1].endswith((b"\n", b"\r")) or lines[-1].endswith(b"\r")):
+            self._tail = lines.pop()
+        out: list[bytes] = []
+        event = self._event
+        for line in lines:
+            event.append(line)
+            if line in (b"\n", b"\r\n", b"\r"):
+                if not _usage_only(event):
+                    out.extend(event)
+                event.clear()
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        """What is left when the stream ends (an event without its blank line)."""
+        rest = b"".join(self._event) + self._tail
+        self._event.clear()
+        self._tail = b""
+        return rest
+
+
+def _usage_only(event: list[bytes]) -> bool:
+    joined = b"".join(event)
+    if b'"usage"' not in joined or b'"choices"' not in joined:
+        return False
+    data = [v for v in map(_data_value, (line.rstrip(b"\r\n") for line in event)) if v]
+    try:
+        chunk = orjson.loads(b"\n".join(data))
+    except ValueError:
+        return False
+    return (
+        isinstance(chunk, dict)
+        and chunk.get("choices") == []
+        and isinstance(chunk.get("usage"), dict)
+    )

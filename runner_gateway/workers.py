@@ -60,6 +60,7 @@ from twisted.web.resource import IResource, NoResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import directlyProvides, implementer
 
+from runner_gateway.limits_local import STORE_VARIABLE, new_store_path, remove_store
 from runner_gateway.logs import ACCESS_NAMESPACE
 from runner_gateway.service import (
     GatewayService,
@@ -146,6 +147,7 @@ def merge_exposition(texts: Sequence[str]) -> list[Metric]:
 
 
 _COUNTS = ("requests", "prompt_tokens", "completion_tokens")
+_PER = ("models", "hosts")  # per-model and per-host counts of a subject
 
 
 def merge_usage(snapshots: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -157,26 +159,34 @@ def merge_usage(snapshots: Sequence[dict[str, Any]]) -> dict[str, Any]:
             if merged is None:
                 subjects[name] = {
                     **entry,
-                    "models": {m: dict(c) for m, c in entry["models"].items()},
+                    **{k: {m: dict(c) for m, c in entry.get(k, {}).items()} for k in _PER},
                 }
                 continue
             for key in _COUNTS:
                 merged[key] += entry[key]
             merged["first_seen"] = min(merged["first_seen"], entry["first_seen"])
             merged["last_seen"] = max(merged["last_seen"], entry["last_seen"])
-            for model, counts in entry["models"].items():
-                into = merged["models"].setdefault(model, dict.fromkeys(_COUNTS, 0))
-                for key in _COUNTS:
-                    into[key] += counts[key]
+            for per in _PER:
+                for model, counts in entry.get(per, {}).items():
+                    into = merged[per].setdefault(model, dict.fromkeys(_COUNTS, 0))
+                    for key in _COUNTS:
+                        into[key] += counts[key]
     for entry in subjects.values():
-        entry["models"] = dict(sorted(entry["models"].items()))
-    return {
+        for per in _PER:
+            entry[per] = dict(sorted(entry[per].items()))
+    result: dict[str, Any] = {
         "since": min((s["since"] for s in snapshots), default=None),
         "subjects_max": max((s["subjects_max"] for s in snapshots), default=0),
         "evicted": sum(s["evicted"] for s in snapshots),
         "workers": len(snapshots),
         "subjects": dict(sorted(subjects.items())),
     }
+    # The limits' counts live in the one store every worker shares: each
+    # worker reports the same numbers, so one answer is taken, not a sum.
+    limits = next((s["limits"] for s in snapshots if "limits" in s), None)
+    if limits is not None:
+        result["limits"] = limits
+    return result
 
 
 def worker_argv(options: Any, index: int, executable: str = sys.executable) -> list[str]:
@@ -301,6 +311,9 @@ class WorkerService(GatewayService):
     def _main_endpoint(self) -> IStreamServerEndpoint:
         return AdoptedEndpoint(self.reactor, self.fd, self._creator())
 
+    def _limits_store(self) -> str | None:
+        return os.environ.get(STORE_VARIABLE)
+
     def startService(self) -> None:
         super().startService()
         # Ctrl-C reaches the whole process group: the supervisor alone decides
@@ -419,6 +432,7 @@ class Supervisor(MultiService):
         self.failures: dict[int, int] = {}
         self.pending: dict[int, Any] = {}  # index -> IDelayedCall of a scheduled restart
         self.stopping = False
+        self.limits_store: str | None = None
 
     def setServiceParent(self, parent: Any) -> None:
         # As GatewayService does: our observer replaces twistd's default one.
@@ -471,6 +485,10 @@ class Supervisor(MultiService):
             port=port,
             n=self.count,
         )
+        # The workers' shared limits table (limits_local.py): named here, made
+        # by the first worker that counts; found through their inherited
+        # environment (a restarted worker keeps counting in it).
+        self.limits_store = os.environ[STORE_VARIABLE] = new_store_path()
         for index in range(self.count):
             self._spawn(index)
         if hasattr(signal, "SIGHUP"):
@@ -566,6 +584,7 @@ class Supervisor(MultiService):
             port.stopListening()
         running = list(self.workers.values())
         if not running:
+            self._remove_limits_store()
             return defer.succeed(None)
         _log.info("stopping {n} worker(s)", n=len(running))
         self.forward(signal.SIGTERM)
@@ -576,8 +595,14 @@ class Supervisor(MultiService):
         def finished(_: object) -> None:
             if timer.active():
                 timer.cancel()
+            self._remove_limits_store()
 
         return done.addBoth(finished)
+
+    def _remove_limits_store(self) -> None:
+        store, self.limits_store = self.limits_store, None
+        if store is not None:
+            remove_store(store)
 
     def _kill(self, workers: list[_WorkerProcess]) -> None:
         for worker in workers:

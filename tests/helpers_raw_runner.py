@@ -86,8 +86,10 @@ class RawRunner:
 
     @property
     def requests(self) -> list[Seen]:
-        """What was seen, without the gateway's start-up probes (``GET /``)."""
-        return [s for s in self.seen if s.target != b"/"]
+        """What was seen of clients' requests: without the gateway's own (its
+        start-up probe, health checks and model inventory), which carry no
+        request id."""
+        return [s for s in list(self.seen) if s.header(b"x-request-id")]
 
     def paths(self) -> list[bytes]:
         return [s.target.split(b"?")[0] for s in self.requests]
@@ -101,6 +103,12 @@ class RawRunner:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            self._exchange(conn)
+        except OSError:
+            pass  # the gateway reset the connection (it aborts what it gives up on)
+
+    def _exchange(self, conn: socket.socket) -> None:
         buf = b""
         with conn:
             while True:

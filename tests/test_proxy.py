@@ -920,7 +920,7 @@ def test_forwarding_and_credential_headers() -> None:
         b"x-request-id": [b"id-1"],
         b"host": [b"r:1"],
     }
-    trusted = headers(trusted=True, forward=frozenset({b"cookie"}))
+    trusted = headers(trusted=True, forward=("cookie",))
     assert trusted[b"x-forwarded-for"] == [b"6.6.6.6, 192.0.2.1"]
     assert trusted[b"forwarded"] == [b"for=6.6.6.6;proto=https, for=192.0.2.1"]
     assert trusted[b"x-forwarded-proto"] == [b"https"]

@@ -29,6 +29,7 @@ BASE = (
             ["server.address", "server.headerTimeout"],
         ),
         ("logging: {format: json}\n", ["logging.format"]),
+        ("redis: {url: 'redis://127.0.0.1:6390'}\n", ["redis.url"]),
         ("server: {corsOrigins: ['https://a.example']}\n", []),  # applied live
         ("logging: {level: debug}\n", []),
     ],

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from runner_gateway.settings import (
     Address,
+    HealthCheckSettings,
+    LimitsSettings,
     SettingsError,
+    TierLimits,
     load_settings,
     parse_duration,
     parse_hostport,
@@ -305,3 +309,268 @@ def test_trusted_proxies_and_forward_headers(sdir: Path) -> None:
     assert settings.server.trusted_proxies.is_trusted("::1")
     assert not settings.server.trusted_proxies.is_trusted("127.0.0.1")
     assert settings.runners[0].forward_headers == ("cookie", "x-api-key")
+
+
+# ------------------------------------------------------------------ limits
+
+
+def test_limits_as_the_issue_shows_them(sdir: Path) -> None:
+    write(
+        sdir,
+        "limited.yaml",
+        "limits:\n"
+        "  backend: local\n"
+        "  onBackendError: deny\n"
+        "  default:\n"
+        "    requestsPerMinute: 0\n"
+        "    concurrentRequests: 0\n"
+        "    tokensPerDay: 0\n"
+        "  tiers:\n"
+        "    trial: {requestsPerMinute: 20, concurrentRequests: 2, tokensPerDay: 50000}\n"
+        "    team:  {requestsPerMinute: 600, concurrentRequests: 16, tokensPerDay: 0}\n"
+        "runners: [{name: a, host: 'h:1', path: /, requestUsage: false}]\n",
+    )
+    limits = load_settings(sdir, env="limited", environ={}).limits
+    assert limits.backend == "local"
+    assert limits.on_backend_error == "deny"
+    assert limits.default == TierLimits()
+    assert limits.tiers == (
+        ("team", TierLimits(600, 16, 0)),
+        ("trial", TierLimits(20, 2, 50000)),
+    )
+    assert limits.enabled
+    assert load_settings(sdir, env="limited", environ={}).runners[0].request_usage is False
+
+
+def test_limits_off_by_default_and_absent_means_unlimited(sdir: Path) -> None:
+    settings = load_settings(sdir, environ={})
+    assert settings.limits == LimitsSettings()
+    assert not settings.limits.enabled
+    assert settings.runners[0].request_usage is True
+    write(sdir, "partial.yaml", "limits:\n  default: {requestsPerMinute: 5}\n")
+    limits = load_settings(sdir, env="partial", environ={}).limits
+    assert limits.default == TierLimits(requests_per_minute=5)
+    assert limits.enabled
+
+
+@pytest.mark.parametrize(
+    ("overlay", "key", "fragment"),
+    [
+        (
+            "limits: {backend: redis}\n",
+            "limits.backend",
+            "redis is not available in this version; use local",
+        ),
+        ("limits: {backend: memcached}\n", "limits.backend", "unknown backend"),
+        ("limits: {onBackendError: maybe}\n", "limits.onBackendError", "allow or deny"),
+        ("limits: {rpm: 3}\n", "limits.rpm", "unknown key"),
+        ("limits: {default: {requestPerMinute: 3}}\n", "limits.default", "requestPerMinute"),
+        ("limits: {default: {tokensPerDay: -1}}\n", "limits.default", "must not be negative"),
+        ("limits: {default: {tokensPerDay: 1.5}}\n", "limits.default", "whole number"),
+        ("limits: {default: 5}\n", "limits.default", "a mapping of limits"),
+        ("limits: {tiers: {trial: {burst: 1}}}\n", "limits.tiers", "trial: unknown key 'burst'"),
+        ("limits: {tiers: {'bad tier': {}}}\n", "limits.tiers", "invalid tier name"),
+        ("limits: {tiers: {default: {}}}\n", "limits.tiers", "'default' is the limits.default"),
+        ("limits: {tiers: [trial]}\n", "limits.tiers", "a mapping of tier names"),
+        (
+            "runners: [{name: a, host: 'h:1', path: /, requestUsage: 'no'}]\n",
+            "runners[0].requestUsage",
+            "true or false",
+        ),
+    ],
+)
+def test_bad_limits_name_file_and_key(sdir: Path, overlay: str, key: str, fragment: str) -> None:
+    write(sdir, "bad.yaml", overlay)
+    with pytest.raises(SettingsError) as info:
+        load_settings(sdir, env="bad", environ={})
+    message = str(info.value)
+    assert key in message
+    assert fragment in message
+    assert "bad.yaml" in message
+
+
+# ------------------------------------------------- token lifecycle (issue 18)
+
+
+def test_lifecycle_paths_and_public_url(sdir: Path) -> None:
+    write(
+        sdir,
+        "dev.yaml",
+        "server:\n  publicUrl: https://gw.example.com:8443/\n"
+        "paseto:\n  revocationPath: /var/lib/gw/revoked.jsonl\n  ledgerPath: ledger.jsonl\n",
+    )
+    settings = load_settings(sdir, env="dev", environ={})
+    assert settings.paseto.revocation_path == "/var/lib/gw/revoked.jsonl"
+    assert settings.paseto.ledger_path == "ledger.jsonl"
+    assert settings.server.public_url == "https://gw.example.com:8443"  # no trailing /
+    defaults = load_settings(sdir / "nowhere", environ={})
+    assert (defaults.paseto.revocation_path, defaults.paseto.ledger_path) == ("", "")
+    assert defaults.server.public_url == "" and not defaults.redis.enabled
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "gw.example.com",
+        "ftp://gw",
+        "https://gw/x?y=1",
+        "https://gw/#f",
+        "https://a b/",
+        "https://gw/ai",
+    ],
+)
+def test_bad_public_urls(sdir: Path, url: str) -> None:
+    write(sdir, "settings.yaml", f"server:\n  publicUrl: '{url}'\n")
+    with pytest.raises(SettingsError, match=r"server\.publicUrl: "):
+        load_settings(sdir, environ={})
+
+
+def test_redis_section(sdir: Path) -> None:
+    write(
+        sdir,
+        "settings.yaml",
+        "redis:\n  url: rediss://user:s%40cret@cache.example:6380/3\n"
+        "  keyPrefix: 'gw:'\n  caPath: /etc/ca.pem\n  commandTimeout: 500ms\n",
+    )
+    redis = load_settings(sdir, environ={"REDIS_PASSWORD": "ignored"}).redis
+    assert (redis.host, redis.port, redis.tls, redis.database) == ("cache.example", 6380, True, 3)
+    assert (redis.username, redis.password) == ("user", "s@cret")  # the URL's beats the variable
+    assert (redis.key_prefix, redis.ca_path, redis.command_timeout) == ("gw:", "/etc/ca.pem", 0.5)
+    # The password is never in what could be logged.
+    assert "cret" not in repr(redis) and "cret" not in redis.display_url
+    assert redis.display_url == "rediss://cache.example:6380/3"
+    write(sdir, "settings.yaml", "redis:\n  url: redis://cache\n")
+    redis = load_settings(sdir, environ={"REDIS_PASSWORD": "pw"}).redis
+    assert (redis.password, redis.port, redis.tls, redis.key_prefix) == (
+        "pw",
+        6379,
+        False,
+        "runner-gateway:",
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("redis:\n  url: http://cache\n", "redis.url: expected a redis:// or rediss://"),
+        ("redis:\n  url: redis://\n", "redis.url: the URL needs a host"),
+        ("redis:\n  url: redis://cache/x\n", "redis.url: the path must be a database number"),
+        ("redis:\n  url: redis://cache?x=1\n", "redis.url: no query"),
+        ("redis:\n  url: redis://cache:99999\n", "redis.url: invalid URL"),
+        ("redis:\n  url: redis://a_b c\n", "redis.url"),
+        ('redis:\n  keyPrefix: "a b"\n', "redis.keyPrefix: use at most 100"),
+        ("redis:\n  commandTimeout: soon\n", "redis.commandTimeout"),
+        ("redis:\n  url: redis://cache\n  caPath: /ca.pem\n", "redis.caPath: needs rediss://"),
+        ("redis:\n  colour: red\n", "redis.colour: unknown key"),
+        ("redis:\n", "redis: empty section"),
+    ],
+)
+def test_bad_redis_settings(sdir: Path, body: str, message: str) -> None:
+    write(sdir, "settings.yaml", body)
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        load_settings(sdir, environ={})
+
+
+# ------------------------------------------------------------- runner pools
+
+
+def test_host_is_a_pool_of_one_with_the_pool_defaults(sdir: Path) -> None:
+    runner = load_settings(sdir, environ={}).runners[0]
+    assert runner.addresses == (Address("127.0.0.1", 11434),)
+    assert runner.balance == "model-aware"  # the built-in (Ollama) endpoint table
+    assert runner.health_check == HealthCheckSettings("/", 5.0, 2.0, 2, 1)
+    assert (runner.max_concurrent, runner.max_queue, runner.queue_timeout) == (0, 64, 60.0)
+    assert 0 < runner.keep_alive < 5  # below uvicorn's 5 s idle timeout
+    assert runner.strict_models is True
+    assert load_settings(sdir, environ={}).server.ready_when == "any"
+
+
+def test_a_pool_of_hosts(sdir: Path) -> None:
+    write(
+        sdir,
+        "p.yaml",
+        "runners:\n"
+        "  - name: gpu\n"
+        "    path: /gpu\n"
+        "    scheme: https\n"
+        "    hosts: [10.0.0.5:11434, gpu6.example.com, '[::1]:8080']\n"
+        "    balance: round-robin\n"
+        "    healthCheck: {path: /api/version, interval: 10s, timeout: 1s,"
+        " unhealthyAfter: 3, healthyAfter: 2}\n"
+        "    maxConcurrent: 4\n"
+        "    maxQueue: 8\n"
+        "    queueTimeout: 2m\n"
+        "    keepAlive: 2s\n"
+        "    strictModels: false\n"
+        "server: {readyWhen: all}\n",
+    )
+    s = load_settings(sdir, env="p", environ={})
+    runner = s.runners[0]
+    assert runner.addresses == (
+        Address("10.0.0.5", 11434),
+        Address("gpu6.example.com", 443),
+        Address("::1", 8080),
+    )
+    assert (runner.host, runner.port) == ("10.0.0.5", 11434)
+    assert runner.balance == "round-robin"
+    assert runner.health_check == HealthCheckSettings("/api/version", 10.0, 1.0, 3, 2)
+    assert (runner.max_concurrent, runner.max_queue, runner.queue_timeout) == (4, 8, 120.0)
+    assert (runner.keep_alive, runner.strict_models) == (2.0, False)
+    assert s.server.ready_when == "all"
+
+
+def test_own_endpoint_table_balances_by_outstanding_requests(sdir: Path) -> None:
+    write(
+        sdir,
+        "e.yaml",
+        "runners: [{name: a, host: 'h:1', path: /, endpoints: "
+        "[{methods: [post], path: /completion, scope: inference}]}]\n",
+    )
+    assert load_settings(sdir, env="e", environ={}).runners[0].balance == "least-outstanding"
+
+
+def test_health_checks_can_be_off(sdir: Path) -> None:
+    write(
+        sdir, "h.yaml", "runners: [{name: a, host: 'h:1', path: /, healthCheck: {interval: 0}}]\n"
+    )
+    assert load_settings(sdir, env="h", environ={}).runners[0].health_check.interval == 0
+
+
+@pytest.mark.parametrize(
+    ("runner", "key", "fragment"),
+    [
+        ("hosts: ['h:1'], host: 'h:2'", "runners[0].hosts", "not both"),
+        ("hosts: []", "runners[0].hosts", "at least one"),
+        ("hosts: 'h:1'", "runners[0].hosts", "a list"),
+        ("hosts: ['h:1', 'h:x']", "runners[0].hosts[1]", "invalid port"),
+        ("hosts: ['h:1', 'h:1']", "runners[0].hosts[1]", "duplicate host"),
+        ("hosts: [':1']", "runners[0].hosts[0]", "host name or address is required"),
+        ("host: 'h:1', balance: random", "runners[0].balance", "unknown balance"),
+        ("host: 'h:1', healthCheck: {path: /, every: 5s}", "healthCheck", "unknown key 'every'"),
+        ("host: 'h:1', healthCheck: {path: health}", "healthCheck", "starting with '/'"),
+        ("host: 'h:1', healthCheck: {interval: 5}", "healthCheck", "interval: expected a duration"),
+        ("host: 'h:1', healthCheck: {unhealthyAfter: 0}", "healthCheck", "at least 1"),
+        ("host: 'h:1', healthCheck: {interval: 1s, timeout: 2s}", "healthCheck", "at most"),
+        ("host: 'h:1', healthCheck: [1]", "healthCheck", "a mapping"),
+        ("host: 'h:1', maxConcurrent: -1", "runners[0].maxConcurrent", "negative"),
+        ("host: 'h:1', maxQueue: many", "runners[0].maxQueue", "whole number"),
+        ("host: 'h:1', queueTimeout: soon", "runners[0].queueTimeout", "invalid duration"),
+        ("host: 'h:1', keepAlive: 4", "runners[0].keepAlive", "a duration"),
+        ("host: 'h:1', strictModels: 'yes'", "runners[0].strictModels", "true or false"),
+        ("path: /x", "runners[0].host", "required (or hosts)"),
+    ],
+)
+def test_bad_pool_settings(sdir: Path, runner: str, key: str, fragment: str) -> None:
+    if "path:" not in runner:
+        runner += ", path: /"
+    write(sdir, "bad.yaml", f"runners: [{{name: a, {runner}}}]\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(sdir, env="bad", environ={})
+    message = str(info.value)
+    assert key in message and fragment in message and "bad.yaml" in message
+
+
+def test_ready_when_is_any_or_all(sdir: Path) -> None:
+    write(sdir, "bad.yaml", "server: {readyWhen: most}\n")
+    with pytest.raises(SettingsError, match=r"server\.readyWhen: must be any or all"):
+        load_settings(sdir, env="bad", environ={})

@@ -156,6 +156,7 @@ def test_public_token_carries_the_flags_and_validates(
         "-models=llama3:*,tiny*",
         "-runners=ollama, corp",
         "-kid",
+        "-force",  # corp is no runner of these settings
     )
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip()
@@ -167,8 +168,9 @@ def test_public_token_carries_the_flags_and_validates(
     assert claims["scope"] == "inference models:read"
     assert claims["models"] == ["llama3:*", "tiny*"]
     assert claims["runners"] == ["ollama", "corp"]
-    assert claims["nbf"] == claims["iat"]
-    assert epoch(claims["exp"]) - epoch(claims["iat"]) == 3600  # paseto.expiration
+    # iat to the microsecond (for -action=revoke -sub), nbf and exp in whole seconds.
+    assert epoch(claims["nbf"]) == int(epoch(claims["iat"]))
+    assert epoch(claims["exp"]) - epoch(claims["nbf"]) == 3600  # paseto.expiration
     # The footer names the key, and the gateway's verifier agrees.
     settings = load_settings(workdir / "settings", environ={})
     monkeypatch.chdir(workdir)  # keyPath and publicPath are relative, as for the server
@@ -188,7 +190,7 @@ def test_private_token_validates_via_module_and_stdin(workdir: Path) -> None:
     assert checked.returncode == 0, checked.stderr
     claims = json.loads(checked.stdout)
     assert claims["sub"] == "bob"
-    assert epoch(claims["exp"]) - epoch(claims["iat"]) == 1800  # -exp beats the settings
+    assert epoch(claims["exp"]) - epoch(claims["nbf"]) == 1800  # -exp beats the settings
     assert len(claims["jti"]) >= 16
     assert load_local_key(secret, "v4").paserk_id() in checked.stderr  # the footer's kid
 

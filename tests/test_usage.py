@@ -15,7 +15,9 @@ from runner_gateway.usage import (
     JsonUsageParser,
     NdjsonUsageParser,
     SseUsageParser,
+    UsageChunkFilter,
     UsageParser,
+    ask_for_usage,
     parser_for,
 )
 
@@ -324,7 +326,9 @@ def test_sse_cut_short() -> None:
     # Cut inside the fourth word's event: three words seen.
     fourth = OPENAI_SSE.index('"content": "t€"'.encode())
     parser = parse(SSE, b"/v1/chat/completions", [OPENAI_SSE[:fourth]])
-    assert result(parser) == (0, 3, "gpt-4o-mini", False)
+    # Three words, and the opening delta: every delta with a "content" key
+    # counts, empty ones too (llama-cpp-python's tokens without text, issue 19).
+    assert result(parser) == (0, 4, "gpt-4o-mini", False)
     usage_at = OPENAI_SSE.index(b'"usage": {')
     # The usage event arrived but not its blank line: it still counts.
     end_of_usage = OPENAI_SSE.index(b"\r\n", usage_at)
@@ -517,3 +521,98 @@ def test_stream_end_is_seen(parser: type[Any], chunks: list[bytes], ended: bool)
     for chunk in chunks:
         p.feed(chunk)
     assert p.ended is ended
+
+
+# ------------------------------------------------- llama-cpp-python, asking for usage
+
+# llama-cpp-python's server: one chunk per token; the role alone first,
+# {"content": ""} for tokens without text of their own, {} with the finish
+# reason last; no usage, whatever stream_options says. 16 tokens.
+_LLAMA_CPP_TOKENS = ["Hello", "", " there", "!", "", " How", " can", " I", "", " help"]
+_LLAMA_CPP_TOKENS += [" you", " today", "?", "", " 🦙", ""]
+LLAMA_CPP_SSE = sse(
+    {"model": "m", "choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+    *[
+        {"model": "m", "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]}
+        for t in _LLAMA_CPP_TOKENS
+    ],
+    {"model": "m", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+    "[DONE]",
+    eol=b"\r\n",
+)
+
+
+def test_llama_cpp_python_estimate_counts_every_content_delta() -> None:
+    assert len(_LLAMA_CPP_TOKENS) == 16
+    parser = parse(SSE, b"/v1/chat/completions", [LLAMA_CPP_SSE])
+    assert result(parser) == (0, 16, "m", False)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            b'{"model": "m", "stream": true}',
+            b'{"stream_options":{"include_usage":true},"model": "m", "stream": true}',
+        ),
+        (
+            b' {"stream":true,"stream_options":{"include_usage":false,"x":1}}',
+            b'{"stream":true,"stream_options":{"include_usage":true,"x":1}}',
+        ),
+        (
+            b'{"stream":true,"stream_options":null}',
+            b'{"stream":true,"stream_options":{"include_usage":true}}',
+        ),
+        (b'{"stream":true,"stream_options":{"include_usage":true}}', None),
+        (b'{"stream":false}', None),
+        (b'{"model":"m"}', None),
+        (b'{"stream":"true"}', None),
+        (b'{"stream":true,"stream_options":"yes"}', None),
+        (b"not json", None),
+        (b'["stream", true]', None),
+    ],
+)
+def test_ask_for_usage(body: bytes, expected: bytes | None) -> None:
+    asked = ask_for_usage(b"/v1/chat/completions", body)
+    assert asked == expected
+    if asked is not None:
+        assert json.loads(asked)["stream_options"]["include_usage"] is True
+        assert {k: v for k, v in json.loads(asked).items() if k != "stream_options"} == {
+            k: v for k, v in json.loads(body).items() if k != "stream_options"
+        }
+
+
+def test_ask_for_usage_only_on_chat_and_completions() -> None:
+    body = b'{"stream": true}'
+    assert ask_for_usage(b"/v1/completions?x=1", body) is not None
+    assert ask_for_usage(b"/v1/chat/completions/", body) is not None
+    assert ask_for_usage(b"/v1/responses", body) is None
+    assert ask_for_usage(b"/api/chat", body) is None
+
+
+def _filtered(pieces: list[bytes]) -> bytes:
+    f = UsageChunkFilter()
+    return b"".join(f.feed(p) for p in pieces) + f.flush()
+
+
+@settings(max_examples=80, deadline=None)
+@given(cuts=st.lists(st.integers(0, 4000), max_size=12), eol=st.sampled_from([b"\n", b"\r\n"]))
+def test_usage_chunk_filter_drops_only_the_usage_chunk(cuts: list[int], eol: bytes) -> None:
+    usage_chunk = {"id": "c", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+    words = [openai_chunk(w) for w in WORDS]
+    body = sse(*words, usage_chunk, "[DONE]", eol=eol)
+    wanted = sse(*words, "[DONE]", eol=eol)
+    points = sorted({c % (len(body) + 1) for c in cuts})
+    pieces = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True)]
+    assert _filtered(pieces) == wanted
+    # A chunk with choices and usage (OpenAI's final usage on some servers) stays.
+    both = {"id": "c", "choices": [{"delta": {}}], "usage": {"prompt_tokens": 1}}
+    assert _filtered([sse(both, eol=eol)]) == sse(both, eol=eol)
+
+
+def test_usage_chunk_filter_passes_whole_events_at_once_and_keeps_a_cut_end() -> None:
+    f = UsageChunkFilter()
+    event = sse(openai_chunk("a"))
+    assert f.feed(event) == event  # nothing held back
+    assert f.feed(b'data: {"partial') == b""
+    assert f.flush() == b'data: {"partial'

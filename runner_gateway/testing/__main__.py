@@ -33,6 +33,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="model to list (repeatable; default: the built-in four)",
     )
     parser.add_argument(
+        "--loaded",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="listed model to report as loaded in /api/ps from the start (repeatable)",
+    )
+    parser.add_argument(
         "--allow-host", action="append", default=[], metavar="HOST", help="extra allowed Host"
     )
     parser.add_argument(
@@ -68,6 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif runner.allowed_hosts is not None:
         runner.allowed_hosts.update(h.lower() for h in args.allow_host)
     runner.allowed_origins.extend(args.allow_origin)
+    for name in args.loaded:
+        model = runner.model(name)
+        if model is None:
+            parser_error = f"--loaded {name}: not a listed model"
+            print(parser_error, file=sys.stderr)
+            return 2
+        runner.mark_loaded(str(model["name"]))
     port = listen(runner, reactor, port=args.port, interface=args.host)
     address = port.getHost()
     host = getattr(address, "host", args.host)

@@ -422,7 +422,7 @@ class StandInRunner:
             return self.header_delay if self.header_delay > 0 else SLOW_LOAD_SECONDS
         return self.header_delay
 
-    def _mark_loaded(self, name: str) -> None:
+    def mark_loaded(self, name: str) -> None:
         self.loaded[name] = time.time() + KEEP_ALIVE_SECONDS
 
     def _next_id(self, prefix: str) -> str:
@@ -531,7 +531,7 @@ class StandInRunner:
             source = prompt_text
             empty = not prompt_text and not body.get("images")
         if mode is None:
-            self._mark_loaded(name)
+            self.mark_loaded(name)
         if empty:
             return self._load_only(request, name, body, chat, stream, mode)
         pieces = replies.reply_pieces(source, count)
@@ -612,7 +612,7 @@ class StandInRunner:
             prompt_words = [w for p in prompts for w in replies.words(p)]
             source = prompts[-1]
         if mode is None:
-            self._mark_loaded(name)
+            self.mark_loaded(name)
         pieces = replies.reply_pieces(source, count)
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -745,7 +745,7 @@ class StandInRunner:
         size = dims if isinstance(dims, int) and dims > 0 else replies.EMBEDDING_DIMENSIONS
         delay = self._load_delay(mode)
         if mode is None:
-            self._mark_loaded(name)
+            self.mark_loaded(name)
         data = _dumps(
             {
                 "model": name,
@@ -762,7 +762,7 @@ class StandInRunner:
         name, mode = self._resolve(self._model_name(body, False), False, None)
         prompt = str(body.get("prompt") or "")
         if mode is None:
-            self._mark_loaded(name)
+            self.mark_loaded(name)
         vector = replies.embedding(prompt) if prompt else []
         return self._later(request, mode, _dumps({"embedding": vector}))
 
@@ -782,7 +782,7 @@ class StandInRunner:
             value: object = replies.embedding_base64(vector) if as_base64 else vector
             data.append({"object": "embedding", "embedding": value, "index": index})
         if mode is None:
-            self._mark_loaded(name)
+            self.mark_loaded(name)
         payload = {
             "object": "list",
             "data": data,
