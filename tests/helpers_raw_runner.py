@@ -21,6 +21,7 @@ Paths (after decoding; the query is ignored):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -103,10 +104,9 @@ class RawRunner:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        try:
+        # The gateway may reset a connection (it aborts what it gives up on).
+        with contextlib.suppress(OSError):
             self._exchange(conn)
-        except OSError:
-            pass  # the gateway reset the connection (it aborts what it gives up on)
 
     def _exchange(self, conn: socket.socket) -> None:
         buf = b""
