@@ -678,16 +678,13 @@ def paired(
     }
 
 
-# What each hot-path fix (runner_gateway/fastpath.py) is worth, in the same run:
+# What each hot-path fix (runner_gateway/edge/fastpath.py) is worth, in the same run:
 # one gateway per variant, measured in turns so all see the same background load.
 VARIANTS = {
     "all fixes off": "off",
     "without content-type cache": "content-type",
     "without send-now": "send-now",
     "without whole-head": "whole-head",
-    "without dispatch": "dispatch",
-    "without accept": "accept",
-    "without loop": "loop",
     "without date cache": "date",
     "all fixes on": "",
 }
