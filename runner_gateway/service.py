@@ -182,6 +182,7 @@ class GatewayService(MultiService):
             observers=self.observers,
             trace=settings.logging.level == "trace",
         )
+        self.site.trusted_proxies = settings.server.trusted_proxies
         if isinstance(observer, _LevelControl):
             self.site.access_log = observer.access
         if settings.server.tls:
@@ -387,6 +388,7 @@ class GatewayService(MultiService):
         self.site.resource = generation.root
         self.site.max_body_size = max(r.max_body_size for r in settings.runners)
         self.site.trace = settings.logging.level == "trace"
+        self.site.trusted_proxies = settings.server.trusted_proxies
         if isinstance(self.observer, _LevelControl):
             self.observer.set_level(settings.logging.level)
         _log.info("settings reloaded: {n} runner(s)", n=len(settings.runners))
