@@ -337,7 +337,9 @@ def test_token_quota_openai_gives_up_at_once_and_ollama_sees_429(limited: Limite
     assert info.value.code == "insufficient_quota"
     body = info.value.body
     assert isinstance(body, dict) and body.get("type") == "insufficient_quota"
-    ollama_client = ollama.Client(host=f"{gw.url}/fast", headers={"Authorization": f"Bearer {token}"})
+    ollama_client = ollama.Client(
+        host=f"{gw.url}/fast", headers={"Authorization": f"Bearer {token}"}
+    )
     with pytest.raises(ollama.ResponseError) as oinfo:
         ollama_client.chat(model="llama3.2:1b", messages=[{"role": "user", "content": "hi"}])
     assert oinfo.value.status_code == 429
