@@ -162,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="self-test, then exit")
     args = parser.parse_args(argv)
     root = Path(args.dir).resolve()
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too, explicitly: a process started in the background of a
+    # non-interactive shell inherits SIGINT ignored, and Python then installs
+    # no KeyboardInterrupt handler for it.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _stop)
     try:
         return _run(args, root)
