@@ -138,7 +138,7 @@ def test_token_quota_charged_at_the_end_then_insufficient_quota(gate: Gate) -> N
     error = json.loads(body)["error"]
     assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
     usage = gate.limiter.usage()
-    assert usage is not None
+    assert isinstance(usage, dict)
     entry = usage["subjects"]["jti:token-1"]
     assert (entry["tokens_today"], entry["tokens_estimated"], entry["tokens_remaining"]) == (
         13,

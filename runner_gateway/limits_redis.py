@@ -1,0 +1,379 @@
+"""The ``redis`` limits backend: every replica counts in one Redis (``redis:`` settings).
+
+Every step is one server-side Lua script (EVALSHA, EVAL again after a
+NOSCRIPT: a restarted or failed-over Redis has forgotten it), so two replicas
+can never both take the last slot or the last request of the minute: Redis
+runs one script at a time, with no read-modify-write between processes.
+
+Keys (all under :meth:`SharedState.key`, so all in the ``{rg}`` hash slot:
+Redis Cluster accepts scripts whose keys share a slot):
+
+* ``limits:s:<subject>``: a hash per subject, with ``r:<second>`` request
+  buckets (the same 60 one-second sliding window as the local backend;
+  buckets that left it are deleted by the next admission), one
+  ``c:<holder>:<n>`` field per concurrency slot held, and ``t`` (its tier,
+  for /usage); it expires two days after its last admission;
+* ``limits:t:<subject>:<day>`` and ``limits:e:<subject>:<day>``: tokens
+  (and estimated tokens) charged on that UTC day, expiring after two days;
+* ``limits:holders``: a sorted set of the processes holding slots, scored by
+  the end of their lease. Each process renews its lease every second
+  (:meth:`RedisBackend.renew`); a slot counts only while its holder's lease
+  runs, so a replica killed with SIGKILL gives its slots back within
+  ``LEASE`` seconds, and the next admission deletes the dead slots' fields;
+* ``limits:subjects``: a sorted set of subjects by last admission, for /usage.
+
+Times are the gateway's clock (replicas are expected to run NTP), so the
+arithmetic is :mod:`runner_gateway.limits`'s, exactly as for ``local``.
+
+A slot's field names its request, so giving it back is an idempotent HDEL:
+an admission whose answer missed its deadline is given back the same way (it
+may have run), and a finish that failed (Redis down) is retried until it is
+written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from runner_gateway.limits import (
+    DAY,
+    WINDOW,
+    BackendError,
+    Counts,
+    Verdict,
+    day_of,
+    decide,
+    display_key,
+    remaining,
+    window,
+)
+from runner_gateway.settings import LimitsSettings, TierLimits
+from runner_gateway.shared_state import SharedState
+
+__all__ = ["LEASE", "RedisBackend"]
+
+LEASE = 5.0  # seconds a process's slots count without a renewal
+KEEP = 2 * DAY  # seconds a subject's keys outlive their last use
+SNAPSHOT_MAX = 1000  # subjects /usage reads, most recently seen first
+
+# KEYS: subject hash, tokens today, holders, subjects. ARGV: now, rpm, slots,
+# tpd, holder, slot field, tier, lease, keep, subject. Returns {allowed, requests, oldest second,
+# concurrent, tokens, buckets (second, count, ...) when the minute is full}.
+_ADMIT = """
+local now = tonumber(ARGV[1])
+local rpm, slots, tpd = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local second = math.floor(now)
+local first = second - 59
+local fields = redis.call('HGETALL', KEYS[1])
+local requests, oldest, concurrent = 0, -1, 0
+local buckets, stale, lease = {}, {}, {}
+for i = 1, #fields, 2 do
+  local f, n = fields[i], tonumber(fields[i + 1])
+  local kind = string.sub(f, 1, 2)
+  if kind == 'r:' then
+    local s = tonumber(string.sub(f, 3))
+    if s < first then
+      stale[#stale + 1] = f
+    else
+      requests = requests + n
+      buckets[#buckets + 1] = s
+      buckets[#buckets + 1] = n
+      if oldest < 0 or s < oldest then oldest = s end
+    end
+  elseif kind == 'c:' then
+    local holder = string.match(f, '^c:([^:]+):')
+    if lease[holder] == nil then
+      lease[holder] = tonumber(redis.call('ZSCORE', KEYS[3], holder) or '0')
+    end
+    if lease[holder] > now then concurrent = concurrent + 1 else stale[#stale + 1] = f end
+  end
+end
+if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
+local tokens = tonumber(redis.call('GET', KEYS[2]) or '0')
+local allowed = 1
+if tpd > 0 and tokens >= tpd then allowed = 0
+elseif rpm > 0 and requests >= rpm then allowed = 0
+elseif slots > 0 and concurrent >= slots then allowed = 0 end
+if allowed == 1 then
+  redis.call('HINCRBY', KEYS[1], 'r:' .. second, 1)
+  if slots > 0 then
+    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[8]), ARGV[5])
+    redis.call('HSET', KEYS[1], ARGV[6], 1)
+  end
+end
+redis.call('HSET', KEYS[1], 't', ARGV[7])
+redis.call('EXPIRE', KEYS[1], ARGV[9])
+redis.call('ZADD', KEYS[4], now, ARGV[10])
+if not (rpm > 0 and requests >= rpm) then buckets = {} end
+return {allowed, requests, oldest, concurrent, tokens, buckets}
+"""
+
+# KEYS: subject hash, tokens today, estimated today. ARGV: slot field ("" for
+# none), tokens, estimated (0/1), keep.
+_FINISH = """
+if ARGV[1] ~= '' then redis.call('HDEL', KEYS[1], ARGV[1]) end
+local tokens = tonumber(ARGV[2])
+if tokens > 0 then
+  redis.call('INCRBY', KEYS[2], tokens)
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  if ARGV[3] == '1' then
+    redis.call('INCRBY', KEYS[3], tokens)
+    redis.call('EXPIRE', KEYS[3], ARGV[4])
+  end
+end
+return 1
+"""
+
+# KEYS: holders, subjects. ARGV: holder, now, lease (0: give the lease up), keep.
+_RENEW = """
+local now = tonumber(ARGV[2])
+if tonumber(ARGV[3]) > 0 then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[4]))
+return 1
+"""
+
+
+class _Script:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+
+_SCRIPTS = {
+    name: _Script(text)
+    for name, text in (("admit", _ADMIT), ("finish", _FINISH), ("renew", _RENEW))
+}
+
+
+class RedisBackend:
+    """The counts of every replica, in one Redis; every method answers with a Deferred
+    (or raises :class:`BackendError` at once while Redis is not connected)."""
+
+    def __init__(
+        self,
+        shared: SharedState,
+        deadline: float,
+        report: Callable[[Exception | None], None],
+    ) -> None:
+        self.shared = shared
+        self.deadline = deadline  # seconds an admission may wait for Redis
+        self.report = report  # a failure (Exception) or a success (None), for health
+        self.holder = secrets.token_hex(8)
+        self._n = itertools.count(1)
+        self._slots: dict[str, list[str]] = {}  # key -> slot fields this process holds
+        self._retry: list[tuple[str, str, int, bool, int]] = []  # finishes not written yet
+        self._holders = shared.key("limits:holders")
+        self._subjects = shared.key("limits:subjects")
+
+    def _hash(self, key: str) -> str:
+        return self.shared.key("limits:s:" + key)
+
+    def _tokens(self, key: str, day: int, estimated: bool = False) -> str:
+        return self.shared.key(f"limits:{'e' if estimated else 't'}:{key}:{day}")
+
+    def _run(self, name: str, keys: list[str], args: list[Any]) -> defer.Deferred[Any]:
+        """EVALSHA, then EVAL when Redis does not know the script (yet)."""
+        if not self.shared.up:
+            raise BackendError("Redis is not connected")
+        script = _SCRIPTS[name]
+        d = self.shared.command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+        def unknown(failure: Failure) -> Any:
+            if "NOSCRIPT" in str(failure.value):
+                return self.shared.command("EVAL", script.text, len(keys), *keys, *args)
+            return failure
+
+        d.addErrback(unknown)
+        return d
+
+    # ------------------------------------------------------------ Backend
+
+    def admit(self, key: str, tier: str, limits: TierLimits, now: float) -> defer.Deferred[Verdict]:
+        rpm, slots, tpd = (
+            limits.requests_per_minute,
+            limits.concurrent_requests,
+            limits.tokens_per_day,
+        )
+        field = f"c:{self.holder}:{next(self._n)}" if slots else ""
+        d = self._run(
+            "admit",
+            [self._hash(key), self._tokens(key, day_of(now)), self._holders, self._subjects],
+            [repr(now), rpm, slots, tpd, self.holder, field, tier, LEASE, KEEP, key],
+        )
+        d.addTimeout(self.deadline, self.shared.reactor)
+
+        def answered(reply: list[Any]) -> Verdict:
+            allowed, requests, oldest, concurrent, tokens, flat = reply
+            requests, oldest = int(requests), int(oldest)
+            counts = Counts(
+                requests,
+                oldest + WINDOW - now if requests else 0.0,
+                0.0,
+                int(concurrent),
+                int(tokens),
+            )
+            if flat:  # the minute is full: when does one more fit?
+                ints = [int(x) for x in flat]
+                full = window(zip(ints[::2], ints[1::2], strict=True), now, rpm)
+                counts = Counts(
+                    full.requests,
+                    full.requests_free_in,
+                    full.retry_requests,
+                    counts.concurrent,
+                    counts.tokens,
+                )
+            verdict = decide(limits, counts, now)
+            if verdict.allowed != (int(allowed) == 1):  # pragma: no cover - the same rules
+                raise BackendError("the admission script and decide() disagree")
+            if verdict.allowed and field:
+                self._slots.setdefault(key, []).append(field)
+            self.report(None)
+            return verdict
+
+        def failed(failure: Failure) -> Failure:
+            if field:  # it may have run: give its slot back (a no-op if it did not)
+                self._retry.append((key, field, 0, False, day_of(now)))
+            error = failure.value
+            why = (
+                error
+                if isinstance(error, BackendError)
+                else BackendError(f"Redis did not answer the admission ({type(error).__name__})")
+            )
+            return Failure(why)
+
+        return d.addCallbacks(answered, failed)
+
+    def finish(self, key: str, slot: bool, tokens: int, estimated: bool, now: float) -> None:
+        field = ""
+        if slot:
+            held = self._slots.get(key)
+            if held:
+                field = held.pop()
+                if not held:
+                    del self._slots[key]
+        if field or tokens:
+            self._write(key, field, tokens, estimated, day_of(now))
+
+    def _write(self, key: str, field: str, tokens: int, estimated: bool, day: int) -> None:
+        entry = (key, field, tokens, estimated, day)
+        try:
+            d = self._run(
+                "finish",
+                [self._hash(key), self._tokens(key, day), self._tokens(key, day, True)],
+                [field, tokens, 1 if estimated else 0, KEEP],
+            )
+        except BackendError as exc:
+            self._retry.append(entry)
+            self.report(exc)
+            return
+
+        def failed(failure: Failure) -> None:
+            self._retry.append(entry)
+            self.report(BackendError(str(failure.value)))
+
+        d.addErrback(failed)
+
+    def flush(self) -> None:
+        """Retry the finishes Redis did not take (idempotent for slots)."""
+        if self._retry and self.shared.up:
+            pending, self._retry = self._retry, []
+            for entry in pending:
+                self._write(*entry)
+
+    def renew(self, now: float) -> None:
+        d = self._run(
+            "renew", [self._holders, self._subjects], [self.holder, repr(now), LEASE, KEEP]
+        )
+
+        def renewed(_: object) -> None:
+            self.report(None)
+            self.flush()
+
+        def failed(failure: Failure) -> None:
+            self.report(BackendError(str(failure.value)))
+
+        d.addCallbacks(renewed, failed)
+
+    def snapshot(self, settings: LimitsSettings, now: float) -> defer.Deferred[dict[str, Any]]:
+        """Each subject seen in the last day (at most SNAPSHOT_MAX), read from Redis."""
+        tiers = dict(settings.tiers)
+        day = day_of(now)
+
+        @defer.inlineCallbacks
+        def read() -> Any:
+            keys = yield self.shared.command(
+                "ZREVRANGEBYSCORE",
+                self._subjects,
+                "+inf",
+                repr(now - DAY),
+                "LIMIT",
+                0,
+                SNAPSHOT_MAX,
+            )
+            holders = yield self.shared.command("ZRANGEBYSCORE", self._holders, repr(now), "+inf")
+            live = set(holders or [])
+            replies = yield defer.gatherResults(
+                [
+                    defer.gatherResults(
+                        [
+                            self.shared.command("HGETALL", self._hash(key)),
+                            self.shared.command("GET", self._tokens(key, day)),
+                            self.shared.command("GET", self._tokens(key, day, True)),
+                        ]
+                    )
+                    for key in keys or []
+                ],
+                consumeErrors=True,
+            )
+            subjects: dict[str, Any] = {}
+            for key, (flat, tokens, estimated) in zip(keys or [], replies, strict=True):
+                fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+                tier = fields.get("t", "default")
+                limits = settings.default if tier == "default" else tiers.get(tier)
+                if limits is None:
+                    continue  # a tier removed from the settings since
+                buckets = [(int(f[2:]), int(n)) for f, n in fields.items() if f.startswith("r:")]
+                counts = window(buckets, now, 0)
+                concurrent = sum(
+                    1 for f in fields if f.startswith("c:") and f.split(":")[1] in live
+                )
+                counts = Counts(counts.requests, 0.0, 0.0, concurrent, int(tokens or 0))
+                if not (counts.requests or counts.concurrent or counts.tokens):
+                    continue
+                subjects[display_key(key)] = {
+                    "tier": tier,
+                    "requests_last_minute": counts.requests,
+                    "concurrent": counts.concurrent,
+                    "tokens_today": counts.tokens,
+                    "tokens_estimated": int(estimated or 0),
+                    "requests_per_minute": limits.requests_per_minute,
+                    "concurrent_requests": limits.concurrent_requests,
+                    "tokens_per_day": limits.tokens_per_day,
+                    **remaining(limits, counts),
+                }
+            return {"backend": "redis", "day": day, "subjects": dict(sorted(subjects.items()))}
+
+        if not self.shared.up:
+            raise BackendError("Redis is not connected")
+        return read()
+
+    def close(self) -> None:
+        """Give up this process's lease: its slots stop counting at once."""
+        self._slots.clear()
+        try:
+            d = self._run("renew", [self._holders, self._subjects], [self.holder, "0", 0, KEEP])
+        except BackendError:
+            return  # the lease runs out by itself
+        d.addErrback(lambda failure: None)
