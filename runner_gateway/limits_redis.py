@@ -55,7 +55,7 @@ from runner_gateway.limits import (
     window,
 )
 from runner_gateway.settings import LimitsSettings, TierLimits
-from runner_gateway.shared_state import SharedState
+from runner_gateway.shared_state import RedisReplyError, SharedState
 
 __all__ = ["LEASE", "RedisBackend"]
 
@@ -191,7 +191,7 @@ class RedisBackend:
         d = self.shared.command("EVALSHA", script.sha, len(keys), *keys, *args)
 
         def unknown(failure: Failure) -> Any:
-            if "NOSCRIPT" in str(failure.value):
+            if isinstance(failure.value, RedisReplyError) and "NOSCRIPT" in str(failure.value):
                 return self.shared.command("EVAL", script.text, len(keys), *keys, *args)
             return failure
 

@@ -40,6 +40,7 @@ from runner_gateway.revocation import Revocation, RevocationError, RevocationSta
 from runner_gateway.settings import RedisSettings
 
 __all__ = [
+    "RedisReplyError",
     "SharedRevocations",
     "SharedState",
     "SharedStateUnavailable",
@@ -60,6 +61,10 @@ T = TypeVar("T")
 
 class SharedStateUnavailable(Exception):
     """Redis is not connected (or did not answer in time)."""
+
+
+class RedisReplyError(SharedStateUnavailable):
+    """Redis answered with an error (e.g. NOSCRIPT); its text, which names no secret."""
 
 
 class _Factory(txredisapi.RedisFactory):  # type: ignore[misc]
@@ -272,6 +277,8 @@ class SharedState:
         d.addTimeout(self.settings.command_timeout * 2, self.reactor)
 
         def unavailable(failure: Any) -> Any:
+            if isinstance(failure.value, txredisapi.ResponseError):
+                raise RedisReplyError(str(failure.value))
             raise SharedStateUnavailable(
                 f"Redis did not answer {name} ({type(failure.value).__name__})"
             )
