@@ -385,7 +385,7 @@ class AdmissionResource(Resource):
 
 
 def _gone(request: Request) -> bool:
-    return bool(request.finished or request._disconnected)
+    return bool(request.finished or getattr(request, "_disconnected", False))
 
 
 def _ask_for_usage(request: Request, ctx: RequestContext) -> None:

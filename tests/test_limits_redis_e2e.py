@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -252,3 +253,33 @@ def test_a_killed_replica_gives_its_slots_back(replicas: Replicas) -> None:
         finally:
             for s in streams:
                 s.close()
+
+
+def _quick_get(replica: Replica, token: str) -> int:
+    """A request that fails the test if the gateway holds it (Redis silent)."""
+    parts = urlsplit(replica.gw.url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+    try:
+        conn.request("GET", "/api/tags", headers={"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_a_silent_redis_never_holds_a_request(replicas: Replicas) -> None:
+    token = replicas.settings.token(sub="silence", tier="wide")
+    assert _quick_get(replicas.b, token) == 200
+    proc = replicas.redis.proc
+    assert proc is not None
+    proc.send_signal(signal.SIGSTOP)  # connected, but no answer ever comes
+    try:
+        # Each answer comes within the deadline (redis.commandTimeout: 0.5 s).
+        for _ in range(3):
+            assert _quick_get(replicas.a, token) == 200
+            assert _quick_get(replicas.b, token) == 503
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    for replica in replicas.both:
+        _wait(lambda r=replica: _quick_get(r, token) == 200, "served again")  # type: ignore[misc]
