@@ -172,7 +172,8 @@ class Limiter:
         except BackendError as exc:
             self._backend_failed(exc)
         else:
-            self._backend_ok()
+            if self._kind == "local":  # the redis backend reports when Redis answered
+                self._backend_ok()
 
     def _backend_failed(self, exc: Exception) -> None:
         if not self._failing:  # once per outage

@@ -273,13 +273,20 @@ def test_a_silent_redis_never_holds_a_request(replicas: Replicas) -> None:
     assert _quick_get(replicas.b, token) == 200
     proc = replicas.redis.proc
     assert proc is not None
+    seen = [(r, len(r.gw.lines)) for r in replicas.both]
     proc.send_signal(signal.SIGSTOP)  # connected, but no answer ever comes
     try:
         # Each answer comes within the deadline (redis.commandTimeout: 0.5 s).
         for _ in range(3):
             assert _quick_get(replicas.a, token) == 200
             assert _quick_get(replicas.b, token) == 503
+        time.sleep(3)  # renewals, reconnects and their PINGs go unanswered meanwhile
     finally:
         proc.send_signal(signal.SIGCONT)
+    # One warning per process and outage, however many renewals went unanswered.
+    for replica, start in seen:
+        lines = [json.loads(x) for x in replica.gw.lines[start:] if x.startswith("{")]
+        warned = [r["pid"] for r in lines if "redis backend failed" in str(r["message"])]
+        assert warned and len(warned) == len(set(warned))
     for replica in replicas.both:
         _wait(lambda r=replica: _quick_get(r, token) == 200, "served again")  # type: ignore[misc]
