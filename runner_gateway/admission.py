@@ -125,8 +125,7 @@ class Limiter:
             if self.shared is None:  # settings.py refuses it; fail closed all the same
                 self._backend_failed(BackendError("limits.backend: redis needs redis.url"))
                 return
-            deadline = self.shared.settings.command_timeout
-            self.backend = RedisBackend(self.shared, deadline, self._report)
+            self.backend = RedisBackend(self.shared, self._report)
             return
         try:
             if self._store is None:

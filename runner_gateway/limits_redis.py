@@ -63,17 +63,20 @@ LEASE = 5.0  # seconds a process's slots count without a renewal
 KEEP = 2 * DAY  # seconds a subject's keys outlive their last use
 SNAPSHOT_MAX = 1000  # subjects /usage reads, most recently seen first
 
-# KEYS: subject hash, tokens today, holders, subjects. ARGV: now, rpm, slots,
-# tpd, holder, slot field, tier, lease, keep, subject. Returns {allowed, requests, oldest second,
-# concurrent, tokens, buckets (second, count, ...) when the minute is full}.
+# KEYS: subject hash, tokens today, holders, subjects. ARGV: "now rpm slots tpd
+# lease keep" (one argument: fewer to encode), holder, slot field, tier, subject.
+# Returns {allowed, requests, oldest second, concurrent, tokens, buckets
+# (second, count, ...) when the minute is full}.
 _ADMIT = """
-local now = tonumber(ARGV[1])
-local rpm, slots, tpd = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = {}
+for x in string.gmatch(ARGV[1], '%S+') do n[#n + 1] = tonumber(x) end
+local now, rpm, slots, tpd, lease, keep = n[1], n[2], n[3], n[4], n[5], n[6]
+local holder, field = ARGV[2], ARGV[3]
 local second = math.floor(now)
 local first = second - 59
 local fields = redis.call('HGETALL', KEYS[1])
 local requests, oldest, concurrent = 0, -1, 0
-local buckets, stale, lease = {}, {}, {}
+local buckets, stale, leases = {}, {}, {}
 for i = 1, #fields, 2 do
   local f, n = fields[i], tonumber(fields[i + 1])
   local kind = string.sub(f, 1, 2)
@@ -88,11 +91,11 @@ for i = 1, #fields, 2 do
       if oldest < 0 or s < oldest then oldest = s end
     end
   elseif kind == 'c:' then
-    local holder = string.match(f, '^c:([^:]+):')
-    if lease[holder] == nil then
-      lease[holder] = tonumber(redis.call('ZSCORE', KEYS[3], holder) or '0')
+    local owner = string.match(f, '^c:([^:]+):')
+    if leases[owner] == nil then
+      leases[owner] = tonumber(redis.call('ZSCORE', KEYS[3], owner) or '0')
     end
-    if lease[holder] > now then concurrent = concurrent + 1 else stale[#stale + 1] = f end
+    if leases[owner] > now then concurrent = concurrent + 1 else stale[#stale + 1] = f end
   end
 end
 if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
@@ -104,32 +107,38 @@ elseif slots > 0 and concurrent >= slots then allowed = 0 end
 if allowed == 1 then
   redis.call('HINCRBY', KEYS[1], 'r:' .. second, 1)
   if slots > 0 then
-    redis.call('ZADD', KEYS[3], now + tonumber(ARGV[8]), ARGV[5])
-    redis.call('HSET', KEYS[1], ARGV[6], 1)
+    redis.call('ZADD', KEYS[3], now + lease, holder)
+    redis.call('HSET', KEYS[1], field, 1)
   end
 end
-redis.call('HSET', KEYS[1], 't', ARGV[7])
-redis.call('EXPIRE', KEYS[1], ARGV[9])
-redis.call('ZADD', KEYS[4], now, ARGV[10])
+redis.call('HSET', KEYS[1], 't', ARGV[4])
+redis.call('EXPIRE', KEYS[1], keep)
+redis.call('ZADD', KEYS[4], now, ARGV[5])
 if not (rpm > 0 and requests >= rpm) then buckets = {} end
 return {allowed, requests, oldest, concurrent, tokens, buckets}
 """
 
-# KEYS: subject hash, tokens today, estimated today. ARGV: slot field ("" for
-# none), tokens, estimated (0/1), keep.
+# Several finishes at once. KEYS: per finish, the subject hash, tokens today,
+# estimated today. ARGV: keep, then per finish the slot field ("" for none),
+# tokens, estimated (0/1).
 _FINISH = """
-if ARGV[1] ~= '' then redis.call('HDEL', KEYS[1], ARGV[1]) end
-local tokens = tonumber(ARGV[2])
-if tokens > 0 then
-  redis.call('INCRBY', KEYS[2], tokens)
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
-  if ARGV[3] == '1' then
-    redis.call('INCRBY', KEYS[3], tokens)
-    redis.call('EXPIRE', KEYS[3], ARGV[4])
+local keep = ARGV[1]
+for i = 0, #KEYS / 3 - 1 do
+  local k, a = 3 * i, 1 + 3 * i
+  if ARGV[a + 1] ~= '' then redis.call('HDEL', KEYS[k + 1], ARGV[a + 1]) end
+  local tokens = tonumber(ARGV[a + 2])
+  if tokens > 0 then
+    redis.call('INCRBY', KEYS[k + 2], tokens)
+    redis.call('EXPIRE', KEYS[k + 2], keep)
+    if ARGV[a + 3] == '1' then
+      redis.call('INCRBY', KEYS[k + 3], tokens)
+      redis.call('EXPIRE', KEYS[k + 3], keep)
+    end
   end
 end
 return 1
 """
+FINISH_BATCH = 100  # finishes per script call at most
 
 # KEYS: holders, subjects. ARGV: holder, now, lease (0: give the lease up), keep.
 _RENEW = """
@@ -158,22 +167,20 @@ _SCRIPTS = {
 
 
 class RedisBackend:
-    """The counts of every replica, in one Redis; every method answers with a Deferred
-    (or raises :class:`BackendError` at once while Redis is not connected)."""
+    """The counts of every replica, in one Redis. ``admit`` and ``snapshot`` answer
+    with a Deferred, failed unless Redis answers within ``redis.commandTimeout``
+    (txredisapi's reply timeout); every method raises :class:`BackendError` at
+    once while Redis is not connected."""
 
-    def __init__(
-        self,
-        shared: SharedState,
-        deadline: float,
-        report: Callable[[Exception | None], None],
-    ) -> None:
+    def __init__(self, shared: SharedState, report: Callable[[Exception | None], None]) -> None:
         self.shared = shared
-        self.deadline = deadline  # seconds an admission may wait for Redis
         self.report = report  # a failure (Exception) or a success (None), for health
         self.holder = secrets.token_hex(8)
         self._n = itertools.count(1)
         self._slots: dict[str, list[str]] = {}  # key -> slot fields this process holds
-        self._retry: list[tuple[str, str, int, bool, int]] = []  # finishes not written yet
+        # Finishes not written yet (queued until flush(), or failed): key, slot
+        # field, tokens, estimated, day.
+        self._pending: list[tuple[str, str, int, bool, int]] = []
         self._holders = shared.key("limits:holders")
         self._subjects = shared.key("limits:subjects")
 
@@ -210,9 +217,8 @@ class RedisBackend:
         d = self._run(
             "admit",
             [self._hash(key), self._tokens(key, day_of(now)), self._holders, self._subjects],
-            [repr(now), rpm, slots, tpd, self.holder, field, tier, LEASE, KEEP, key],
+            [f"{now!r} {rpm} {slots} {tpd} {LEASE} {KEEP}", self.holder, field, tier, key],
         )
-        d.addTimeout(self.deadline, self.shared.reactor)
 
         def answered(reply: list[Any]) -> Verdict:
             allowed, requests, oldest, concurrent, tokens, flat = reply
@@ -244,7 +250,7 @@ class RedisBackend:
 
         def failed(failure: Failure) -> Failure:
             if field:  # it may have run: give its slot back (a no-op if it did not)
-                self._retry.append((key, field, 0, False, day_of(now)))
+                self._pending.append((key, field, 0, False, day_of(now)))
             error = failure.value
             why = (
                 error
@@ -256,6 +262,8 @@ class RedisBackend:
         return d.addCallbacks(answered, failed)
 
     def finish(self, key: str, slot: bool, tokens: int, estimated: bool, now: float) -> None:
+        # Queued: the Limiter flushes 20 ms after the first, so that the
+        # responses ending close together share one script call.
         field = ""
         if slot:
             held = self._slots.get(key)
@@ -264,33 +272,33 @@ class RedisBackend:
                 if not held:
                     del self._slots[key]
         if field or tokens:
-            self._write(key, field, tokens, estimated, day_of(now))
-
-    def _write(self, key: str, field: str, tokens: int, estimated: bool, day: int) -> None:
-        entry = (key, field, tokens, estimated, day)
-        try:
-            d = self._run(
-                "finish",
-                [self._hash(key), self._tokens(key, day), self._tokens(key, day, True)],
-                [field, tokens, 1 if estimated else 0, KEEP],
-            )
-        except BackendError as exc:
-            self._retry.append(entry)
-            self.report(exc)
-            return
-
-        def failed(failure: Failure) -> None:
-            self._retry.append(entry)
-            self.report(BackendError(str(failure.value)))
-
-        d.addErrback(failed)
+            self._pending.append((key, field, tokens, estimated, day_of(now)))
 
     def flush(self) -> None:
-        """Retry the finishes Redis did not take (idempotent for slots)."""
-        if self._retry and self.shared.up:
-            pending, self._retry = self._retry, []
-            for entry in pending:
-                self._write(*entry)
+        """Write the queued finishes; those Redis does not take stay queued (giving
+        a slot back twice is harmless; tokens may be charged twice when Redis ran
+        a script whose answer was lost)."""
+        if not self._pending or not self.shared.up:
+            return
+        pending, self._pending = self._pending, []
+        for at in range(0, len(pending), FINISH_BATCH):
+            batch = pending[at : at + FINISH_BATCH]
+            keys: list[str] = []
+            args: list[Any] = [KEEP]
+            for key, field, tokens, estimated, day in batch:
+                keys += [self._hash(key), self._tokens(key, day), self._tokens(key, day, True)]
+                args += [field, tokens, 1 if estimated else 0]
+            try:
+                d = self._run("finish", keys, args)
+            except BackendError as exc:
+                self._pending += batch
+                self.report(exc)
+                continue
+            d.addErrback(self._not_written, batch)
+
+    def _not_written(self, failure: Failure, batch: list[tuple[str, str, int, bool, int]]) -> None:
+        self._pending += batch
+        self.report(BackendError(str(failure.value)))
 
     def renew(self, now: float) -> None:
         d = self._run(
