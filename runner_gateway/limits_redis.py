@@ -65,8 +65,9 @@ SNAPSHOT_MAX = 1000  # subjects /usage reads, most recently seen first
 
 # KEYS: subject hash, tokens today, holders, subjects. ARGV: "now rpm slots tpd
 # lease keep" (one argument: fewer to encode), holder, slot field, tier, subject.
-# Returns {allowed, requests, oldest second, concurrent, tokens, buckets
-# (second, count, ...) when the minute is full}.
+# Returns "allowed requests oldest-second concurrent tokens", then the buckets
+# "second count ..." when the minute is full: one string, the cheapest reply
+# for the client to read.
 _ADMIT = """
 local n = {}
 for x in string.gmatch(ARGV[1], '%S+') do n[#n + 1] = tonumber(x) end
@@ -114,8 +115,9 @@ end
 redis.call('HSET', KEYS[1], 't', ARGV[4])
 redis.call('EXPIRE', KEYS[1], keep)
 redis.call('ZADD', KEYS[4], now, ARGV[5])
-if not (rpm > 0 and requests >= rpm) then buckets = {} end
-return {allowed, requests, oldest, concurrent, tokens, buckets}
+local reply = allowed .. ' ' .. requests .. ' ' .. oldest .. ' ' .. concurrent .. ' ' .. tokens
+if rpm > 0 and requests >= rpm then reply = reply .. ' ' .. table.concat(buckets, ' ') end
+return reply
 """
 
 # Several finishes at once. KEYS: per finish, the subject hash, tokens today,
@@ -220,9 +222,8 @@ class RedisBackend:
             [f"{now!r} {rpm} {slots} {tpd} {LEASE} {KEEP}", self.holder, field, tier, key],
         )
 
-        def answered(reply: list[Any]) -> Verdict:
-            allowed, requests, oldest, concurrent, tokens, flat = reply
-            requests, oldest = int(requests), int(oldest)
+        def answered(reply: str) -> Verdict:
+            allowed, requests, oldest, concurrent, tokens, *flat = map(int, reply.split())
             counts = Counts(
                 requests,
                 oldest + WINDOW - now if requests else 0.0,
@@ -231,8 +232,7 @@ class RedisBackend:
                 int(tokens),
             )
             if flat:  # the minute is full: when does one more fit?
-                ints = [int(x) for x in flat]
-                full = window(zip(ints[::2], ints[1::2], strict=True), now, rpm)
+                full = window(zip(flat[::2], flat[1::2], strict=True), now, rpm)
                 counts = Counts(
                     full.requests,
                     full.requests_free_in,
@@ -241,7 +241,7 @@ class RedisBackend:
                     counts.tokens,
                 )
             verdict = decide(limits, counts, now)
-            if verdict.allowed != (int(allowed) == 1):  # pragma: no cover - the same rules
+            if verdict.allowed != (allowed == 1):  # pragma: no cover - the same rules
                 raise BackendError("the admission script and decide() disagree")
             if verdict.allowed and field:
                 self._slots.setdefault(key, []).append(field)

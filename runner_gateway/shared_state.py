@@ -67,8 +67,28 @@ class RedisReplyError(SharedStateUnavailable):
     """Redis answered with an error (e.g. NOSCRIPT); its text, which names no secret."""
 
 
+class _Protocol(txredisapi.RedisProtocol):  # type: ignore[misc]
+    def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
+        # The same bytes as txredisapi's, built in one join: its encoder took
+        # a fifth of the client's CPU time per limits admission.
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            if isinstance(arg, str):
+                raw = arg.encode(self.charset or "utf-8", self.errors)
+            elif isinstance(arg, bytes):
+                raw = arg
+            elif isinstance(arg, float):
+                raw = format(arg, "f").encode()
+            else:
+                raw = str(arg).encode()
+            parts.append(b"$%d\r\n%b\r\n" % (len(raw), raw))
+        return b"".join(parts)
+
+
 class _Factory(txredisapi.RedisFactory):  # type: ignore[misc]
     """Tells its owner when the connection comes and goes."""
+
+    protocol = _Protocol
 
     # Reconnect backoff: 0.5 s, then x e, capped so a replica catches up within 5 s of Redis.
     initialDelay = 0.5
