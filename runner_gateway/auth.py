@@ -20,11 +20,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.logger import Logger
-from twisted.web.http_headers import _nameEncoder
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from runner_gateway.context import RequestContext, context_of
+from runner_gateway.edge.fastpath import canonical_name
 from runner_gateway.errors import send_error
 from runner_gateway.paseto import PasetoError, TokenVerifier, VerifiedToken
 from runner_gateway.revocation import RevocationState
@@ -47,7 +47,7 @@ REALM = "runner-gateway"
 _ALNUM = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _TCHARS = _ALNUM + b"!#$%&'*+-.^_`|~"
 # The header's name as twisted.web's Headers keeps it (its canonical form).
-_AUTHORIZATION = _nameEncoder.encode(b"authorization")
+_AUTHORIZATION = canonical_name(b"authorization")
 _B64CHARS = _ALNUM + b"-._~+/"
 # What RFC 6750 allows inside error_description: printable ASCII without '"' and '\'.
 _UNSAFE_DESCRIPTION = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]+")

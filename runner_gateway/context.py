@@ -9,18 +9,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from twisted.web.iweb import IRequest
 
     from runner_gateway.settings import RunnerSettings
-    from runner_gateway.site import RequestObserver
     from runner_gateway.usage import UsageChunkFilter, UsageParser
 
 from runner_gateway.usage import parser_for
 
-__all__ = ["RequestContext", "context_of"]
+__all__ = ["RequestContext", "RequestObserver", "context_of"]
+
+
+class RequestObserver(Protocol):
+    """Told when a response starts and when a request ends (metrics)."""
+
+    def response_started(self, ctx: RequestContext) -> None: ...
+
+    def request_finished(self, ctx: RequestContext) -> None: ...
 
 
 @dataclass

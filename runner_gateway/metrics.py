@@ -32,6 +32,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from runner_gateway.admission import REFUSED_KEY
 from runner_gateway.context import RequestContext
+from runner_gateway.edge import fastpath
 from runner_gateway.limits import KINDS as LIMIT_KINDS
 from runner_gateway.paseto.errors import REASONS as PASETO_REASONS
 from runner_gateway.settings import MetricsSettings
@@ -235,6 +236,25 @@ class UsageTable:
 # ------------------------------------------------------------------ metrics
 
 
+class _FastpathInfo:
+    """runner_gateway_fastpath_info{fix,state}: each hot-path fix (fastpath.py),
+    1 while on; read from fastpath's own record at each scrape."""
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "runner_gateway_fastpath_info",
+            "Hot-path fixes: 1 while on; state is on, switched-off, unavailable "
+            "(this Twisted lacks what it needs) or not-applicable.",
+            labels=["fix", "state"],
+        )
+        for fix, state in sorted(fastpath.states().items()):
+            family.add_metric([fix, state], 1.0 if state == "on" else 0.0)
+        return [family]
+
+
 class _Limits(Protocol):
     """What the metrics read of admission.Limiter."""
 
@@ -345,6 +365,7 @@ class Metrics:
             buckets=QUEUE_BUCKETS,
             registry=reg,
         )
+        reg.register(_FastpathInfo())
         # Fixed vocabularies start at zero so rate() sees the first failure.
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason=reason)

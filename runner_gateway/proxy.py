@@ -40,20 +40,20 @@ from twisted.web import resource
 from twisted.web._newclient import ParseError
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.http import NO_BODY_CODES
-from twisted.web.http_headers import Headers, _nameEncoder
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from runner_gateway.broadcast import BROADCAST_ROUTES, Broadcast, streamed
 from runner_gateway.context import RequestContext, context_of
+from runner_gateway.edge.fastpath import cached_header_name, canonical_name
+from runner_gateway.edge.site import on_finish
 from runner_gateway.errors import send_error
-from runner_gateway.fastpath import cached_header_name
 from runner_gateway.policy import INFERENCE, MODELS_MANAGE, MODELS_READ
 from runner_gateway.pool import DOWN, QUEUED, Collector, PoolHost, RunnerPool
 from runner_gateway.poolviews import POOL_LISTINGS, merge_listings
 from runner_gateway.settings import RunnerSettings
-from runner_gateway.site import on_finish
 from runner_gateway.upstream import (
     UpstreamCall,
     UpstreamPool,
@@ -237,7 +237,7 @@ def _copy_response_headers(upstream: _Grouped, target: Headers, head: bool) -> N
             if b"\r" in value or b"\n" in value:
                 value = b" ".join(value.splitlines())
             clean.append(value)
-        table[cached_header_name(raw_name) or _nameEncoder.encode(raw_name)] = clean
+        table[cached_header_name(raw_name) or canonical_name(raw_name)] = clean
 
 
 def response_headers(upstream: Headers, target: Headers, head: bool) -> None:

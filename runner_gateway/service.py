@@ -1,6 +1,7 @@
-"""The twistd service: settings -> resource tree -> listeners, plus signals.
+"""The gateway service: settings -> resource tree -> listeners, plus signals.
 
-``make_service`` is what the twistd plugin calls. A bad start (settings,
+entry.py builds it (or workers.py's supervisor and workers, which build on
+it) for the twistd plugin. A bad start (settings,
 keys, certificates, a port that cannot be bound) ends the process with one
 line on stderr and a non-zero status, never a traceback.
 
@@ -21,13 +22,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService
-from twisted.internet import defer, tcp
+from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import ILogObserver, Logger
-from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
@@ -35,8 +35,10 @@ from twisted.web.client import _HTTP11ClientFactory as HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
-from runner_gateway import __version__, fastpath
+from runner_gateway import __version__
 from runner_gateway.admission import Limiter
+from runner_gateway.context import RequestObserver
+from runner_gateway.edge.site import GatewaySite
 from runner_gateway.logs import (
     ACCESS_NAMESPACE,
     access_line,
@@ -50,10 +52,8 @@ from runner_gateway.settings import (
     RunnerSettings,
     Settings,
     SettingsError,
-    load_settings,
     restart_needed,
 )
-from runner_gateway.site import GatewaySite, RequestObserver
 from runner_gateway.tree import CorsPolicy, GatewayRoot, Route
 from runner_gateway.upstream import UpstreamPool
 
@@ -61,28 +61,9 @@ if TYPE_CHECKING:
     from runner_gateway.health import HealthChecker
     from runner_gateway.pool import RunnerPool
 
-__all__ = ["GatewayService", "Options", "build_root", "make_service"]
+__all__ = ["GatewayService", "StartupError", "build_root"]
 
 _log = Logger()
-
-
-class Options(usage.Options):
-    synopsis = "[--env NAME] [--settings DIR] [--logging-level LEVEL]"
-    longdesc = (
-        "Serve the runner gateway. Settings come from DIR/settings.yaml overlaid by "
-        "DIR/NAME.yaml (NAME from --env, else $RUNNER_GATEWAY_ENV, else $GO_ENV), then "
-        "LOGGING_LEVEL, PASETO_SECRET_KEY, SERVER_ADDRESS, SERVER_CERTIFICATE_PATH and "
-        "SERVER_KEY_PATH from the environment."
-    )
-    optParameters = [
-        ["env", "e", None, "settings overlay name (settings/NAME.yaml)"],
-        ["settings", "s", "settings", "settings directory"],
-        ["logging-level", None, None, "override logging.level (trace, debug, info, warn, error)"],
-        # Internal (workers.py): set by the supervisor on the worker processes it starts.
-        ["worker-fd", None, None, "internal: serve on this inherited listening socket"],
-        ["worker-index", None, None, "internal: this worker's number"],
-        ["supervisor-pid", None, None, "internal: the supervisor a worker stops without"],
-    ]
 
 
 class StartupError(SystemExit):
@@ -338,11 +319,6 @@ class GatewayService(MultiService):
         outcome = result[0]
         if hasattr(outcome, "raiseException"):
             outcome.raiseException()
-        if isinstance(outcome, tcp.Port):
-            # Port._logger is a descriptor that makes a new Logger on each use,
-            # twice per accepted connection; the port keeps one instead.
-            outcome._logger = outcome._logger
-            fastpath.install_accept(outcome)
         self.ports.append(outcome)
 
     def startService(self) -> None:
@@ -378,8 +354,6 @@ class GatewayService(MultiService):
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, self._on_sighup)
         self.limiter.start()
-        fastpath.install_dispatch(self.reactor)
-        fastpath.install_loop(self.reactor)
         _settle_gc()
 
     def _on_sighup(self, signum: int, frame: object) -> None:
@@ -568,37 +542,3 @@ class _LevelControl:
         would give, for a third of the cost of twisted.logger's event path."""
         if self.access_on:
             write_line(self.stream, access_line(self.fmt, time.time(), namespace, fields))
-
-
-def make_service(options: Options | dict[str, Any], reactor: Any = None) -> MultiService:
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
-
-    def load() -> Settings:
-        return load_settings(
-            options["settings"], env=options["env"], logging_level=options["logging-level"]
-        )
-
-    try:
-        settings = load()
-    except SettingsError as exc:
-        raise StartupError(str(exc)) from None
-    control = _LevelControl(settings.logging.level, settings.logging.format)
-    from zope.interface import directlyProvides
-
-    directlyProvides(control, ILogObserver)
-    try:
-        # server.workers > 1: this process supervises workers (workers.py).
-        if options.get("worker-fd") is not None:
-            from runner_gateway.workers import make_worker
-
-            return make_worker(options, load, reactor, control)
-        if settings.server.workers > 1:
-            from runner_gateway.workers import Supervisor
-
-            return Supervisor(options, settings, reactor, observer=control)  # type: ignore[arg-type]
-        return GatewayService(load, reactor, observer=control)  # type: ignore[arg-type]
-    except (SettingsError, ValueError) as exc:  # ValueError: TLSConfigError, key errors
-        raise StartupError(str(exc)) from None

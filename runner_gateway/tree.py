@@ -14,11 +14,11 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from twisted.web.http_headers import _nameEncoder
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from runner_gateway.context import context_of
+from runner_gateway.edge.fastpath import canonical_name
 from runner_gateway.errors import send_error
 from runner_gateway.settings import RunnerSettings
 
@@ -28,7 +28,7 @@ _CORS_HEADERS = b"Authorization, Content-Type, X-Request-Id, OpenAI-Organization
 _CORS_METHODS = b"GET, HEAD, POST, PUT, DELETE, OPTIONS"
 
 # The header's name as twisted.web's Headers keeps it (its canonical form).
-_ORIGIN = _nameEncoder.encode(b"origin")
+_ORIGIN = canonical_name(b"origin")
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from runner_gateway.fastpath import write_now
+from runner_gateway.edge.fastpath import write_now
 
 __all__ = [
     "ResponseHandler",

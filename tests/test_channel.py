@@ -23,8 +23,8 @@ from twisted.web import http, resource
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
-from runner_gateway.site import GatewayChannel, GatewaySite
-from tests.helpers_site import Unanswered
+from runner_gateway.edge.site import GatewayChannel, GatewaySite
+from tests.helpers_site import Unanswered, needs_fastpath
 
 
 class _Record(resource.Resource):
@@ -95,6 +95,7 @@ def _both(*pieces: bytes) -> tuple[tuple[Any, ...], _Side]:
     return outcome, fast
 
 
+@needs_fastpath
 def test_a_plain_head_takes_the_whole_head_path() -> None:
     raw = b"POST /api/chat?x=1 HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\nX-A:  b \r\n\r\nhi"
     (seen, answer, closing, _), fast = _both(raw)
@@ -135,7 +136,7 @@ def _header_deadlines(side: _Side) -> list[Any]:
     return [c for c in calls if "_head_timed_out" in repr(c.func)]
 
 
-@pytest.mark.parametrize("whole_head", [True, False])
+@pytest.mark.parametrize("whole_head", [pytest.param(True, marks=needs_fastpath), False])
 def test_a_head_in_one_read_arms_no_header_deadline(whole_head: bool) -> None:
     side = _Side(whole_head)
     side.send(b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nab")
@@ -174,6 +175,7 @@ def test_a_head_finished_in_time_cancels_its_deadline() -> None:
     assert not side.transport.disconnecting
 
 
+@needs_fastpath
 def test_kept_alive_requests_share_one_idle_timer() -> None:
     side = _Side(True)
     made: list[Any] = []
@@ -312,6 +314,7 @@ def _tcp_server_transport(protocol: Any, reactor: MemoryReactorClock) -> Any:
     return transport
 
 
+@needs_fastpath
 def test_connection_made_on_tcp_leaves_the_state_twisted_leaves() -> None:
     reactor = MemoryReactorClock()
     site = GatewaySite(Unanswered(), reactor, max_body_size=1024, keep_alive_timeout=75.0)
@@ -376,6 +379,7 @@ def test_build_protocol_matches_twisted_site_chain() -> None:
     assert ours.timeOut == 42.0 and ours.site is site and ours.factory is site  # type: ignore[attr-defined]
 
 
+@needs_fastpath
 def test_request_set_up_matches_twisted_request() -> None:
     # GatewayRequest.__init__ sets what twisted.web's Request.__init__ chain
     # sets, with ``host`` looked up only when read: a Twisted whose Request
@@ -551,6 +555,7 @@ def test_the_path_is_split_and_decoded_as_twisted_does(segments: list[bytes]) ->
 _NEXT = b"GET /next HTTP/1.1\r\nHost: gw\r\n\r\n"
 
 
+@needs_fastpath
 @pytest.mark.parametrize(
     "raw",
     [
@@ -630,7 +635,7 @@ def test_on_finish_fires_as_a_notify_finish_deferred(ending: str) -> None:
     raises is logged and the others still hear it."""
     from twisted.logger import globalLogPublisher
 
-    from runner_gateway.site import on_finish
+    from runner_gateway.edge.site import on_finish
 
     request, _ = _finishing_request()
     heard: list[tuple[str, Any]] = []
@@ -669,7 +674,7 @@ def test_on_finish_fires_as_a_notify_finish_deferred(ending: str) -> None:
 def test_on_finish_on_a_request_double_uses_its_deferred() -> None:
     from twisted.internet.defer import Deferred
 
-    from runner_gateway.site import on_finish
+    from runner_gateway.edge.site import on_finish
 
     class Double:
         def __init__(self) -> None:
@@ -685,12 +690,13 @@ def test_on_finish_on_a_request_double_uses_its_deferred() -> None:
     assert heard == [None]
 
 
+@needs_fastpath
 def test_a_body_is_not_taken_once_the_connection_is_closing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """If the connection starts closing while the head is taken, the body that
     came with it is left alone, as Twisted's line parser leaves it."""
-    from runner_gateway.site import GatewayRequest
+    from runner_gateway.edge.site import GatewayRequest
 
     got_length = GatewayRequest.gotLength
 
@@ -707,6 +713,7 @@ def test_a_body_is_not_taken_once_the_connection_is_closing(
     assert seen == [] and closing_now and fast.lines == 0
 
 
+@needs_fastpath
 @pytest.mark.parametrize(
     "raw",
     [
@@ -726,7 +733,7 @@ def test_request_done_leaves_the_state_twisteds_leaves_without_its_resume(
     channel, the reactor and the bytes sent as Twisted's requestDone does."""
     from twisted.internet.epollreactor import EPollReactor
 
-    import runner_gateway.site as site_module
+    import runner_gateway.edge.site as site_module
 
     resumes: list[object] = []
     resume = tcp.Server.resumeProducing

@@ -41,9 +41,9 @@ from zope.interface import implementer
 
 from runner_gateway import context, usage
 from runner_gateway.context import RequestContext
+from runner_gateway.edge.site import GatewaySite
 from runner_gateway.proxy import ReverseProxyResource, classify, upstream_headers
 from runner_gateway.settings import RunnerSettings
-from runner_gateway.site import GatewaySite
 
 HELPER = Path(__file__).resolve().parent / "helpers_upstream.py"
 

@@ -20,11 +20,13 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web import resource
 from twisted.web.server import Request
 
-from runner_gateway import fastpath
 from runner_gateway.context import RequestContext
-from runner_gateway.fastpath import write_now
-from runner_gateway.site import GatewayChannel, GatewaySite, new_request_id
-from tests.helpers_site import Unanswered
+from runner_gateway.edge import fastpath
+from runner_gateway.edge.fastpath import write_now
+from runner_gateway.edge.site import GatewayChannel, GatewaySite, new_request_id
+from tests.helpers_site import Unanswered, needs_fastpath
+
+pytestmark = needs_fastpath  # the send-now and hold fixes, installed by the fixture below
 
 
 @pytest.fixture(autouse=True)

@@ -99,7 +99,7 @@ def test_an_invalid_env_name_names_the_variable(sdir: Path) -> None:
 def test_missing_certificate_names_the_key_and_its_source(
     sdir: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    from runner_gateway.service import make_service
+    from runner_gateway.entry import make_service
 
     missing = sdir / "nope.pem"
     (sdir / "tls.yaml").write_text(

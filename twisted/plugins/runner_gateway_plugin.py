@@ -17,12 +17,12 @@ class _RunnerGatewayMaker:
     @property
     def options(self) -> Any:
         # Imported late: twistd imports every plugin module to list them.
-        from runner_gateway.service import Options
+        from runner_gateway.entry import Options
 
         return Options
 
     def makeService(self, options: Any) -> Any:
-        from runner_gateway.service import make_service
+        from runner_gateway.entry import make_service
 
         return make_service(options)
 
