@@ -9,6 +9,10 @@ renews this process's lease on its concurrency slots every second, and as a
 request observer (site.py) gives a slot back and charges the tokens when a
 request ends, however it ends (finished, client gone, drain cut it).
 
+The ``local`` backend answers at once; the ``redis`` one (limits_redis.py)
+answers with a Deferred, which the request waits for (no longer than its
+deadline, ``redis.commandTimeout``) before it is answered or proxied.
+
 On the way to an OpenAI-compatible runner, a streaming chat or completions
 request whose client did not ask for usage gets ``stream_options:
 {"include_usage": true}`` (unless the runner's ``requestUsage`` is false), and
@@ -18,26 +22,30 @@ the proxy takes the usage-only chunk out of what that client receives.
 from __future__ import annotations
 
 import io
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from runner_gateway.context import RequestContext, context_of
 from runner_gateway.errors import send_error
 from runner_gateway.limits import (
     Backend,
     BackendError,
+    Verdict,
     message_for,
     subject_key,
     tier_for,
 )
 from runner_gateway.limits_local import LocalBackend, new_store_path, remove_store
-from runner_gateway.settings import LimitsSettings
+from runner_gateway.settings import LimitsSettings, TierLimits
 from runner_gateway.usage import UsageChunkFilter, ask_for_usage, may_ask_for_usage
 
 __all__ = ["REFUSED_KEY", "AdmissionResource", "Limiter"]
@@ -71,9 +79,17 @@ class _Ticket:
 class Limiter:
     """The service's limits: settings (swapped on reload), backend and lease timer."""
 
-    def __init__(self, reactor: Any, settings: LimitsSettings, store: str | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        settings: LimitsSettings,
+        store: str | None = None,
+        shared: Any = None,
+    ) -> None:
         self.reactor = reactor
         self.settings = settings
+        self.shared = shared  # shared_state.SharedState (redis.url), for backend: redis
+        self._kind = ""  # the backend open: local or redis
         # A worker is given the supervisor's store; a lone process makes its own.
         self._store = store
         self._owns_store = store is None
@@ -87,6 +103,8 @@ class Limiter:
     def configure(self, settings: LimitsSettings) -> None:
         """New settings (start, reload): open the backend the first time limits are on."""
         self.settings = settings
+        if self.backend is not None and settings.backend != self._kind:
+            self._close()  # local <-> redis: the counts start again in the new one
         if settings.enabled and self.backend is None and self._renew is not None:
             self._open()
 
@@ -100,12 +118,28 @@ class Limiter:
         assert self._renew is not None
         if not self._renew.running:  # also retries an open that failed
             self._renew.start(RENEW_EVERY, now=False)
+        self._kind = self.settings.backend
+        if self._kind == "redis":
+            from runner_gateway.limits_redis import RedisBackend
+
+            if self.shared is None:  # settings.py refuses it; fail closed all the same
+                self._backend_failed(BackendError("limits.backend: redis needs redis.url"))
+                return
+            self.backend = RedisBackend(self.shared, self._report)
+            return
         try:
             if self._store is None:
                 self._store = new_store_path()
             self.backend = LocalBackend(self._store, self.reactor.seconds())
         except (BackendError, OSError) as exc:
             self._backend_failed(exc)
+
+    def _report(self, error: Exception | None) -> None:
+        """What an asynchronous backend step ended with."""
+        if error is None:
+            self._backend_ok()
+        else:
+            self._backend_failed(error)
 
     def stop(self) -> None:
         """Give back this process's slots (after the drain) and close the store."""
@@ -114,14 +148,17 @@ class Limiter:
         if self._flush is not None and self._flush.active():
             self._flush.cancel()  # close() writes what is queued
         self._flush = None
+        self._close()
+        if self._owns_store and self._store is not None:
+            remove_store(self._store)
+
+    def _close(self) -> None:
         backend, self.backend = self.backend, None
         if backend is not None:
             try:
                 backend.close()
             except BackendError:
-                _log.failure("limits: closing the local store failed")
-        if self._owns_store and self._store is not None:
-            remove_store(self._store)
+                _log.failure("limits: closing the {backend} backend failed", backend=self._kind)
 
     def _tick(self) -> None:
         backend = self.backend
@@ -134,7 +171,8 @@ class Limiter:
         except BackendError as exc:
             self._backend_failed(exc)
         else:
-            self._backend_ok()
+            if self._kind == "local":  # the redis backend reports when Redis answered
+                self._backend_ok()
 
     def _backend_failed(self, exc: Exception) -> None:
         if not self._failing:  # once per outage
@@ -155,12 +193,25 @@ class Limiter:
     def healthy(self) -> bool:
         return not self._failing
 
-    def usage(self) -> dict[str, Any] | None:
-        """Each subject's use and what remains (for /usage); None when limits are off."""
+    def detail(self) -> dict[str, str]:
+        """For /readyz: the backend failing (serving meanwhile as onBackendError says)."""
+        if not self._failing:
+            return {}
+        return {
+            "limits": f"the {self.settings.backend} backend fails; "
+            f"onBackendError: {self.settings.on_backend_error}"
+        }
+
+    def usage(self) -> dict[str, Any] | Awaitable[dict[str, Any]] | None:
+        """Each subject's use and what remains (for /usage); None when limits are off.
+        A Deferred from the redis backend."""
         backend = self.backend
         if backend is None or not self.settings.enabled:
             return None
-        return backend.snapshot(self.settings, self.reactor.seconds())
+        try:
+            return backend.snapshot(self.settings, self.reactor.seconds())
+        except BackendError as exc:
+            return {"backend": self.settings.backend, "error": str(exc), "subjects": {}}
 
     # ------------------------------------------------------------ observer (site.py)
 
@@ -236,20 +287,63 @@ class AdmissionResource(Resource):
         now = limiter.reactor.seconds()
         try:
             if limiter.backend is None:  # it could not be opened (logged)
-                raise BackendError("the local store is not open")
-            verdict = limiter.backend.admit(key, tier, limits, now)
+                raise BackendError(f"the {settings.backend} backend is not open")
+            answer = limiter.backend.admit(key, tier, limits, now)
         except BackendError as exc:
-            limiter._backend_failed(exc)
-            if settings.on_backend_error == "allow":
-                return self._pass(request)
-            ctx.extra[REFUSED_KEY] = "backend"
-            return send_error(
-                request,
-                503,
-                "the limits backend cannot be reached; try again shortly",
-                headers={"Retry-After": "1"},
-            )
-        limiter._backend_ok()
+            return self._failed(request, exc)
+        if isinstance(answer, Verdict):
+            limiter._backend_ok()
+            return self._decided(request, key, tier, limits, answer)
+        # The redis backend: answer when Redis has (within the backend's deadline).
+        waiting = cast("defer.Deferred[Verdict]", answer)
+        backend = limiter.backend
+
+        def decided(verdict: Verdict) -> None:
+            if _gone(request):  # the client left while Redis decided
+                if verdict.allowed and limits.concurrent_requests:
+                    backend.finish(key, True, 0, False, limiter.reactor.seconds())
+                return
+            self._later(request, lambda: self._decided(request, key, tier, limits, verdict))
+
+        def failed(failure: Failure) -> None:
+            value = failure.value
+            error = value if isinstance(value, Exception) else BackendError(repr(value))
+            if not _gone(request):
+                self._later(request, lambda: self._failed(request, error))
+
+        waiting.addCallbacks(decided, failed).addErrback(
+            lambda f: _log.failure("limits: answering after the admission", f)
+        )
+        return NOT_DONE_YET
+
+    def _later(self, request: Request, render: Any) -> None:
+        """Render now what render() could not answer at once."""
+        try:
+            body = render()
+        except Exception:
+            request.processingFailed(Failure())
+            return
+        if body is not NOT_DONE_YET and isinstance(body, bytes):
+            request.write(body)
+            request.finish()
+
+    def _failed(self, request: Request, exc: Exception) -> bytes | int:
+        """The backend could not count: onBackendError decides."""
+        self.limiter._backend_failed(exc)
+        if self.limiter.settings.on_backend_error == "allow":
+            return self._pass(request)
+        context_of(request).extra[REFUSED_KEY] = "backend"
+        return send_error(
+            request,
+            503,
+            "the limits backend cannot be reached; try again shortly",
+            headers={"Retry-After": "1"},
+        )
+
+    def _decided(
+        self, request: Request, key: str, tier: str, limits: TierLimits, verdict: Verdict
+    ) -> bytes | int:
+        ctx = context_of(request)
         headers = request.responseHeaders
         if verdict.policy:
             headers.setRawHeaders(b"ratelimit-policy", [verdict.policy.encode()])
@@ -288,6 +382,10 @@ class AdmissionResource(Resource):
             _ask_for_usage(request, ctx)
         result: bytes | int = self.wrapped.render(request)
         return result
+
+
+def _gone(request: Request) -> bool:
+    return bool(request.finished or getattr(request, "_disconnected", False))
 
 
 def _ask_for_usage(request: Request, ctx: RequestContext) -> None:

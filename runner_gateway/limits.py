@@ -11,7 +11,8 @@ Three limits, each 0 for unlimited:
 * tokens per day (UTC): refused once the day's tokens are used up; a response
   is charged when it ends, so a stream may overrun by its own size.
 
-A backend (:class:`Backend`; the local one is :mod:`runner_gateway.limits_local`)
+A backend (:class:`Backend`: :mod:`runner_gateway.limits_local`, or
+:mod:`runner_gateway.limits_redis` for replicas on one Redis)
 keeps the counts and, in one atomic step per request, reads them, calls
 :func:`decide` and records an admitted request. Answers carry the
 ``RateLimit-Policy`` and ``RateLimit`` fields of the IETF httpapi draft
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -80,10 +81,14 @@ class Verdict:
 
 
 class Backend(Protocol):
-    """Where counts live. The local backend answers at once; every method is
-    one atomic step (a transaction, or a server-side script for Redis)."""
+    """Where counts live. Every method is one atomic step (under a lock, or a
+    server-side script for Redis). The local backend answers at once; the
+    Redis one answers ``admit`` and ``snapshot`` later (a Twisted Deferred),
+    and raises BackendError at once while it cannot reach Redis."""
 
-    def admit(self, key: str, tier: str, limits: TierLimits, now: float) -> Verdict:
+    def admit(
+        self, key: str, tier: str, limits: TierLimits, now: float
+    ) -> Verdict | Awaitable[Verdict]:
         """Count the subject's use, decide, and record the request if allowed
         (a request in the window, a concurrency slot when limited)."""
         ...
@@ -101,7 +106,9 @@ class Backend(Protocol):
         """Keep this process's lease on its slots alive; drop expired counts."""
         ...
 
-    def snapshot(self, settings: LimitsSettings, now: float) -> dict[str, Any]:
+    def snapshot(
+        self, settings: LimitsSettings, now: float
+    ) -> dict[str, Any] | Awaitable[dict[str, Any]]:
         """Each subject's use and what remains, for ``/usage``."""
         ...
 

@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from runner_gateway.admission import REFUSED_KEY
 from runner_gateway.context import RequestContext
@@ -292,7 +294,7 @@ class _Limits(Protocol):
     @property
     def healthy(self) -> bool: ...
 
-    def usage(self) -> dict[str, Any] | None: ...
+    def usage(self) -> dict[str, Any] | Awaitable[dict[str, Any]] | None: ...
 
 
 class Metrics:
@@ -578,18 +580,37 @@ class _UsageJson(_Page):
         self.table = table
         self.limiter = limiter
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         wanted = (request.args or {}).get(b"sub")
         subject = wanted[0].decode("utf-8", "replace") if wanted else None
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         snapshot = self.table.snapshot(subject)
         limits = self.limiter.usage() if self.limiter is not None else None
-        if limits is not None:
-            if subject is not None:
-                limits["subjects"] = {k: v for k, v in limits["subjects"].items() if k == subject}
-            snapshot["limits"] = limits
-        return json.dumps(snapshot, separators=(",", ":")).encode() + b"\n"
+
+        def body(limits: dict[str, Any] | None) -> bytes:
+            if limits is not None:
+                if subject is not None:
+                    found = limits["subjects"].items()
+                    limits["subjects"] = {k: v for k, v in found if k == subject}
+                snapshot["limits"] = limits
+            return json.dumps(snapshot, separators=(",", ":")).encode() + b"\n"
+
+        if limits is None or isinstance(limits, dict):
+            return body(limits)
+        # The redis backend reads Redis first.
+        reading = cast("defer.Deferred[dict[str, Any]]", limits)
+
+        def unreadable(failure: Failure) -> dict[str, Any]:
+            return {"error": f"cannot read the limits backend ({failure.value})", "subjects": {}}
+
+        def send(limits: dict[str, Any]) -> None:
+            if not request.finished and not request._disconnected:
+                request.write(body(limits))
+                request.finish()
+
+        reading.addErrback(unreadable).addCallback(send)
+        return NOT_DONE_YET
 
 
 class _Index(_Page):

@@ -160,8 +160,6 @@ class GatewayService(MultiService):
         self.observers: list[RequestObserver] = []
         self.metrics: Any = None
         settings = load()
-        self.limiter = Limiter(reactor, settings.limits, self._limits_store())
-        self.observers.append(self.limiter)
         from runner_gateway.revocation_feed import RevocationFeed
 
         # Redis (redis.url): one connection per process, for whatever replicas share.
@@ -170,6 +168,8 @@ class GatewayService(MultiService):
             from runner_gateway.shared_state import SharedState
 
             self.shared = SharedState(settings.redis, reactor)
+        self.limiter = Limiter(reactor, settings.limits, self._limits_store(), self.shared)
+        self.observers.append(self.limiter)
         self.revocations = RevocationState()
         self.revocation_feed = RevocationFeed(self.revocations, settings, reactor, self.shared)
         self.generation = self._build(settings)
@@ -240,6 +240,7 @@ class GatewayService(MultiService):
         found = self.revocation_feed.problems()
         if self.shared is not None:
             found.update(self.shared.detail())
+        found.update(self.limiter.detail())
         return found
 
     def runner_states(self) -> dict[str, object]:
@@ -402,8 +403,6 @@ class GatewayService(MultiService):
         if self.tls is not None:
             self.tls.stop()
         self.revocation_feed.stop()
-        if self.shared is not None:
-            self.shared.stop()
         stopping = [defer.maybeDeferred(port.stopListening) for port in self.ports]
         self.ports = []
         return defer.gatherResults(stopping).addBoth(lambda _: self._drain())
@@ -424,9 +423,17 @@ class GatewayService(MultiService):
             closed = self.pool.closeCachedConnections()
             # After the cut requests have ended (a turn later): their tokens
             # are charged, then this process's slots go with its lease.
-            return closed.addBoth(lambda _: self.limiter.stop())
+            return closed.addBoth(lambda _: self._stop_limits())
 
         return idle.addBoth(done)
+
+    def _stop_limits(self) -> defer.Deferred[Any] | None:
+        # Redis goes last: the limits give their slots back through it.
+        self.limiter.stop()
+        if self.shared is not None:
+            stopped: defer.Deferred[Any] = self.shared.stop()
+            return stopped
+        return None
 
 
 def _tls_labels(settings: Settings) -> tuple[str, str, str]:

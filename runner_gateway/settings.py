@@ -737,10 +737,8 @@ def _convert(kind: str, value: object) -> Any:
             names.append(lower)
         return tuple(dict.fromkeys(names))
     if kind == "limitsbackend":
-        if value == "redis":
-            raise ValueError("redis is not available in this version; use local")
-        if value != "local":
-            raise ValueError(f"unknown backend {value!r} (local)")
+        if value not in ("local", "redis"):
+            raise ValueError(f"unknown backend {value!r} (local or redis)")
         return value
     if kind == "onerror":
         if value not in ("allow", "deny"):
@@ -1140,6 +1138,12 @@ def load_settings(
     sections["redis"] = _redis_section(sections["redis"], environ)
     if sections["redis"].ca_path and not sections["redis"].tls:
         errors.add(tree.source_of("redis.caPath"), "redis.caPath", "needs rediss://")
+    if sections["limits"].backend == "redis" and not sections["redis"].enabled:
+        errors.add(
+            tree.source_of("limits.backend"),
+            "limits.backend",
+            "redis needs redis.url (the top-level redis: section)",
+        )
     errors.check()
     origins = {key: tree.source_of(key) for key in _SOURCE_KEYS}
     return Settings(runners=runners, sources=tuple(sources), origins=origins, **sections)

@@ -11,14 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from runner_gateway.admission import AdmissionResource, Limiter
 from runner_gateway.context import RequestContext
-from runner_gateway.limits import BackendError
+from runner_gateway.limits import BackendError, Verdict
 from runner_gateway.limits_local import LEASE
 from runner_gateway.settings import LimitsSettings, RunnerSettings, TierLimits
 from runner_gateway.usage import UsageChunkFilter
@@ -138,7 +140,7 @@ def test_token_quota_charged_at_the_end_then_insufficient_quota(gate: Gate) -> N
     error = json.loads(body)["error"]
     assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
     usage = gate.limiter.usage()
-    assert usage is not None
+    assert isinstance(usage, dict)
     entry = usage["subjects"]["jti:token-1"]
     assert (entry["tokens_today"], entry["tokens_estimated"], entry["tokens_remaining"]) == (
         13,
@@ -302,5 +304,67 @@ def test_streams_asked_for_usage_limits_or_not(tmp_path: Path) -> None:
         quiet = RunnerSettings(name="q", host="h", port=1, path="/", request_usage=False)
         request, _ = g.request({"sub": "h"}, path=b"/v1/completions", body=body, runner=quiet)
         assert g.proxy.seen[-1] == body and request.gateway_context.body_filter is None
+    finally:
+        g.limiter.stop()
+
+
+class _Later:
+    """A backend that answers admissions later, as the redis backend does."""
+
+    def __init__(self) -> None:
+        self.waiting: list[defer.Deferred[Verdict]] = []
+        self.finished: list[tuple[str, bool]] = []
+
+    def admit(self, key: str, tier: str, limits: TierLimits, now: float) -> Any:
+        d: defer.Deferred[Verdict] = defer.Deferred()
+        self.waiting.append(d)
+        return d
+
+    def finish(self, key: str, slot: bool, tokens: int, estimated: bool, now: float) -> None:
+        self.finished.append((key, slot))
+
+    def close(self) -> None:
+        pass
+
+
+def _waiting(g: Gate, claims: dict[str, Any]) -> Any:
+    request: Any = DummyRequest([])
+    request.method = b"GET"
+    request.content = io.BytesIO(b"")
+    request.gateway_context = RequestContext(
+        request_id="r", started=T0, runner=RUNNER, upstream_path=b"/api/tags", claims=claims
+    )
+    assert g.resource.render(request) == NOT_DONE_YET
+    assert not request.written and not request.finished
+    return request
+
+
+@pytest.mark.parametrize("policy", ["allow", "deny"])
+def test_an_asynchronous_backend_is_waited_for(tmp_path: Path, policy: str) -> None:
+    g = _gate(tmp_path, LimitsSettings(on_backend_error=policy, tiers=LIMITS.tiers))
+    later = _Later()
+    g.limiter.backend = later  # type: ignore[assignment]
+    try:
+        claims = {"sub": "hana", "tier": "one"}
+        allowed, refused, failing, gone = (_waiting(g, claims) for _ in range(4))
+        later.waiting[0].callback(Verdict(True, policy="p", state="s"))
+        assert b"".join(allowed.written) == b"proxied" and allowed.finished
+        assert _header(allowed, b"ratelimit-policy") == "p"
+        assert "limits.ticket" in allowed.gateway_context.extra
+        later.waiting[1].callback(Verdict(False, "concurrency", 1, "p", "s"))
+        assert refused.responseCode == 429 and refused.finished
+        assert b"concurrency limit" in b"".join(refused.written)
+        later.waiting[2].errback(BackendError("Redis did not answer"))
+        if policy == "allow":
+            assert b"".join(failing.written) == b"proxied"
+        else:
+            assert failing.responseCode == 503 and failing.finished
+        assert not g.limiter.healthy
+        assert "onBackendError: " + policy in g.limiter.detail()["limits"]
+        # The client left while Redis decided: the slot it was given goes back.
+        gone._disconnected = True
+        later.waiting[3].callback(Verdict(True, policy="p", state="s"))
+        assert not gone.written
+        assert later.finished == [("s:hana", True)]
     finally:
         g.limiter.stop()

@@ -353,13 +353,20 @@ def test_limits_off_by_default_and_absent_means_unlimited(sdir: Path) -> None:
     assert limits.enabled
 
 
+def test_limits_backend_redis_with_redis_url(sdir: Path) -> None:
+    write(sdir, "r.yaml", "limits: {backend: redis}\nredis: {url: redis://cache}\n")
+    settings = load_settings(sdir, env="r", environ={})
+    assert settings.limits.backend == "redis"
+    assert settings.redis.enabled
+
+
 @pytest.mark.parametrize(
     ("overlay", "key", "fragment"),
     [
         (
             "limits: {backend: redis}\n",
             "limits.backend",
-            "redis is not available in this version; use local",
+            "redis needs redis.url (the top-level redis: section)",
         ),
         ("limits: {backend: memcached}\n", "limits.backend", "unknown backend"),
         ("limits: {onBackendError: maybe}\n", "limits.onBackendError", "allow or deny"),

@@ -317,3 +317,17 @@ def test_a_redis_that_stops_answering_is_noticed_by_the_heartbeat(
         wait(lambda: redis_detail(gw) is not None, 10, "the silence noticed")
         wait(lambda: redis_detail(gw) is None, 30, "reconnected after the pause")
         assert "Traceback" not in gw.output
+
+
+def test_the_command_encoder_writes_what_txredisapi_writes() -> None:
+    import txredisapi
+
+    from runner_gateway.shared_state import _Protocol
+
+    theirs, ours = txredisapi.RedisProtocol(), _Protocol()
+    for args in [
+        ("PING",),
+        ("EVALSHA", "0" * 40, 4, "p:{rg}:k", "1800000000.25 30 0 0 5.0 172800", b"raw\r\n", 1.5),
+        ("HSET", "k", "é-ü", -3, ""),
+    ]:
+        assert ours._build_command(*args) == theirs._build_command(*args)
