@@ -249,11 +249,13 @@ def start_gateway(
     prefix: tuple[str, ...] = (),
     twistd: str | None = None,
     extra_settings: str = "",
+    runner_settings: str = "",
 ) -> Gateway:
     """A runner-gateway in front of ``upstream``; ``env`` is added to the environment,
     ``prefix`` put before the command (valgrind), ``twistd`` names the interpreter's
     (default: the targets' interpreter); ``extra_settings`` is appended to its
-    settings.yaml (bench/limits.py: a ``limits`` section)."""
+    settings.yaml (bench/limits.py: a ``limits`` section), ``runner_settings`` to
+    the runner's (indented lines)."""
     directory = run.work / name / "settings"
     key = make_keys(directory)
     port = free_port()
@@ -268,7 +270,7 @@ runners:
   - name: upstream
     host: 127.0.0.1:{upstream}
     path: /
-server:
+{runner_settings}server:
   address: 127.0.0.1:{port}
   workers: {workers}
   drainTimeout: 2s

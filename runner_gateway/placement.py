@@ -104,7 +104,9 @@ def model_listed(hosts: Iterable[HostState], model: str) -> bool | None:
             return None
         if forms is None:
             forms = model_forms(model)
-        if forms & (state.pulled | state.loaded):
+        # isdisjoint looks up the one or two forms: a union of the host's
+        # lists would copy them on every request.
+        if not forms.isdisjoint(state.pulled) or not forms.isdisjoint(state.loaded):
             return True
         listed = False
     return listed

@@ -53,6 +53,7 @@ class RevocationFeed:
         self.path = ""
         self._signature: tuple[int, int, int, int] | None = None
         self._failing = False
+        self._started = False  # between start() and stop(): poll while there is a path
         self._poll = LoopingCall(self.poll)
         self._poll.clock = reactor
         if shared is not None:
@@ -71,13 +72,23 @@ class RevocationFeed:
                 self.state.set_file([], self.reactor.seconds())
         if path:
             self.poll(force=True, strict=strict)
+        self._schedule()
 
     def start(self) -> None:
-        if not self._poll.running:
-            self._poll.start(POLL_INTERVAL, now=False)
+        self._started = True
+        self._schedule()
 
     def stop(self) -> None:
-        if self._poll.running:
+        self._started = False
+        self._schedule()
+
+    def _schedule(self) -> None:
+        # No path, no timer: a poll that only finds no path still wakes the
+        # reactor four times a second in every worker.
+        wanted = self._started and bool(self.path)
+        if wanted and not self._poll.running:
+            self._poll.start(POLL_INTERVAL, now=False)
+        elif not wanted and self._poll.running:
             self._poll.stop()
 
     def problems(self) -> dict[str, str]:

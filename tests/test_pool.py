@@ -101,6 +101,10 @@ def test_model_names_and_inventories() -> None:
     assert model_listed(hosts, "b") is False
     hosts[0].up = False
     assert model_listed(hosts, "a") is None  # nobody up: nothing known
+    # Loaded only (an /api/ps entry the last /api/tags did not have yet), by either form.
+    loaded = states({"inventory": True, "loaded": model_forms("c:latest")})
+    assert model_listed(loaded, "c") is True
+    assert model_listed(loaded, "a") is False
 
 
 # ------------------------------------------------------------------ the queue

@@ -239,6 +239,29 @@ def test_feed_polls_the_file_and_keeps_the_last_good_list(tmp_path: Any) -> None
     feed.stop()
 
 
+def test_feed_keeps_no_timer_without_a_file_and_polls_once_a_reload_names_one(
+    tmp_path: Any,
+) -> None:
+    # Without a path the feed has nothing to poll: no timer waking the reactor.
+    clock = TaskClock()
+    state = RevocationState()
+    feed = RevocationFeed(state, _settings(tmp_path, ""), clock)
+    feed.start()
+    assert clock.getDelayedCalls() == []
+    path = tmp_path / "revoked.jsonl"
+    path.write_text(json.dumps({"jti": "a"}) + "\n")
+    feed.configure(_settings(tmp_path, str(path)))  # SIGHUP with a path now
+    assert state.check({"jti": "a"}, None) is not None
+    replacement = tmp_path / "tmp"
+    replacement.write_text(json.dumps({"jti": "b"}) + "\n")
+    replacement.rename(path)
+    clock.advance(0.25)
+    assert state.check({"jti": "b"}, None) is not None
+    feed.configure(_settings(tmp_path, ""))  # and without one again
+    assert clock.getDelayedCalls() == [] and len(state) == 0
+    feed.stop()
+
+
 def test_feed_refuses_a_bad_file_at_start(tmp_path: Any) -> None:
     path = tmp_path / "revoked.yaml"
     path.write_text("- jti: a\n- sub: b\n")
