@@ -216,6 +216,22 @@ PRIVATE: tuple[Private, ...] = (
         "also read by the channel fix's allHeadersReceived",
     ),
     Private(
+        "twisted.web.http:HTTPChannel()._command/_path",
+        "read",
+        "site",
+        None,
+        "the head check (GatewayChannel._check_head) reads the request line there; "
+        "without them (AttributeError) it checks nothing and the render decides, as before",
+    ),
+    Private(
+        "twisted.web.http:HTTPChannel().length",
+        "read, write",
+        "site",
+        None,
+        "a request refused on its head: length 0 makes Twisted's lineReceived (and "
+        "_take_head) end the request at its head; tests/test_head_check.py checks both paths",
+    ),
+    Private(
         "twisted.web.http:HTTPChannel()._dataBuffer",
         "read, write",
         "site",
@@ -238,7 +254,8 @@ PRIVATE: tuple[Private, ...] = (
         "read, write",
         "site",
         None,
-        "the header deadline reads it (a head still coming); whole-head writes it",
+        "the header deadline reads it (a head still coming); whole-head writes it; "
+        "the lingering close empties it",
     ),
     Private(
         "twisted.protocols.basic:LineReceiver._busyReceiving", "read, write", "site", "whole-head"

@@ -46,6 +46,8 @@ _WHOLE_HEAD = re.compile(
     _TCHAR + rb"+ [!-\xb0]+ HTTP/1\.[01](?:\r\n" + _TCHAR + rb"+:[^\x00\r\n]*)*"
 )
 # Header values never written to a log, whatever the level.
+LINGER_TOTAL = 30.0
+LINGER_IDLE = 5.0
 _SECRET_HEADERS = frozenset(
     {b"authorization", b"proxy-authorization", b"cookie", b"x-api-key", b"api-key"}
 )
@@ -141,6 +143,10 @@ class GatewayChannel(http.HTTPChannel):
     _gateway_lost = False
     # The keep-alive idle timer of the "channel" fix (see _ChannelCopies).
     _idle_call: IDelayedCall | None = None
+    # A request refused on its head with a body to come (_refuse_body): the
+    # close that follows its answer lingers (_linger).
+    _linger_wanted = False
+    _linger_calls: tuple[IDelayedCall, IDelayedCall] | None = None
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
@@ -173,9 +179,93 @@ class GatewayChannel(http.HTTPChannel):
         if deadline is not None and deadline.active():
             deadline.cancel()
 
+    def allHeadersReceived(self) -> None:
+        refused = self._check_head()
+        http.HTTPChannel.allHeadersReceived(self)
+        if refused:
+            self._refuse_body()
+
+    def _check_head(self) -> bool:
+        """Ask the site's resource (GatewayRoot.check_head) whether the request
+        whose head just arrived is refused before its body: True if so (no
+        ``100 Continue`` then, and gotLength keeps nothing)."""
+        request = self.requests[-1]
+        check = getattr(self.site.resource, "check_head", None)  # type: ignore[attr-defined]
+        if check is None or not isinstance(request, GatewayRequest):
+            return False
+        try:
+            method, uri = self._command, self._path
+        except AttributeError:  # a Twisted without them: everything is decided on render
+            return False
+        raw = request.requestHeaders._rawHeaders
+        length = self.length
+        try:
+            if length is not None and length > request._gateway_site.max_body_size:
+                request.body_too_large = True  # answered 413 by the tree, at once
+                refused = True
+            else:
+                refused = bool(check(method, uri, raw, request.gateway_context))
+        except Exception:
+            # The render decides again, in full: a failure here costs only the early answer.
+            _log.failure("the request head check failed")
+            return False
+        if refused:
+            request.refused_at_head = True
+            raw.pop(_EXPECT, None)
+        return refused
+
+    def _refuse_body(self) -> None:
+        """A refused request with a body to come: answered now (the body
+        counts as empty), on a connection closed after a lingering read."""
+        if self.length == 0:
+            return  # nothing to come: answered as usual, the connection kept
+        self.length = 0
+        self.persistent = False
+        self._linger_wanted = True
+        request = self.requests[-1]
+        request.responseHeaders._rawHeaders[_CONNECTION] = [b"close"]
+
+    def loseConnection(self) -> None:
+        _lose_connection(self)
+
+    def _linger(self) -> None:
+        """nginx's lingering close: the answer is sent and the write side shut;
+        what the client still sends is read and dropped (so it can read the
+        answer rather than meet a reset) until it stops for linger_idle
+        seconds, or linger_total seconds have passed."""
+        self._linger_wanted = False
+        self._buffer = b""
+        self.dataReceived = self._linger_read  # type: ignore[method-assign]
+        self.release()
+        site = cast(GatewaySite, self.site)  # type: ignore[attr-defined]
+        transport: Any = self.transport
+        if type(transport) is tcp.Server:
+            transport.loseWriteConnection()  # FIN once the answer is out
+        self._linger_calls = (
+            site.reactor.callLater(site.linger_total, self._linger_over),
+            site.reactor.callLater(site.linger_idle, self._linger_over),
+        )
+
+    def _linger_read(self, data: bytes) -> None:
+        calls = self._linger_calls
+        if calls is not None and calls[1].active():
+            calls[1].reset(cast(GatewaySite, self.site).linger_idle)  # type: ignore[attr-defined]
+
+    def _linger_over(self) -> None:
+        self._cancel_linger()
+        if self.transport is not None and not self._gateway_lost:
+            http.HTTPChannel.loseConnection(self)
+
+    def _cancel_linger(self) -> None:
+        calls, self._linger_calls = self._linger_calls, None
+        for call in calls or ():
+            if call.active():
+                call.cancel()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gateway_lost = True
         self._cancel_head_deadline()
+        self._cancel_linger()
         call, self._idle_call = self._idle_call, None
         if call is not None and call.active():
             call.cancel()
@@ -188,6 +278,15 @@ class GatewayChannel(http.HTTPChannel):
         held, self._held = self._held, None
         if held and self.transport is not None:
             write_now(self.transport, b"".join(held))
+
+
+def _lose_connection(channel: GatewayChannel) -> None:
+    """HTTPChannel.loseConnection, or the lingering close after an answer to
+    a request refused on its head."""
+    if channel._linger_wanted:
+        channel._linger()
+    else:
+        http.HTTPChannel.loseConnection(channel)
 
 
 class _OnFinish:
@@ -258,6 +357,7 @@ class GatewayRequest(Request):
     gateway_context: RequestContext
     site: GatewaySite
     body_too_large: bool = False
+    refused_at_head: bool = False  # GatewayChannel._check_head: no body is kept
     _gateway_host: Any = None  # the "request" fix's host, once asked for
 
     def __init__(self, channel: http.HTTPChannel, *args: Any) -> None:
@@ -275,6 +375,9 @@ class GatewayRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         self.head_done = True
+        if self.refused_at_head:
+            self.content = cast(IO[bytes], _Discard())
+            return
         if length is not None and length > self._gateway_site.max_body_size:
             self.body_too_large = True  # not kept: answered 413 by the tree
             self.content = cast(IO[bytes], _Discard())
@@ -369,6 +472,10 @@ class GatewaySite(Site):
         self._call_later = reactor.callLater
         self.max_body_size = max_body_size
         self.header_timeout = header_timeout
+        # The lingering close after a request refused on its head (as nginx's
+        # lingering_time and lingering_timeout).
+        self.linger_total = LINGER_TOTAL
+        self.linger_idle = LINGER_IDLE
         self.trace = trace  # logging.level trace: a detail line per request
         # Kept, not copied: the service adds observers (metrics) to this list.
         self.observers: list[RequestObserver] = [] if observers is None else observers
@@ -489,6 +596,7 @@ class _ChannelCopies(GatewayChannel):
         # Twisted's, reading the header table directly: most requests carry
         # no Cookie and no Expect header, and asking for each costs a call
         # and a name encoding.
+        refused = self._check_head()
         request = self.requests[-1]
         raw = request.requestHeaders._rawHeaders
         if _COOKIE in raw:
@@ -501,6 +609,8 @@ class _ChannelCopies(GatewayChannel):
         expect = raw.get(_EXPECT)
         if expect and expect[0].lower() == b"100-continue" and self._version == b"HTTP/1.1":
             self._send100Continue()
+        if refused:
+            self._refuse_body()
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -577,7 +687,7 @@ class _HoldCopies(GatewayChannel):
 
     def loseConnection(self) -> None:
         self.release()  # a non-persistent request's last bytes go before the close
-        http.HTTPChannel.loseConnection(self)
+        _lose_connection(self)
 
 
 class _WholeHeadCopies(GatewayChannel):
@@ -744,6 +854,9 @@ class _RequestCopies(GatewayRequest):
 
     def gotLength(self, length: int | None) -> None:
         self.head_done = True
+        if self.refused_at_head:
+            self.content = cast(IO[bytes], _Discard())
+            return
         if length is not None and length > self._gateway_site.max_body_size:
             self.body_too_large = True
             self.content = cast(IO[bytes], _Discard())

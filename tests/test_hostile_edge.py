@@ -1,0 +1,197 @@
+"""Hostile input at the edge (issue 16, findings 1, 2 and 9), against the real
+``twistd -n runner-gateway`` over loopback: what anonymous or refused clients
+can make the gateway read, keep and wait for."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import GatewaySettings, StandIn
+from tests.gateway_process import GatewayProcess, start_gateway
+
+pytestmark = pytest.mark.timeout(120)
+
+_BIG = 60 * 1024 * 1024
+_SENT_FIRST = 1024 * 1024
+
+
+def _settings(make_settings: Callable[[str], GatewaySettings], standin: StandIn) -> GatewaySettings:
+    return make_settings(
+        "runners:\n"
+        f"  - name: r0\n    host: {standin.address}\n    path: /\n    maxBodySize: 64MiB\n"
+        "server:\n  address: 127.0.0.1:0\n  workers: 1\n"
+    )
+
+
+@pytest.fixture
+def gateway(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn
+) -> Iterator[tuple[GatewayProcess, GatewaySettings]]:
+    settings = _settings(make_settings, standin)
+    with start_gateway(settings.directory) as gw:
+        yield gw, settings
+
+
+@contextmanager
+def _connect(gw: GatewayProcess) -> Iterator[socket.socket]:
+    parts = urlsplit(gw.url)
+    with socket.create_connection((parts.hostname or "", parts.port or 0), timeout=10) as sock:
+        yield sock
+
+
+def _read_head(sock: socket.socket, deadline: float = 10.0) -> bytes:
+    """Bytes up to the end of the first response head (raises on timeout)."""
+    sock.settimeout(deadline)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        got = sock.recv(65536)
+        if not got:
+            break
+        data += got
+    return data
+
+
+def _spooled_files(pid: int) -> list[str]:
+    """The process's open regular files that are deleted temp files (Twisted
+    spools a body over 100 kB into one) or live under the temp directory."""
+    found = []
+    fds = Path(f"/proc/{pid}/fd")
+    for fd in fds.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("/") and ("(deleted)" in target or target.startswith("/tmp")):
+            found.append(target)
+    return found
+
+
+def _healthz(gw: GatewayProcess) -> bytes:
+    with _connect(gw) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        return _read_head(sock, 5.0)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [b"multipart/form-data; boundary=zz", b"application/x-www-form-urlencoded"],
+)
+def test_an_anonymous_60_mb_upload_is_answered_401_before_it_is_sent(
+    gateway: tuple[GatewayProcess, GatewaySettings], content_type: bytes
+) -> None:
+    """Finding 1/2: the 401 arrives while the client is still uploading, no
+    body is spooled to disk, /healthz answers meanwhile, and the rest of the
+    upload is read and dropped (the client meets no reset)."""
+    gw, _ = gateway
+    head = (
+        b"POST /api/chat HTTP/1.1\r\nHost: gw\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
+        % (content_type, _BIG)
+    )
+    with _connect(gw) as sock:
+        sock.sendall(head + b"a" * _SENT_FIRST)
+        answer = _read_head(sock)
+        sent = _SENT_FIRST
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+        assert sent < _BIG  # the answer came before the body did
+        assert b"\r\nConnection: close\r\n" in answer
+        assert b"WWW-Authenticate: Bearer" in answer
+        assert _spooled_files(gw.proc.pid) == []
+        assert _healthz(gw).startswith(b"HTTP/1.1 200 ")
+        # What the client still sends is read and dropped, not refused.
+        sock.settimeout(30)
+        chunk = b"b" * (1024 * 1024)
+        while sent < _BIG:
+            sock.sendall(chunk)
+            sent += len(chunk)
+        assert _spooled_files(gw.proc.pid) == []
+        rest = b""
+        while True:  # the error body, then the gateway's end of the connection
+            got = sock.recv(65536)
+            if not got:
+                break
+            rest += got
+    assert b"authentication required" in answer + rest
+
+
+def test_expect_100_continue_without_a_token_gets_401_and_no_100(
+    gateway: tuple[GatewayProcess, GatewaySettings],
+) -> None:
+    gw, _ = gateway
+    with _connect(gw) as sock:
+        sock.sendall(
+            b"POST /api/chat HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        answer = _read_head(sock)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert b"100 Continue" not in answer
+
+
+def test_expect_100_continue_with_a_good_token_gets_100(
+    gateway: tuple[GatewayProcess, GatewaySettings],
+) -> None:
+    gw, settings = gateway
+    token = settings.token()
+    body = b'{"model": "m", "messages": []}'
+    with _connect(gw) as sock:
+        sock.sendall(
+            b"POST /api/chat HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n"
+            b"Authorization: Bearer %s\r\nExpect: 100-continue\r\n\r\n"
+            % (len(body), token.encode())
+        )
+        assert _read_head(sock).startswith(b"HTTP/1.1 100 Continue\r\n")
+        sock.sendall(body)
+        answer = _read_head(sock)
+    assert b"\r\nServer: runner-gateway\r\n" not in answer  # the runner's answer, not ours
+
+
+@pytest.mark.parametrize(
+    ("path", "claims", "status"),
+    [
+        (b"/api/pull", {"scope": "inference"}, b"403"),  # scope, from method and path
+        (b"/api/chat", {"runners": ["elsewhere"]}, b"403"),  # runner
+        (b"/api/chat", {"scope": 7}, b"403"),  # claims that cannot be read
+    ],
+)
+def test_a_refusal_decided_on_the_head_comes_before_the_body(
+    gateway: tuple[GatewayProcess, GatewaySettings],
+    path: bytes,
+    claims: dict[str, Any],
+    status: bytes,
+) -> None:
+    gw, settings = gateway
+    token = settings.token(**claims)
+    with _connect(gw) as sock:
+        sock.sendall(
+            b"POST %s HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n"
+            b"Authorization: Bearer %s\r\n\r\n" % (path, _BIG, token.encode()) + b"{" * _SENT_FIRST
+        )
+        answer = _read_head(sock)
+    assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:300]
+    assert b"\r\nConnection: close\r\n" in answer
+
+
+def test_a_body_over_the_cap_is_answered_413_at_once(
+    gateway: tuple[GatewayProcess, GatewaySettings],
+) -> None:
+    gw, settings = gateway
+    with _connect(gw) as sock:
+        sock.sendall(
+            b"POST /api/chat HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n"
+            b"Authorization: Bearer %s\r\n\r\n"
+            % (65 * 1024 * 1024, settings.token().encode())
+            + b"x" * _SENT_FIRST
+        )
+        start = time.monotonic()
+        answer = _read_head(sock)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:300]
+    assert time.monotonic() - start < 10
