@@ -179,6 +179,8 @@ class GatewayService(MultiService):
             max_body_size=max(r.max_body_size for r in settings.runners),
             header_timeout=settings.server.header_timeout,
             keep_alive_timeout=settings.server.keep_alive_timeout,
+            body_min_rate=settings.server.body_min_rate,
+            body_min_rate_grace=settings.server.body_min_rate_grace,
             observers=self.observers,
             trace=settings.logging.level == "trace",
         )

@@ -230,6 +230,10 @@ class ServerSettings:
     public_port: int = 0  # port clients reach TLS on, for redirects (0: the listening port)
     header_timeout: float = 30.0
     keep_alive_timeout: float = 75.0
+    # A request body must arrive within body_min_rate_grace seconds plus one
+    # second per body_min_rate bytes received (mod_reqtimeout's MinRate); 0: off.
+    body_min_rate: int = 1024
+    body_min_rate_grace: float = 30.0
     drain_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
     public_url: str = ""  # how clients reach the gateway, for the OAuth metadata (oauth.py)
@@ -487,6 +491,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "publicPort": ("public_port", "port"),
         "headerTimeout": ("header_timeout", "duration"),
         "keepAliveTimeout": ("keep_alive_timeout", "duration"),
+        "bodyMinRate": ("body_min_rate", "size"),
+        "bodyMinRateGrace": ("body_min_rate_grace", "duration"),
         "drainTimeout": ("drain_timeout", "duration"),
         "corsOrigins": ("cors_origins", "origins"),
         "publicUrl": ("public_url", "publicurl"),

@@ -100,3 +100,59 @@ def test_a_refused_request_without_a_body_keeps_the_connection(whole_head: bool)
     channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\nGET /x HTTP/1.1\r\nHost: gw\r\n\r\n")
     assert transport.value().count(b"HTTP/1.1 401 ") == 2
     assert b"Connection: close" not in transport.value()
+
+
+# ------------------------------------------------------ server.bodyMinRate
+
+
+def _rated(whole_head: bool) -> tuple[GatewayChannel, StringTransport, Any, _Refusing]:
+    root = _Refusing(refuse=False)
+    clock = MemoryReactorClock()
+    site = GatewaySite(
+        root, clock, max_body_size=100 * 1024 * 1024, body_min_rate=1024, body_min_rate_grace=30
+    )
+    channel = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
+    assert isinstance(channel, GatewayChannel)
+    channel.whole_head = whole_head
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"POST /v1/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000000\r\n\r\n")
+    return channel, transport, clock, root
+
+
+@pytest.mark.parametrize("whole_head", [True, False])
+def test_a_stalled_body_gets_408_after_the_grace(whole_head: bool) -> None:
+    channel, transport, clock, root = _rated(whole_head)
+    channel.dataReceived(b"x" * 2048)  # earns two seconds
+    clock.advance(31.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.value().startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert transport.value().endswith(b'{"error": "the request body came too slowly"}\n')
+    assert transport.disconnecting
+    assert root.rendered == []  # the request never went on
+
+
+@pytest.mark.parametrize("whole_head", [True, False])
+def test_a_body_at_half_the_rate_is_cut_after_twice_the_grace(whole_head: bool) -> None:
+    channel, transport, clock, _ = _rated(whole_head)
+    for _ in range(58):
+        clock.advance(1)
+        channel.dataReceived(b"x" * 512)
+    assert not transport.disconnecting
+    clock.advance(1.1)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+
+
+@pytest.mark.parametrize("whole_head", [True, False])
+def test_a_body_at_the_rate_is_never_cut(whole_head: bool) -> None:
+    channel, transport, clock, root = _rated(whole_head)
+    for _ in range(200):
+        clock.advance(1)
+        channel.dataReceived(b"x" * 1024)
+    assert not transport.disconnecting
+    channel.dataReceived(b"x" * (1000000 - 200 * 1024))
+    assert root.rendered == [(1000000, b"POST")]
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
+    clock.advance(60)  # the check's timer finds no body coming: nothing happens
+    assert not transport.disconnecting

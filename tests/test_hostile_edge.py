@@ -195,3 +195,27 @@ def test_a_body_over_the_cap_is_answered_413_at_once(
         answer = _read_head(sock)
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:300]
     assert time.monotonic() - start < 10
+
+
+def test_a_body_slower_than_body_min_rate_gets_408(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn
+) -> None:
+    """Finding 2: a trickled body (here after a 1 s grace) ends with 408 and the
+    connection closed, instead of holding it as long as a byte comes now and then."""
+    settings = make_settings(
+        "runners:\n"
+        f"  - name: r0\n    host: {standin.address}\n    path: /\n"
+        "server:\n  address: 127.0.0.1:0\n  workers: 1\n"
+        "  bodyMinRate: 1KiB\n  bodyMinRateGrace: 1s\n"
+    )
+    with start_gateway(settings.directory) as gw, _connect(gw) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000\r\n"
+            b"Authorization: Bearer %s\r\n\r\n{" % settings.token().encode()
+        )
+        answer = _read_head(sock, 15)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
+        rest = answer
+        while got := sock.recv(65536):
+            rest += got
+    assert b'"code": "request_timeout"' in rest  # the OpenAI shape on /v1

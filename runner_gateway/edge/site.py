@@ -31,6 +31,7 @@ from twisted.web.server import Request, Site
 from runner_gateway.context import RequestContext, RequestObserver
 from runner_gateway.edge import fastpath
 from runner_gateway.edge.fastpath import Unavailable, cached_header_name, canonical_name, write_now
+from runner_gateway.errors import error_body
 from runner_gateway.logs import ACCESS_FORMAT, ACCESS_NAMESPACE, access_message
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewaySite", "RequestObserver"]
@@ -147,6 +148,7 @@ class GatewayChannel(http.HTTPChannel):
     # close that follows its answer lingers (_linger).
     _linger_wanted = False
     _linger_calls: tuple[IDelayedCall, IDelayedCall] | None = None
+    _body_call: IDelayedCall | None = None  # the body rate check (_watch_body)
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
@@ -168,6 +170,66 @@ class GatewayChannel(http.HTTPChannel):
                 )
         elif deadline is not None:
             self._cancel_head_deadline()
+        if (
+            not self.line_mode
+            and self._body_call is None
+            and requests
+            # Twisted's flag for a request whose body is in (absent: no check)
+            and not getattr(self, "_handlingRequest", True)
+        ):
+            self._watch_body()
+
+    def _watch_body(self) -> None:
+        """A request body is coming: it must be in by the request's start plus
+        the site's grace plus a second per body_min_rate bytes received
+        (Apache mod_reqtimeout's MinRate), checked by one timer that moves
+        on as bytes arrive; a body read whole with its head needs none."""
+        site = cast(GatewaySite, self.site)  # type: ignore[attr-defined]
+        if not site.body_min_rate or self.transport is None or self._gateway_lost:
+            return
+        request: GatewayRequest = self.requests[-1]
+        due = (
+            request.gateway_context.started
+            + site.body_min_rate_grace
+            + request._body_received / site.body_min_rate
+        )
+        now = site.reactor.seconds()
+        if now < due:
+            self._body_call = site.reactor.callLater(due - now, self._body_due)
+        else:
+            self._body_too_slow(request)
+
+    def _body_due(self) -> None:
+        self._body_call = None
+        if (
+            not self._gateway_lost
+            and not self.line_mode
+            and self.requests
+            and not getattr(self, "_handlingRequest", True)
+        ):
+            self._watch_body()  # the same body still coming, or the next one's
+
+    def _body_too_slow(self, request: GatewayRequest) -> None:
+        """408, and the connection closed: the body came too slowly. The
+        runner has not been asked yet (a request goes on once its body is in)."""
+        _log.info("closing a connection whose request body came slower than bodyMinRate")
+        ctx = request.gateway_context
+        body = error_body(
+            408, "the request body came too slowly", ctx.openai_style, code="request_timeout"
+        )
+        self.release()
+        transport: Any = self.transport
+        transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+            b"Content-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n\r\n"
+            % len(body)
+            + body
+        )
+        if request.content is not None:
+            request.content.close()  # a spooled body's temporary file goes now
+        request.content = cast(IO[bytes], _Discard())
+        self._linger_wanted = False
+        http.HTTPChannel.loseConnection(self)
 
     def _head_timed_out(self) -> None:
         self._head_deadline = None
@@ -266,6 +328,9 @@ class GatewayChannel(http.HTTPChannel):
         self._gateway_lost = True
         self._cancel_head_deadline()
         self._cancel_linger()
+        body_call, self._body_call = self._body_call, None
+        if body_call is not None and body_call.active():
+            body_call.cancel()
         call, self._idle_call = self._idle_call, None
         if call is not None and call.active():
             call.cancel()
@@ -461,6 +526,8 @@ class GatewaySite(Site):
         keep_alive_timeout: float = 75.0,
         observers: list[RequestObserver] | None = None,
         trace: bool = False,
+        body_min_rate: int = 0,
+        body_min_rate_grace: float = 30.0,
     ) -> None:
         # Never parse form bodies into request.args: the gateway never reads
         # them, and Twisted would parse a big one whole before auth is checked.
@@ -476,6 +543,8 @@ class GatewaySite(Site):
         # lingering_time and lingering_timeout).
         self.linger_total = LINGER_TOTAL
         self.linger_idle = LINGER_IDLE
+        self.body_min_rate = body_min_rate  # bytes a second; 0: no minimum
+        self.body_min_rate_grace = body_min_rate_grace
         self.trace = trace  # logging.level trace: a detail line per request
         # Kept, not copied: the service adds observers (metrics) to this list.
         self.observers: list[RequestObserver] = [] if observers is None else observers
