@@ -163,8 +163,13 @@ class GatewayRoot(Resource):
         itself is rendered as usual (getChildWithDefault), from what this
         kept in ``ctx``."""
         raw_path, _, query = uri.partition(b"?")
-        if raw_path in (b"/healthz", b"/readyz") or raw_path in self.paths:
-            return False
+        if raw_path in (b"/healthz", b"/readyz"):
+            return method not in (b"GET", b"HEAD")  # 405, without reading a body
+        if self.paths:
+            found_path = self.paths.get(raw_path)
+            if found_path is not None:  # introspection: behind its own AuthResource
+                check = getattr(found_path, "check_head", None)
+                return check is not None and bool(check(method, raw_headers, query, ctx))
         origins = raw_headers.get(_ORIGIN)
         if origins:
             if len(origins) != 1 or not self.cors.allows(origins[0]):

@@ -219,3 +219,16 @@ def test_a_body_slower_than_body_min_rate_gets_408(
         while got := sock.recv(65536):
             rest += got
     assert b'"code": "request_timeout"' in rest  # the OpenAI shape on /v1
+
+
+def test_a_body_sent_to_healthz_is_not_read(
+    gateway: tuple[GatewayProcess, GatewaySettings],
+) -> None:
+    gw, _ = gateway
+    with _connect(gw) as sock:
+        sock.sendall(
+            b"POST /healthz HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % _BIG
+            + b"x" * _SENT_FIRST
+        )
+        answer = _read_head(sock)
+    assert answer.startswith(b"HTTP/1.1 405 "), answer[:300]
