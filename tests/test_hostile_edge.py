@@ -232,3 +232,84 @@ def test_a_body_sent_to_healthz_is_not_read(
         )
         answer = _read_head(sock)
     assert answer.startswith(b"HTTP/1.1 405 "), answer[:300]
+
+
+# ------------------------------------ server.maxConnections / maxConnectionsPerClient
+
+
+def _from(gw: GatewayProcess, source: str) -> socket.socket:
+    parts = urlsplit(gw.url)
+    return socket.create_connection(
+        (parts.hostname or "", parts.port or 0), timeout=10, source_address=(source, 0)
+    )
+
+
+def _refused(sock: socket.socket) -> bool:
+    """Whether the gateway closed the connection without a word."""
+    sock.settimeout(10)
+    try:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        return sock.recv(1024) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+
+
+def _health_from(gw: GatewayProcess, source: str) -> bytes:
+    with _from(gw, source) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        try:
+            return _read_head(sock, 5.0)
+        except ConnectionResetError:
+            return b""
+
+
+def _capped(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn, caps: str
+) -> GatewaySettings:
+    return make_settings(
+        "runners:\n"
+        f"  - name: r0\n    host: {standin.address}\n    path: /\n"
+        "server:\n  address: 127.0.0.1:0\n  workers: 1\n" + caps
+    )
+
+
+def test_connections_past_the_per_client_cap_are_closed_at_accept(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn
+) -> None:
+    """Finding 2: one client cannot hold every descriptor. Past
+    maxConnectionsPerClient its new connections are closed unread; the ones it
+    holds still work, and another client's /healthz is answered."""
+    settings = _capped(make_settings, standin, "  maxConnectionsPerClient: 5\n")
+    with start_gateway(settings.directory) as gw:
+        held = [_from(gw, "127.0.0.2") for _ in range(5)]
+        try:
+            assert _health_from(gw, "127.0.0.3").startswith(b"HTTP/1.1 200 ")
+            extra = [_from(gw, "127.0.0.2") for _ in range(3)]
+            assert all(_refused(sock) for sock in extra)
+            for sock in extra:
+                sock.close()
+            assert _health_from(gw, "127.0.0.3").startswith(b"HTTP/1.1 200 ")
+            for sock in held:  # the client's own connections are served
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+                assert _read_head(sock).startswith(b"HTTP/1.1 200 ")
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def test_past_max_connections_a_local_probe_is_still_answered(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn
+) -> None:
+    """Past maxConnections every new connection is closed at accept, but for
+    a small reserve kept for local probes (127.0.0.1, ::1) and exempt peers."""
+    settings = _capped(make_settings, standin, "  maxConnections: 8\n")
+    with start_gateway(settings.directory) as gw:
+        held = [_from(gw, f"127.0.0.{2 + i % 3}") for i in range(8)]
+        try:
+            assert _health_from(gw, "127.0.0.1").startswith(b"HTTP/1.1 200 ")
+            with _from(gw, "127.0.0.9") as sock:
+                assert _refused(sock)
+            assert _health_from(gw, "127.0.0.1").startswith(b"HTTP/1.1 200 ")
+        finally:
+            for sock in held:
+                sock.close()

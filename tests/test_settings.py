@@ -571,3 +571,14 @@ def test_body_min_rate_bad_values(sdir: Path, overlay: str, key: str, fragment: 
     with pytest.raises(SettingsError) as info:
         load_settings(sdir, env="bad", environ={})
     assert key in str(info.value) and fragment in str(info.value)
+
+
+def test_connection_caps(sdir: Path) -> None:
+    server = load_settings(sdir, environ={}).server
+    assert (server.max_connections, server.max_connections_per_client) == (0, 256)
+    write(sdir, "caps.yaml", "server: {maxConnections: 5000, maxConnectionsPerClient: 0}\n")
+    server = load_settings(sdir, env="caps", environ={}).server
+    assert (server.max_connections, server.max_connections_per_client) == (5000, 0)
+    write(sdir, "bad.yaml", "server: {maxConnections: -1}\n")
+    with pytest.raises(SettingsError, match=r"server\.maxConnections.*negative"):
+        load_settings(sdir, env="bad", environ={})

@@ -19,7 +19,7 @@ from urllib.parse import unquote_to_bytes
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -28,6 +28,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, getChildForRequest
 from twisted.web.server import Request, Site
 
+from runner_gateway.connections import ConnectionLimits
 from runner_gateway.context import RequestContext, RequestObserver
 from runner_gateway.edge import fastpath
 from runner_gateway.edge.fastpath import Unavailable, cached_header_name, canonical_name, write_now
@@ -48,6 +49,7 @@ _WHOLE_HEAD = re.compile(
 )
 # Header values never written to a log, whatever the level.
 LINGER_TOTAL = 30.0
+_UNCOUNTED: Any = object()
 LINGER_IDLE = 5.0
 _SECRET_HEADERS = frozenset(
     {b"authorization", b"proxy-authorization", b"cookie", b"x-api-key", b"api-key"}
@@ -149,6 +151,9 @@ class GatewayChannel(http.HTTPChannel):
     _linger_wanted = False
     _linger_calls: tuple[IDelayedCall, IDelayedCall] | None = None
     _body_call: IDelayedCall | None = None  # the body rate check (_watch_body)
+    # The peer address the site's ConnectionLimits counts this connection
+    # under, released when it closes (_UNCOUNTED: not counted).
+    _counted_peer: Any = _UNCOUNTED
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
@@ -325,6 +330,11 @@ class GatewayChannel(http.HTTPChannel):
                 call.cancel()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        peer, self._counted_peer = self._counted_peer, _UNCOUNTED
+        if peer is not _UNCOUNTED:
+            limits = cast(GatewaySite, self.site).connection_limits  # type: ignore[attr-defined]
+            if limits is not None:
+                limits.release(peer)
         self._gateway_lost = True
         self._cancel_head_deadline()
         self._cancel_linger()
@@ -343,6 +353,27 @@ class GatewayChannel(http.HTTPChannel):
         held, self._held = self._held, None
         if held and self.transport is not None:
             write_now(self.transport, b"".join(held))
+
+
+class _Refused(Protocol):
+    """A connection over server.maxConnections(PerClient): closed as soon as
+    it is made, before a byte of it is read."""
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.abortConnection()
+
+
+def _admit(site: GatewaySite, addr: Any) -> tuple[Any, Protocol | None]:
+    """The peer address a new connection is counted under (_UNCOUNTED without
+    limits), or the protocol that refuses it."""
+    limits = site.connection_limits
+    if limits is None:
+        return _UNCOUNTED, None
+    peer = getattr(addr, "host", None)
+    if not limits.admit(peer):
+        return peer, _Refused()
+    return peer, None
 
 
 def _lose_connection(channel: GatewayChannel) -> None:
@@ -528,6 +559,7 @@ class GatewaySite(Site):
         trace: bool = False,
         body_min_rate: int = 0,
         body_min_rate_grace: float = 30.0,
+        connection_limits: ConnectionLimits | None = None,
     ) -> None:
         # Never parse form bodies into request.args: the gateway never reads
         # them, and Twisted would parse a big one whole before auth is checked.
@@ -545,6 +577,9 @@ class GatewaySite(Site):
         self.linger_idle = LINGER_IDLE
         self.body_min_rate = body_min_rate  # bytes a second; 0: no minimum
         self.body_min_rate_grace = body_min_rate_grace
+        # server.maxConnections and maxConnectionsPerClient, checked at accept
+        # (buildProtocol); its ``exempt`` is the per-client exemption.
+        self.connection_limits = connection_limits
         self.trace = trace  # logging.level trace: a detail line per request
         # Kept, not copied: the service adds observers (metrics) to this list.
         self.observers: list[RequestObserver] = [] if observers is None else observers
@@ -552,6 +587,15 @@ class GatewaySite(Site):
         self._idle_waiters: list[Deferred[None]] = []
         self.displayTracebacks = False
         self.noisy = False
+
+    def buildProtocol(self, addr: Any) -> Any:
+        peer, refused = _admit(self, addr)
+        if refused is not None:
+            return refused
+        channel = Site.buildProtocol(self, addr)
+        if peer is not _UNCOUNTED:
+            channel._counted_peer = peer
+        return channel
 
     def getResourceFor(self, request: Request) -> IResource:
         gateway_request: GatewayRequest = request  # type: ignore[assignment]
@@ -1046,8 +1090,13 @@ class _SiteCopies(GatewaySite):
     (getResourceFor) fixes."""
 
     def buildProtocol(self, addr: Any) -> Any:
+        peer, refused = _admit(self, addr)
+        if refused is not None:
+            return refused
         # Twisted's three layers (Site, HTTPFactory, Factory) in one.
         channel: GatewayChannel = self.protocol()
+        if peer is not _UNCOUNTED:
+            channel._counted_peer = peer
         channel.factory = self
         channel.callLater = self._call_later  # type: ignore[assignment]
         channel.timeOut = self.timeOut  # type: ignore[assignment]
