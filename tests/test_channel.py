@@ -139,8 +139,8 @@ def _header_deadlines(side: _Side) -> list[Any]:
 @pytest.mark.parametrize("whole_head", [pytest.param(True, marks=needs_fastpath), False])
 def test_a_head_in_one_read_arms_no_header_deadline(whole_head: bool) -> None:
     side = _Side(whole_head)
-    side.send(b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nab")
-    assert side.lines == (0 if whole_head else 3)
+    side.send(b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 4\r\n\r\nab")
+    assert side.lines == (0 if whole_head else 4)
     assert not _header_deadlines(side)  # the body may take its time
     side.clock.advance(31)
     side.send(b"cd")
@@ -153,7 +153,7 @@ def test_a_head_in_one_read_arms_no_header_deadline(whole_head: bool) -> None:
         [b"GET / HTTP/1.1\r\nHost: gw\r\n"],
         [b"GET / HT"],
         # After a whole request, the start of a pipelined one.
-        [b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n"],
+        [b"GET /a HTTP/1.1\r\nHost: gw\r\n\r\nGET /b HTTP/1.1\r\n"],
     ],
 )
 def test_a_head_that_does_not_finish_in_time_is_cut_off(pieces: list[bytes]) -> None:
@@ -561,12 +561,14 @@ _NEXT = b"GET /next HTTP/1.1\r\nHost: gw\r\n\r\n"
     [
         b"POST /a HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n\r\nok",
         b"POST /a HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n\r\nok" + _NEXT,
-        b"POST /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nok" + _NEXT + b"GET /part",
-        b"POST /a HTTP/1.1\r\nContent-Length: 0\r\n\r\n" + _NEXT,
+        b"POST /a HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n\r\nok" + _NEXT + b"GET /part",
+        b"POST /a HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n" + _NEXT,
         b"GET /a HTTP/1.1\r\nHost: gw\r\n\r\n" + _NEXT,
         b"POST /a HTTP/1.0\r\nContent-Length: 2\r\n\r\nok" + _NEXT,
-        b"POST /a HTTP/1.1\r\nContent-Length: 2000\r\n\r\n" + b"x" * 2000 + _NEXT,  # over the cap
-        b"POST /a HTTP/1.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok" + _NEXT,
+        b"POST /a HTTP/1.1\r\nHost: gw\r\nContent-Length: 2000\r\n\r\n"
+        + b"x" * 2000
+        + _NEXT,  # over the cap
+        b"POST /a HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok" + _NEXT,
     ],
 )
 @pytest.mark.parametrize("answered", [True, False])

@@ -127,7 +127,7 @@ def test_a_stalled_body_gets_408_after_the_grace(whole_head: bool) -> None:
     clock.advance(31.9)
     assert not transport.disconnecting
     clock.advance(0.2)
-    assert transport.value().startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 408 Request Time-out\r\n")
     assert transport.value().endswith(b'{"error": "the request body came too slowly"}\n')
     assert transport.disconnecting
     assert root.rendered == []  # the request never went on

@@ -25,14 +25,15 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.http_headers import Headers
-from twisted.web.resource import IResource, getChildForRequest
+from twisted.web.resource import IResource, Resource, getChildForRequest
 from twisted.web.server import Request, Site
 
 from runner_gateway.connections import ConnectionLimits
 from runner_gateway.context import RequestContext, RequestObserver
 from runner_gateway.edge import fastpath
 from runner_gateway.edge.fastpath import Unavailable, cached_header_name, canonical_name, write_now
-from runner_gateway.errors import error_body
+from runner_gateway.edge.framing import OBS_FOLD, framing_error
+from runner_gateway.errors import error_body, send_error
 from runner_gateway.logs import ACCESS_FORMAT, ACCESS_NAMESPACE, access_message
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewaySite", "RequestObserver"]
@@ -168,6 +169,19 @@ class GatewayChannel(http.HTTPChannel):
         in_head = self.line_mode and (self._buffer or (requests and not requests[-1].head_done))
         deadline = self._head_deadline
         if in_head:
+            buffer = self._buffer
+            if (
+                b"\n" in buffer
+                and buffer.count(b"\n") != buffer.count(b"\r\n")
+                and not cast(Any, self.transport).disconnecting
+                # (not while LineReceiver's loop is still taking lines: it may yet)
+                and not getattr(self, "_busyReceiving", False)
+            ):
+                # Lines end at CRLF only: a head with a bare LF would wait for
+                # the header deadline.
+                self._reject(400, "request lines must end in CRLF")
+                return
+        if in_head:
             if deadline is None and self.transport is not None and not self._gateway_lost:
                 site = cast(GatewaySite, self.site)  # type: ignore[attr-defined]
                 self._head_deadline = site.reactor.callLater(
@@ -218,23 +232,15 @@ class GatewayChannel(http.HTTPChannel):
         """408, and the connection closed: the body came too slowly. The
         runner has not been asked yet (a request goes on once its body is in)."""
         _log.info("closing a connection whose request body came slower than bodyMinRate")
-        ctx = request.gateway_context
-        body = error_body(
-            408, "the request body came too slowly", ctx.openai_style, code="request_timeout"
-        )
-        self.release()
-        transport: Any = self.transport
-        transport.write(
-            b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
-            b"Content-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n\r\n"
-            % len(body)
-            + body
-        )
         if request.content is not None:
             request.content.close()  # a spooled body's temporary file goes now
         request.content = cast(IO[bytes], _Discard())
-        self._linger_wanted = False
-        http.HTTPChannel.loseConnection(self)
+        self._reject(
+            408,
+            "the request body came too slowly",
+            request.gateway_context.openai_style,
+            code="request_timeout",
+        )
 
     def _head_timed_out(self) -> None:
         self._head_deadline = None
@@ -257,14 +263,22 @@ class GatewayChannel(http.HTTPChannel):
         whose head just arrived is refused before its body: True if so (no
         ``100 Continue`` then, and gotLength keeps nothing)."""
         request = self.requests[-1]
-        check = getattr(self.site.resource, "check_head", None)  # type: ignore[attr-defined]
-        if check is None or not isinstance(request, GatewayRequest):
+        if not isinstance(request, GatewayRequest):
             return False
         try:
-            method, uri = self._command, self._path
+            method, uri, version = self._command, self._path, self._version
         except AttributeError:  # a Twisted without them: everything is decided on render
             return False
         raw = request.requestHeaders._rawHeaders
+        error = request.framing_error or framing_error(version, uri, raw)
+        if error is not None:
+            request.framing_error = error  # answered 400 (GatewaySite.getResourceFor)
+            request.refused_at_head = True
+            raw.pop(_EXPECT, None)
+            return True
+        check = getattr(self.site.resource, "check_head", None)  # type: ignore[attr-defined]
+        if check is None:
+            return False
         length = self.length
         try:
             if length is not None and length > request._gateway_site.max_body_size:
@@ -284,16 +298,51 @@ class GatewayChannel(http.HTTPChannel):
     def _refuse_body(self) -> None:
         """A refused request with a body to come: answered now (the body
         counts as empty), on a connection closed after a lingering read."""
-        if self.length == 0:
+        request = self.requests[-1]
+        if self.length == 0 and request.framing_error is None:
             return  # nothing to come: answered as usual, the connection kept
         self.length = 0
         self.persistent = False
         self._linger_wanted = True
-        request = self.requests[-1]
         request.responseHeaders._rawHeaders[_CONNECTION] = [b"close"]
 
     def loseConnection(self) -> None:
         _lose_connection(self)
+
+    def lineReceived(self, line: bytes) -> None:
+        requests = self.requests
+        if line[:1] in (b" ", b"\t") and requests and not requests[-1].head_done:
+            requests[-1].framing_error = OBS_FOLD  # Twisted would unfold it
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._reject(431, "the request head is over 16 KiB")
+            return
+        http.HTTPChannel.lineReceived(self, line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # One line over 16 KiB: a header line, or the request line (the URL).
+        requests = self.requests
+        if requests and not requests[-1].head_done:
+            self._reject(431, "a request header line is over 16 KiB")
+        else:
+            self._reject(414, "the request line is over 16 KiB")
+
+    def _reject(
+        self, status: int, message: str, openai: bool = False, code: str | None = None
+    ) -> None:
+        """Answer ``status`` without a request to render it, and close."""
+        body = error_body(status, message, openai, code=code)
+        self.release()
+        self._linger_wanted = False
+        transport: Any = self.transport
+        if transport is None or self._gateway_lost or transport.disconnecting:
+            return
+        transport.write(
+            b"HTTP/1.1 %d %s\r\nConnection: close\r\n"
+            b"Content-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n\r\n"
+            % (status, http.RESPONSES.get(status, b"Error"), len(body))
+            + body
+        )
+        http.HTTPChannel.loseConnection(self)
 
     def _linger(self) -> None:
         """nginx's lingering close: the answer is sent and the write side shut;
@@ -353,6 +402,19 @@ class GatewayChannel(http.HTTPChannel):
         held, self._held = self._held, None
         if held and self.transport is not None:
             write_now(self.transport, b"".join(held))
+
+
+class _BadFraming(Resource):
+    """The 400 for a request head that breaks a framing rule (edge/framing.py)."""
+
+    isLeaf = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+
+    def render(self, request: Request) -> bytes:
+        return send_error(request, 400, self.message, code="invalid_request")
 
 
 class _Refused(Protocol):
@@ -454,6 +516,7 @@ class GatewayRequest(Request):
     site: GatewaySite
     body_too_large: bool = False
     refused_at_head: bool = False  # GatewayChannel._check_head: no body is kept
+    framing_error: str | None = None  # an RFC 9112 framing rule it breaks (edge/framing.py)
     _gateway_host: Any = None  # the "request" fix's host, once asked for
 
     def __init__(self, channel: http.HTTPChannel, *args: Any) -> None:
@@ -515,6 +578,14 @@ class GatewayRequest(Request):
     def process(self) -> None:
         ctx = self._begin(self.requestHeaders.getRawHeaders(b"x-request-id"))
         self.setHeader(b"x-request-id", ctx.request_id.encode())
+        if self.framing_error is not None:  # before Twisted's own answer to "*"
+            site = self._gateway_site
+            self.site = site
+            try:
+                self.render(site.getResourceFor(self))
+            except BaseException:
+                self.processingFailed(Failure())
+            return
         # Twisted's, which sets its own Server header: GatewaySite.getResourceFor
         # puts ours back. The answers the gateway writes itself (401, 404,
         # /healthz) carry it; a proxied response takes the runner's (proxy.py).
@@ -602,6 +673,8 @@ class GatewaySite(Site):
         self.inflight.add(gateway_request)
         gateway_request.gateway_context.observers = self.observers
         request.setHeader(b"server", b"runner-gateway")
+        if gateway_request.framing_error is not None:
+            return _BadFraming(gateway_request.framing_error)
         found: IResource = super().getResourceFor(request)
         return found
 
@@ -1010,7 +1083,7 @@ class _RequestCopies(GatewayRequest):
         segments = self.path[1:].split(b"/")
         # unquote_to_bytes returns a segment without "%" as it is.
         self.postpath = list(map(unquote_to_bytes, segments)) if b"%" in self.path else segments
-        if self.path == b"*":
+        if self.path == b"*" and self.framing_error is None:
             self._handleStar()
             return
         try:
@@ -1111,6 +1184,8 @@ class _SiteCopies(GatewaySite):
         # Site.getResourceFor without its copy.copy of the (empty) prepath.
         request.site = self
         request.sitepath = list(request.prepath or ())  # type: ignore[attr-defined]
+        if gateway_request.framing_error is not None:
+            return _BadFraming(gateway_request.framing_error)
         found: IResource = getChildForRequest(self.resource, request)
         return found
 
