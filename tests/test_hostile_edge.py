@@ -5,6 +5,7 @@ can make the gateway read, keep and wait for."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -313,3 +314,72 @@ def test_past_max_connections_a_local_probe_is_still_answered(
         finally:
             for sock in held:
                 sock.close()
+
+
+# ------------------------------------------------------ strict framing (finding 9)
+
+_SMUGGLED = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        # Transfer-Encoding identity: the body must not be read as a second request.
+        (
+            b"POST /api/chat HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: identity\r\n\r\n"
+            + _SMUGGLED,
+            b"400",
+        ),
+        (
+            b"POST /api/chat HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"400",
+        ),
+        (b"GET /api/tags HTTP/1.1\r\n\r\n", b"400"),  # no Host
+        (b"GET /api/tags HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", b"400"),  # two
+        (
+            b"GET /api/tags HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer\r\n v4.public.x\r\n\r\n",
+            b"400",
+        ),
+        (b"GET /api/\x80tags HTTP/1.1\r\nHost: gw\r\n\r\n", b"400"),
+        (b"GET /api/\x7ftags HTTP/1.1\r\nHost: gw\r\n\r\n", b"400"),
+        (b"GET /api/tags HTTP/1.1\nHost: gw\n\n", b"400"),  # bare LF: at once
+        (b"GET /api/tags HTTP/1.1\r\nHost: gw\r\nX-A: " + b"a" * 17000 + b"\r\n\r\n", b"431"),
+        (
+            b"GET /api/tags HTTP/1.1\r\nHost: gw\r\n"
+            + (b"X-A: " + b"a" * 95 + b"\r\n") * 200
+            + b"\r\n",
+            b"431",
+        ),
+        (b"GET /" + b"a" * 17000 + b" HTTP/1.1\r\nHost: gw\r\n\r\n", b"414"),
+    ],
+    ids=[
+        "te-identity",
+        "te-gzip-chunked",
+        "no-host",
+        "two-hosts",
+        "obs-fold",
+        "target-0x80",
+        "target-0x7f",
+        "bare-lf",
+        "long-header-line",
+        "long-head",
+        "long-url",
+    ],
+)
+def test_framing_the_gateway_refuses(
+    gateway: tuple[GatewayProcess, GatewaySettings], raw: bytes, status: bytes
+) -> None:
+    gw, _ = gateway
+    with _connect(gw) as sock:
+        sock.sendall(raw)
+        sock.settimeout(5)  # well under headerTimeout: the answer comes at once
+        got = b""
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+    # Answered, and the connection closed (recv saw its end within 5 s).
+    assert got.startswith(b"HTTP/1.1 " + status + b" "), got[:300]
+    # Nothing smuggled behind it was answered.
+    assert len(re.findall(rb"(?:^|\n)HTTP/1\.1 \d\d\d ", got)) == 1, got[:600]
