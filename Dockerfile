@@ -4,19 +4,25 @@
 #     -v ./settings:/opt/gateway/settings -v ${HOME}/.acme.sh:/opt/gateway/.acme.sh runner-gateway
 # docs/deploy.md explains the volumes, the user id and certificate renewal.
 
-# ---- builder: build the wheel and install it with its dependencies into a venv
+# ---- builder: the locked dependencies, then the wheel, into a venv
 FROM python:3.11-slim AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
+# The dependencies come from the lock (exact versions, hashes checked), in a
+# layer of their own that is rebuilt only when the lock changes (make lock).
+COPY requirements/runtime.txt requirements/
+RUN python -m venv /opt/gateway/.venv \
+ && /opt/gateway/.venv/bin/pip install --require-hashes -r requirements/runtime.txt
 COPY pyproject.toml setup.cfg setup.py README* ./
 COPY runner_gateway/ runner_gateway/
 COPY twisted/plugins/runner_gateway_plugin.py twisted/plugins/
-# The last step builds twistd's plugin cache now: it lives beside the plugins,
-# where the runtime user cannot write (otherwise a warning at every start).
-RUN python -m venv /opt/gateway/.venv \
- && /opt/gateway/.venv/bin/pip wheel --no-deps --wheel-dir /wheels . \
- && /opt/gateway/.venv/bin/pip install /wheels/*.whl \
+# --no-deps: the lock above is the whole dependency set. The last step builds
+# twistd's plugin cache now: it lives beside the plugins, where the runtime
+# user cannot write (otherwise a warning at every start).
+RUN /opt/gateway/.venv/bin/pip wheel --no-deps --wheel-dir /wheels . \
+ && /opt/gateway/.venv/bin/pip install --no-deps /wheels/*.whl \
+ && /opt/gateway/.venv/bin/pip check \
  && /opt/gateway/.venv/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 
 # ---- runtime: the venv, the settings and nothing else

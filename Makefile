@@ -4,19 +4,32 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ENV    ?=
 
-.PHONY: all install demo run token test lint format docker bench bench-smoke clean
+.PHONY: all install lock demo run token test test-fastpath-off test-floor test-newest \
+        matrix lint format docker bench bench-smoke clean
 
 all: test
 
-# The virtual environment, with the package installed editable and the
-# test and lint tools. Re-made when setup.cfg changes.
-$(BIN)/twistd: setup.cfg setup.py
+# The lock: requirements/runtime.txt (the image) and requirements/dev.txt
+# (runtime, test and dev tools: make install, CI), exact versions with hashes.
+LOCK := requirements/runtime.txt requirements/dev.txt
+COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+          --custom-compile-command 'make lock' --upgrade setup.cfg
+
+# The virtual environment: the locked set, then the package itself, editable.
+# Re-made when setup.cfg or the lock changes.
+$(BIN)/twistd: setup.cfg setup.py $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,dev]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
 	@touch $@
 
 install: $(BIN)/twistd
+
+# Re-resolve the lock to the newest releases setup.cfg admits (docs/deploy.md).
+lock: install
+	$(COMPILE) -o requirements/runtime.txt
+	$(COMPILE) --extra test --extra dev -c requirements/runtime.txt -o requirements/dev.txt
 
 # A working gateway in front of the stand-in runner: no Ollama needed.
 demo: install
@@ -36,6 +49,18 @@ token: install
 
 test: install
 	$(BIN)/pytest
+
+# The version matrix (README "Supported versions"); .ci/run runs it.
+test-fastpath-off: install
+	RUNNER_GATEWAY_FASTPATH=off $(BIN)/pytest
+
+test-floor: install
+	UV=$(BIN)/uv bin/matrix floor
+
+test-newest: install
+	UV=$(BIN)/uv bin/matrix newest
+
+matrix: test test-fastpath-off test-floor test-newest
 
 lint: install
 	$(BIN)/ruff check .

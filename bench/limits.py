@@ -21,18 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.run import (
-    CHAT_BODY,
-    UPSTREAM_REPLY,
-    Plan,
-    Run,
-    free_port,
-    raise_nofile,
-    start_gateway,
-    target_python,
-    wait_port,
-    wrk,
-)
+from bench.common import CHAT_BODY, UPSTREAM_REPLY, Plan, Run, free_port, target_python, wait_port
+from bench.stages import wrk
+from bench.targets import raise_nofile, start_gateway
 
 LIMITS = """limits:
   backend: local

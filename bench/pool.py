@@ -39,19 +39,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.run import (
+from bench.common import (
     CHAT_BODY,
     ROOT,
     UPSTREAM_REPLY,
     Plan,
     Run,
     free_port,
-    make_keys,
-    mint,
     target_python,
     target_twistd,
     wait_port,
 )
+from bench.targets import make_keys, mint
 
 
 def _upstreams(run: Run, count: int) -> list[int]:

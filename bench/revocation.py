@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.run import _per_call_us
+from bench.stages import _per_call_us
 from runner_gateway.auth import TokenCache, parse_authorization
 from runner_gateway.paseto import TokenVerifier, V4SecretKey, VerifiedToken, issue, rfc3339
 from runner_gateway.revocation import Revocation, RevocationState, precise_rfc3339

@@ -167,7 +167,12 @@ class Broadcast:
     # ------------------------------------------------------------ answers
 
     def response_head(
-        self, code: int, phrase: bytes, headers: list[tuple[bytes, bytes]], length: int | None
+        self,
+        code: int,
+        phrase: bytes,
+        headers: list[tuple[bytes, bytes]],
+        length: int | None,
+        dropped: int,
     ) -> None:
         self._code = code
         self._cancel_timer()  # a first-byte deadline: a pull may then take as long as it needs

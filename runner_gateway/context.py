@@ -47,6 +47,8 @@ class RequestContext:
     bytes_sent: int = 0
     aborted: bool = False
     upstream_error: str | None = None  # connect, tls, timeout, reset, protocol
+    header_values_dropped: int = 0  # runner header values left out (control characters)
+    trusted_peer: bool = False  # the peer is in server.trustedProxies
     auth_failure: str | None = None  # reason label when the auth wrapper refused
     # Set by the auth wrapper's head check (auth.py check_head): the wrapper
     # that decided and its refusal (None: authenticated), so render does not

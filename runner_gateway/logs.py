@@ -8,6 +8,7 @@ log call slips one in: the rule is never to log them at all.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import math
@@ -48,11 +49,104 @@ _LEVELS: dict[str, LogLevel] = {
     "warn": LogLevel.warn,
     "error": LogLevel.error,
 }
-_SECRETS = re.compile(
-    rb"(v[1-4]\.(?:local|public)\.[A-Za-z0-9_\-.]{8,})"
-    rb"|((?i:bearer)\s+[A-Za-z0-9\-._~+/]{8,}=*)"
-    rb"|(k[1-4]\.(?:local|secret)\.[A-Za-z0-9_\-]{8,})"
+
+
+def _encodable(text: str) -> bytes:
+    """A pattern for ``text`` with any character written as it is or
+    percent-encoded (once, or twice: ``%252E``), hex in either case."""
+    parts = []
+    for ch in text:
+        code = ord(ch)
+        hex_ = rb"%%(?:25)?%X%s" % (code >> 4, _hex_digit(code & 15))
+        parts.append(rb"(?:" + re.escape(ch.encode()) + rb"|" + hex_ + rb")")
+    return b"".join(parts)
+
+
+def _hex_digit(value: int) -> bytes:
+    upper = b"%X" % value
+    return upper if upper.isdigit() else b"[" + upper + upper.lower() + b"]"
+
+
+def _either(*options: str) -> bytes:
+    return rb"(?:" + rb"|".join(_encodable(o) for o in options) + rb")"
+
+
+def _base64_forms(text: bytes) -> list[bytes]:
+    """The base64 characters that ``text`` always encodes to, whichever of the
+    three positions in a 3-byte group it starts at."""
+    forms = []
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + text).rstrip(b"=")
+        forms.append(encoded[math.ceil(8 * offset / 6) : 8 * (offset + len(text)) // 6])
+    return forms
+
+
+# A token (PASETO) or key (PASERK): header, then its base64url body, each
+# character literal or percent-encoded (the way a query string or a logged
+# URL carries it).
+_B64_CHAR = rb"(?:[A-Za-z0-9_\-.~]|%(?:25)?[0-9A-Fa-f]{2})"
+_ENCODED_TOKEN = (
+    _encodable("v")
+    + _either("1", "2", "3", "4")
+    + _encodable(".")
+    + _either("local", "public")
+    + _encodable(".")
+    + _B64_CHAR
+    + rb"{8,}"
 )
+_ENCODED_KEY = (
+    _encodable("k")
+    + _either("1", "2", "3", "4")
+    + _encodable(".")
+    + _either("local", "secret")
+    + _encodable(".")
+    + _B64_CHAR
+    + rb"{8,}"
+)
+# The same inside base64 (a Basic credential, a cookie, a JSON blob encoded):
+# a base64 run that holds a token's ".local." or ".public." encoded, at any of
+# the three positions in a 3-byte group (scrub() spells these out).
+_BASE64_MARKS = tuple(
+    form.decode() for mark in (b".local.", b".public.") for form in _base64_forms(mark)
+)
+assert _BASE64_MARKS == (
+    "LmxvY2FsL",
+    "5sb2NhbC",
+    "ubG9jYWwu",
+    "LnB1YmxpYy",
+    "5wdWJsaWMu",
+    "ucHVibGljL",
+)
+assert all(any(c in mark for c in "YCWV") for mark in _BASE64_MARKS)  # scrub's gate
+_IN_BASE64 = (
+    rb"[A-Za-z0-9+/_\-]*(?:"
+    + rb"|".join(m.encode() for m in _BASE64_MARKS)
+    + rb")[A-Za-z0-9+/_\-]*=*"
+)
+# A query parameter (or form field) that by its name holds a credential
+# (looked for after a "?" or "&"; percent-encoded forms whenever a line holds
+# a "%").
+_CREDENTIAL_PARAM = (
+    rb"(?i:(?<![A-Za-z0-9])"
+    rb"(?:access_token|refresh_token|id_token|token|api[_-]?key|apikey|password|secret)"
+    rb"(?:=|%3d))[^&\s\"'<>;,]+"
+)
+_SECRETS = re.compile(
+    _ENCODED_TOKEN
+    + rb"|"
+    + _ENCODED_KEY
+    + rb"|((?i:bearer)(?:\s|%20|\+)+[A-Za-z0-9\-._~+/%]{8,}=*)"
+    + rb"|"
+    + _IN_BASE64
+)
+_PARAMS = re.compile(_CREDENTIAL_PARAM)
+
+
+def _mask_param(match: re.Match[bytes]) -> bytes:
+    text = match.group(0)
+    lower = text.lower()
+    cut = lower.index(b"=") + 1 if b"=" in lower else lower.index(b"%3d") + 3
+    return text[:cut] + b"[redacted]"
 
 
 def twisted_level(level: str) -> LogLevel:
@@ -65,19 +159,49 @@ def logs_access(level: str) -> bool:
 
 
 def scrub(text: str) -> str:
-    """Mask token-, bearer- and secret-key-shaped substrings."""
-    # Each pattern needs ".local.", ".public.", ".secret." or "bearer" (any
-    # case): lines without them (nearly all, access lines included) skip the
-    # regular expression, which costs ~20 us on an access line.
-    if (
-        ".local." not in text
-        and ".public." not in text
-        and ".secret." not in text
-        and "bearer" not in text.lower()
-    ):
+    """Mask token-, bearer- and secret-key-shaped substrings, however encoded
+    (literal, percent-encoded, inside base64), and the values of query
+    parameters named for credentials (``access_token=``, ``api_key=``...)."""
+    # Each pattern needs ".local.", ".public.", ".secret.", "bearer" (any
+    # case), a "%", one of the base64 marks, or a "?" or "&" before a
+    # credential parameter's name: lines without them (nearly all, access
+    # lines included) skip the regular expressions, which cost ~20 us on an
+    # access line. One-character tests are the cheapest (memchr), so they
+    # come first; the base64 marks are spelled out, as a loop over them costs
+    # half as much again.
+    lower = text.lower()
+    encoded = "%" in text
+    secrets_ = (
+        encoded
+        or ".local." in text
+        or ".public." in text
+        or ".secret." in text
+        or "bearer" in lower
+        # Each mark holds a "Y", "C", "W" or "V", rare in log lines.
+        or (
+            ("Y" in text or "C" in text or "W" in text or "V" in text)
+            and (
+                "LmxvY2FsL" in text
+                or "5sb2NhbC" in text
+                or "ubG9jYWwu" in text
+                or "LnB1YmxpYy" in text
+                or "5wdWJsaWMu" in text
+                or "ucHVibGljL" in text
+            )
+        )
+    )
+    params = encoded or (
+        ("?" in text or "&" in text)
+        and ("token=" in lower or "key=" in lower or "password=" in lower or "secret=" in lower)
+    )
+    if not secrets_ and not params:
         return text
     data = text.encode("utf-8", "surrogateescape")
-    return _SECRETS.sub(b"[redacted]", data).decode("utf-8", "surrogateescape")
+    if params:
+        data = _PARAMS.sub(_mask_param, data)
+    if secrets_:
+        data = _SECRETS.sub(b"[redacted]", data)
+    return data.decode("utf-8", "surrogateescape")
 
 
 def _message(event: dict[str, Any]) -> str:
@@ -184,7 +308,7 @@ def access_message(fields: dict[str, Any]) -> str:
         f" runner={f['runner']} sub={f['sub']}"
         f"{'' if model is None else f' model={model}'}"
         f"{'' if prompt is None else f' tokens={prompt}/{completion}'}"
-        f" id={f['request_id']}"
+        f" id={f['request_id']} client={f['client']}"
         f"{'' if error is None else f' upstream_error={error}'}"
         f"{'' if auth is None else f' auth_failure={auth}'}"
         f"{' aborted' if f['aborted'] else ''}"

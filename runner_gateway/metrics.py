@@ -6,8 +6,11 @@ once per request). It owns its own ``CollectorRegistry`` so tests and several
 gateways in one process never share series.
 
 Every label value is bounded: runner names come from the settings, route and
-reasons from fixed vocabularies, models and subjects are capped in number
-(past the cap they count as ``other``).
+reasons from fixed vocabularies, subjects are capped in number (past the cap
+they count as ``other``). A model name becomes a label only once a runner
+answered 2xx for it (a name nobody serves is ``other``), and the model table
+keeps the most recently used ``MODELS_MAX``: junk names cannot fill it, and
+a model that was evicted (its series removed) comes back when next used.
 
 :func:`metrics_resource` serves ``/metrics`` and ``/usage``; it belongs on
 the separate ``metrics.address`` listener only, never on the public one.
@@ -117,6 +120,33 @@ NO_SUBJECT = "none"
 _STREAM_KEY = "metrics.active_runner"  # ctx.extra: the gauge child to decrement
 
 
+class _Models:
+    """The model label table: names a runner answered 2xx for, least recently
+    used evicted past ``limit`` (``on_evict`` drops the name's series)."""
+
+    def __init__(self, limit: int, on_evict: Callable[[str], None]) -> None:
+        self.limit = limit
+        self.on_evict = on_evict
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._seen
+
+    def __call__(self, value: str, answered: bool) -> str:
+        """The label for ``value``; ``answered``: the runner said 2xx for it."""
+        seen = self._seen
+        if value in seen:
+            seen.move_to_end(value)
+            return value
+        if not answered or len(value) > _LABEL_LEN_MAX:
+            return OTHER
+        while len(seen) >= self.limit:
+            evicted, _ = seen.popitem(last=False)
+            self.on_evict(evicted)
+        seen[value] = None
+        return value
+
+
 class _Capped:
     """A label's value set, capped: past ``limit`` distinct values, "other"."""
 
@@ -205,7 +235,10 @@ class UsageTable:
         entry.last_seen = now
         entry.total.add(prompt, completion)
         if model is not None:
-            # Model names are already capped by the caller (shared with the metric).
+            # Model names come from the metric's table; evicted ones may still be
+            # here, so a subject's own list is capped too.
+            if model not in entry.models and len(entry.models) >= MODELS_MAX:
+                model = OTHER
             entry.models.setdefault(model, _Counts()).add(prompt, completion)
         if host is not None:  # host:port from the settings: a bounded set
             entry.hosts.setdefault(host, _Counts()).add(prompt, completion)
@@ -298,7 +331,7 @@ class Metrics:
         self.limiter = limiter
         self.registry = CollectorRegistry(auto_describe=True)
         self.usage = UsageTable(settings.subjects_max, clock())
-        self._models = _Capped(MODELS_MAX)
+        self._models = _Models(MODELS_MAX, self._forget_model)
         self._routes = _Capped(ROUTES_MAX)
         self._subjects = _Capped(max(settings.subjects_max, 1))
         reg = self.registry
@@ -344,6 +377,12 @@ class Metrics:
             "runner_gateway_upstream_errors",
             "Failed exchanges with a runner, by kind.",
             ["runner", "kind"],
+            registry=reg,
+        )
+        self.header_values_dropped = Counter(
+            "runner_gateway_upstream_header_values_dropped",
+            "Runner response header values not relayed for holding a control character.",
+            ["runner"],
             registry=reg,
         )
         token_labels = ["runner", "model", "type"]
@@ -439,6 +478,8 @@ class Metrics:
         if ctx.upstream_error is not None:
             kind = ctx.upstream_error if ctx.upstream_error in UPSTREAM_ERROR_KINDS else OTHER
             self.upstream_errors.labels(runner=runner, kind=kind).inc()
+        if ctx.header_values_dropped:
+            self.header_values_dropped.labels(runner=runner).inc(ctx.header_values_dropped)
         refused = ctx.extra.get(REFUSED_KEY)
         if refused is not None:
             self.limit_refusals.labels(kind=refused).inc()
@@ -448,7 +489,12 @@ class Metrics:
         prompt = completion = 0
         if ctx.usage is not None:
             prompt, completion = ctx.usage.prompt_tokens, ctx.usage.completion_tokens
-        model = self._models(ctx.model) if ctx.model else None
+        model = None
+        if ctx.model:
+            answered = (
+                ctx.status is not None and 200 <= ctx.status < 300 and ctx.upstream_error is None
+            )
+            model = self._models(ctx.model, answered)
         subject = ctx.subject
         subject_label = self._subjects(subject) if subject is not None else NO_SUBJECT
         if prompt or completion:
@@ -461,6 +507,12 @@ class Metrics:
             self.subject_requests.labels(subject=subject_label).inc()
         if subject is not None:
             self.usage.record(subject, model, prompt, completion, now, ctx.host)
+
+    def _forget_model(self, model: str) -> None:
+        """Remove an evicted model's token series, so the series stay bounded too."""
+        for labels in list(self.tokens._metrics):  # label-value tuples, in token_labels order
+            if labels[1] == model:
+                self.tokens.remove(*labels)
 
 
 class _PoolHostView(Protocol):

@@ -8,17 +8,20 @@ Conservative by design, because the proxy forwards the path and the body
 byte for byte and the runner (Ollama: Go's ``net/http``, Gin and
 ``encoding/json``) interprets them, not us:
 
-* Paths are not normalised. A request is classified only when its method
-  and path match a table row exactly (the query string is ignored, as Gin
-  ignores it). ``//api/chat``, ``/api/chat/``, ``/api/../api/pull``,
-  ``/api/%63hat``, ``/API/chat`` or ``post`` all fall through to ``admin``.
+* Paths arrive in their canonical form (``paths.canonical_path``, applied by
+  tree.py: ``/api/%63hat`` is ``/api/chat`` for us and for the runner, and
+  dot segments or an encoded ``/`` are refused before this module sees
+  them). A request is classified only when its method and path match a
+  table row exactly (the query string is ignored, as Gin ignores it).
+  ``//api/chat``, ``/api/chat/``, ``/API/chat`` or ``post`` fall through to
+  ``admin``.
 * Bodies are parsed once, strictly. Go's decoder keeps the *last* of
   repeated keys and matches keys case-insensitively (``"Model"`` and even
   ``"\\u017fource"`` land in ``Model`` / ``Source``), so a body that repeats a
   key, or holds two top-level keys Go would fold together, is refused (400)
   rather than guessed at.
-* When a check cannot be made (no model named, a Modelfile, an unknown
-  endpoint) a token limited to certain models is refused.
+* When a check cannot be made (no model named, a Modelfile, a path the
+  table does not know) a token limited to certain models is refused.
 """
 
 from __future__ import annotations
@@ -584,9 +587,13 @@ def _empty_listing(kind: Listing) -> bytes:
 
 
 def filter_listing(kind: Listing, grant: Grant, ollama: bool = True) -> Callable[[bytes], bytes]:
-    """A transform keeping only the entries the grant allows.
+    """A transform that rebuilds a listing from the entries the grant allows.
 
-    Anything unexpected from upstream (invalid JSON, another shape, an error
+    The answer is made anew, not edited: ``{"object": "list", "data": [...]}``
+    for OpenAI's shape, ``{"models": [...]}`` for Ollama's, and every other
+    member the runner sent is dropped (llama.cpp's server puts an Ollama-style
+    ``models`` array beside OpenAI's ``data``: patching ``data`` alone passed
+    it on). Anything unexpected (invalid JSON, another shape, an error
     object) becomes an empty listing: better an empty list than a leak.
     """
     list_key, name_keys = (
@@ -608,8 +615,11 @@ def filter_listing(kind: Listing, grant: Grant, ollama: bool = True) -> Callable
             return _empty_listing(kind)
         if not isinstance(value, dict) or not isinstance(value.get(list_key), list):
             return _empty_listing(kind)
-        value[list_key] = [e for e in value[list_key] if allowed(e)]
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        entries = [e for e in value[list_key] if allowed(e)]
+        rebuilt = (
+            {"object": "list", "data": entries} if kind is Listing.OPENAI else {"models": entries}
+        )
+        return json.dumps(rebuilt, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     return transform
 
@@ -710,9 +720,10 @@ class Policy:
         if source in (ModelSource.NONE, ModelSource.BLOB):
             return Decision(200, route, scope)
         if source is ModelSource.LISTING:
-            # HEAD has no body to filter; GET gets the filtered listing.
+            # HEAD too: the proxy asks for the listing and answers with the
+            # filtered one's length (the runner's would tell what was cut).
             transform = None
-            if restricted and endpoint.listing is not None and _text(method) == "GET":
+            if restricted and endpoint.listing is not None:
                 transform = filter_listing(endpoint.listing, grant, self.ollama)
             return Decision(200, route, scope, transform=transform)
         if source is ModelSource.PATH:
@@ -721,6 +732,13 @@ class Policy:
         elif source is ModelSource.UNKNOWN and not restricted:
             # Unknown endpoints: nothing to check, so the body is not read.
             return Decision(200, route, scope)
+        elif endpoint is _UNKNOWN:
+            # Not in the table (nor a runner rule): which models such a path
+            # touches cannot be known, whatever the body says.
+            return refuse(
+                "this token is limited to certain models and this endpoint's models "
+                "cannot be checked"
+            )
         else:
             body = read_body()
             opaque: list[str] = []

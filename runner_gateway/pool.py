@@ -75,7 +75,12 @@ class Collector:
         self.timer: IDelayedCall | None = None
 
     def response_head(
-        self, code: int, phrase: bytes, headers: list[tuple[bytes, bytes]], length: int | None
+        self,
+        code: int,
+        phrase: bytes,
+        headers: list[tuple[bytes, bytes]],
+        length: int | None,
+        dropped: int,
     ) -> None:
         self.code = code
 

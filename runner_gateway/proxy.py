@@ -27,7 +27,7 @@ import functools
 import importlib
 import io
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import IO, Any
 
 from OpenSSL import SSL
@@ -53,7 +53,7 @@ from runner_gateway.errors import send_error
 from runner_gateway.policy import INFERENCE, MODELS_MANAGE, MODELS_READ
 from runner_gateway.pool import DOWN, QUEUED, Collector, PoolHost, RunnerPool
 from runner_gateway.poolviews import POOL_LISTINGS, merge_listings
-from runner_gateway.settings import RunnerSettings
+from runner_gateway.settings import FORWARDABLE_HEADERS, RunnerSettings
 from runner_gateway.upstream import (
     UpstreamCall,
     UpstreamPool,
@@ -62,6 +62,7 @@ from runner_gateway.upstream import (
 )
 
 __all__ = [
+    "CREDENTIAL_HEADERS",
     "HOP_BY_HOP",
     "ReverseProxyResource",
     "response_headers",
@@ -86,22 +87,31 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Request headers the gateway never forwards: credentials are for the gateway
-# (never the runner), Ollama answers 403 to a foreign Origin (the gateway does
-# CORS), framing is the body producer's business, and the X-Forwarded-* /
-# X-Request-Id values are the gateway's own, not the client's claims.
+# Request headers the gateway never forwards: its credential is for the
+# gateway (never the runner), Ollama answers 403 to a foreign Origin (the
+# gateway does CORS), framing is the body producer's business, and the
+# request id is the gateway's (site.py takes a trusted proxy's).
 _REQUEST_DROP = frozenset(
-    {
-        b"authorization",
-        b"origin",
-        b"host",
-        b"content-length",
-        b"expect",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-        b"x-request-id",
-    }
+    {b"authorization", b"origin", b"host", b"content-length", b"expect", b"x-request-id"}
 )
+# Credentials for something else than the runner: forwarded only when the
+# runner's forwardHeaders names them (Proxy-Authorization is hop-by-hop).
+CREDENTIAL_HEADERS = frozenset(name.encode() for name in FORWARDABLE_HEADERS)
+# What a proxy in front says about the client: dropped unless the peer is in
+# server.trustedProxies (then extended), as is any other X-Forwarded-*.
+_FORWARDING = frozenset(
+    {b"forwarded", b"x-real-ip", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+)
+# What _upstream_header_list does with a header, by lower-cased name: one
+# dict look-up tells a plain header (absent) from these.
+_DROP, _HOST, _CREDENTIAL, _FORWARDING_HEADER = range(4)
+_SPECIAL: dict[bytes, int] = {
+    **dict.fromkeys(HOP_BY_HOP | _REQUEST_DROP, _DROP),
+    b"host": _HOST,
+    **dict.fromkeys(CREDENTIAL_HEADERS, _CREDENTIAL),
+    **dict.fromkeys(_FORWARDING, _FORWARDING_HEADER),
+}
+_PREFIXES = (b"proxy-", b"x-forwarded-")
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 _CHUNK = 64 * 1024
 # A transformed body (a model listing) is buffered; beyond this it is refused.
@@ -127,6 +137,11 @@ def _tokens(values: Iterable[bytes]) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
+def _forwarded_node(ip: bytes) -> bytes:
+    """An address as RFC 7239's ``for=`` takes it (IPv6 quoted, in brackets)."""
+    return b'"[' + ip + b']"' if b":" in ip else ip
+
+
 def _upstream_header_list(
     incoming: Headers,
     *,
@@ -135,10 +150,20 @@ def _upstream_header_list(
     secure: bool,
     request_id: str,
     identity: bool,
+    trusted: bool = False,
+    forward: Collection[str] = (),
 ) -> list[tuple[bytes, bytes]]:
-    """The runner's request headers as (name, value) lines, in the order they are sent."""
+    """The runner's request headers as (name, value) lines, in the order they are sent.
+
+    ``trusted``: the peer is in server.trustedProxies, so the forwarding
+    headers it sent are kept and extended; otherwise they are dropped and
+    the gateway's own are sent. ``forward``: the credential headers
+    (:data:`CREDENTIAL_HEADERS`) this runner gets.
+    """
     out: list[tuple[bytes, bytes]] = []
     forwarded_for: list[bytes] = []
+    forwarded: list[bytes] = []
+    kept: set[bytes] = set()  # forwarding headers a trusted proxy set
     client_host: bytes | None = None
     connection: list[bytes] | None = None
     raw = list(incoming.getAllRawHeaders())
@@ -149,26 +174,56 @@ def _upstream_header_list(
     append = out.append
     for raw_name, values in raw:
         name = raw_name.lower()
-        if name in _REQUEST_DROP:
-            if name == b"host" and values and client_host is None:
+        kind = _SPECIAL.get(name)  # one look-up for the usual, plain header
+        if kind is None:
+            if name in tokens:
+                continue
+            if name.startswith(_PREFIXES):
+                if name.startswith(b"proxy-"):
+                    continue
+                kind = _FORWARDING_HEADER  # another X-Forwarded-*
+            elif identity and name == b"accept-encoding":
+                continue
+            else:
+                for value in values:
+                    append((raw_name, value))
+                continue
+        if kind == _DROP:
+            continue
+        if kind == _HOST:
+            if values and client_host is None:
                 client_host = values[0]
             continue
-        if name in HOP_BY_HOP or name.startswith(b"proxy-") or name in tokens:
+        if kind == _CREDENTIAL:
+            if name.decode("ascii") not in forward:  # the runner's forwardHeaders
+                continue
+        elif not trusted:  # _FORWARDING_HEADER
             continue
-        if name == b"x-forwarded-for":
+        elif name == b"x-forwarded-for":
             forwarded_for.extend(v.strip() for v in values if v.strip())
             continue
-        if identity and name == b"accept-encoding":
+        elif name == b"forwarded":
+            forwarded.extend(v.strip() for v in values if v.strip())
             continue
+        else:
+            kept.add(name)
         for value in values:
             append((raw_name, value))
-    if client_ip:
-        forwarded_for.append(client_ip.encode("ascii", "replace"))
+    peer = client_ip.encode("ascii", "replace") if client_ip else None
+    if peer is not None:
+        forwarded_for.append(peer)
+        if forwarded:  # a trusted proxy's chain, extended by one hop
+            forwarded.append(b"for=" + _forwarded_node(peer))
     if forwarded_for:
         out.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
-    out.append((b"X-Forwarded-Proto", b"https" if secure else b"http"))
-    if client_host is not None:
+    if forwarded:
+        out.append((b"Forwarded", b", ".join(forwarded)))
+    if b"x-forwarded-proto" not in kept:
+        out.append((b"X-Forwarded-Proto", b"https" if secure else b"http"))
+    if client_host is not None and b"x-forwarded-host" not in kept:
         out.append((b"X-Forwarded-Host", client_host))
+    if peer is not None and b"x-real-ip" not in kept:
+        out.append((b"X-Real-IP", peer))
     out.append((b"X-Request-Id", request_id.encode("ascii", "replace")))
     out.append((b"Host", netloc))
     return out
@@ -182,11 +237,14 @@ def upstream_headers(
     secure: bool,
     request_id: str,
     identity: bool = False,
+    trusted: bool = False,
+    forward: Collection[str] = (),
 ) -> Headers:
     """The headers sent to the runner for a client request's headers.
 
     ``identity`` strips Accept-Encoding so the runner answers uncompressed
-    (used when the gateway must rewrite the body).
+    (used when the gateway must rewrite the body); ``trusted`` and
+    ``forward`` as for :func:`_upstream_header_list`.
     """
     out = Headers()
     for name, value in _upstream_header_list(
@@ -196,6 +254,8 @@ def upstream_headers(
         secure=secure,
         request_id=request_id,
         identity=identity,
+        trusted=trusted,
+        forward=forward,
     ):
         out.addRawHeader(name, value)
     return out
@@ -225,7 +285,8 @@ def _copy_response_headers(upstream: _Grouped, target: Headers, head: bool) -> N
     tokens = _tokens(connection[1]) if connection is not None else frozenset()
     # What target.setRawHeaders does, into its table directly: the name in
     # Twisted's canonical form, line breaks in a value made spaces (the
-    # runner's head parser never passes CR or LF, but a value is not trusted).
+    # runner's head parser passes no control character, but a value is not
+    # trusted).
     table = target._rawHeaders
     for name, (raw_name, values) in upstream.items():
         if name in HOP_BY_HOP or name in tokens or name.startswith((b"proxy-", b"access-control-")):
@@ -296,8 +357,8 @@ def classify(failure: Failure) -> tuple[str, int, str]:
         return "tls", 502, "the TLS handshake with the runner failed"
     if any(r.check(net_error.ConnectError) for r in reasons):
         return "connect", 502, "the runner is unreachable"
-    if any(r.check(ParseError) for r in reasons):
-        return "protocol", 502, "the runner sent an invalid response"
+    if any(r.check(ParseError, UpstreamProtocolError) for r in reasons):
+        return "protocol", 502, "the runner sent an invalid HTTP response"
     if any(r.check(net_error.ConnectionLost, net_error.ConnectionDone) for r in reasons):
         return "reset", 502, "the runner closed the connection without answering"
     return "protocol", 502, "the request to the runner failed"
@@ -318,6 +379,14 @@ class _UpstreamProducer:
 
     def stopProducing(self) -> None:
         self._exchange.client_lost(None)
+
+
+def _upstream_method(method: bytes, ctx: RequestContext) -> bytes:
+    """HEAD for a filtered listing goes as GET: its length is known only from
+    the listing (the runner's would be the unfiltered one's)."""
+    if method == b"HEAD" and ctx.response_transform is not None:
+        return b"GET"
+    return method
 
 
 def _request_length(content: IO[bytes] | None) -> int:
@@ -366,7 +435,6 @@ class _Exchange:
         self._headers_at: float | None = None
         self._method = request.method
         self._code = 0
-        self._phrase = b""
         self._headers: _Grouped = {}
         self.host: PoolHost | None = None  # the host this request holds a slot on
         self._tried: tuple[int, ...] = ()  # hosts this request failed on
@@ -400,12 +468,14 @@ class _Exchange:
             secure=request.isSecure(),
             request_id=ctx.request_id,
             identity=ctx.response_transform is not None,
+            trusted=ctx.trusted_peer,
+            forward=runner.forward_headers,
         )
         path = ctx.upstream_path or b"/"
         if not path.startswith(b"/"):
             path = b"/" + path
         try:
-            head = request_head(self._method, path, headers, length)
+            head = request_head(_upstream_method(self._method, ctx), path, headers, length)
         except ValueError:
             ctx.status = 400
             return send_error(request, 400, "invalid request target")
@@ -449,7 +519,12 @@ class _Exchange:
         self._pending = True
         try:
             self.call = host.client.request(
-                head, out[3], out[4], self._method == b"HEAD", self, ctx.scope in _REPEATABLE
+                head,
+                out[3],
+                out[4],
+                _upstream_method(self._method, ctx) == b"HEAD",
+                self,
+                ctx.scope in _REPEATABLE,
             )
         except Exception:
             self._bug(Failure())
@@ -462,7 +537,7 @@ class _Exchange:
             if lines[i][0].lower() == b"host":
                 lines[i] = (lines[i][0], host.netloc)
                 break
-        return request_head(self._method, path, lines, length)
+        return request_head(_upstream_method(self._method, self.ctx), path, lines, length)
 
     def _gather(self) -> None:
         """A model listing of a pool: every healthy host's, as one (poolviews.py)."""
@@ -696,7 +771,12 @@ class _Exchange:
     # ------------------------------------------------------------ upstream answers
 
     def response_head(
-        self, code: int, phrase: bytes, lines: list[tuple[bytes, bytes]], length: int | None
+        self,
+        code: int,
+        phrase: bytes,
+        lines: list[tuple[bytes, bytes]],
+        length: int | None,
+        dropped: int,
     ) -> None:
         self._pending = False  # the first-byte deadline is met
         if self._done:  # cannot happen (client_lost aborts), but never write twice
@@ -709,6 +789,7 @@ class _Exchange:
         headers = self._headers = _grouped(lines)
         head = self._method == b"HEAD"
         ctx.status = code
+        ctx.header_values_dropped = dropped
         content_type = _first(headers, b"content-type")
         if ctx.body_filter is not None and (
             code != 200
@@ -716,24 +797,23 @@ class _Exchange:
             or not content_type[0].lower().startswith(b"text/event-stream")
         ):
             ctx.body_filter = None  # not the stream the usage was asked for in
-        if ctx.response_transform is not None and code == 200 and not head:
+        if ctx.response_transform is not None and code == 200:
             encoding = _first(headers, b"content-encoding") or [b"identity"]
             if any(v.strip().lower() != b"identity" for v in encoding):
                 self._stop_upstream()
                 self._error("protocol", 502, "the runner sent an encoded listing")
                 return
-            self._code, self._phrase = code, phrase
+            self._code = code
             self._buffer = []
             ctx.response_started(content_type[0].decode("latin-1") if content_type else None)
             self._arm_idle()
             return
-        request.setResponseCode(code, phrase)
+        # The reason phrase is the gateway's, from the code: the runner's is
+        # not relayed (a bare CR in it would end the line for some clients).
+        request.setResponseCode(code)
         _copy_response_headers(headers, request.responseHeaders, head)
         if not head and code not in NO_BODY_CODES and length is not None:
             request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % length])
-        if ctx.response_transform is not None and head:
-            # The unfiltered listing's length would be wrong for the filtered one.
-            request.responseHeaders.removeHeader(b"content-length")
         if not content_type:
             request.defaultContentType = None
         ctx.response_started(content_type[0].decode("latin-1") if content_type else None)
@@ -825,7 +905,7 @@ class _Exchange:
             self._error("protocol", 502, "the runner sent an unreadable listing")
             return
         request = self.request
-        request.setResponseCode(self._code, self._phrase)
+        request.setResponseCode(self._code)
         _copy_response_headers(self._headers, request.responseHeaders, False)
         request.responseHeaders.removeHeader(b"content-encoding")
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
@@ -833,7 +913,7 @@ class _Exchange:
             request.defaultContentType = None
         request.write(b"")
         self._headers_at = self.reactor.seconds()
-        if body:
+        if body and self._method != b"HEAD":
             request.write(body)
             self.ctx.bytes_sent += len(body)
             self.ctx.first_byte = self.reactor.seconds()

@@ -200,6 +200,12 @@ class GatewayService(MultiService):
             observers=self.observers,
             trace=settings.logging.level == "trace",
         )
+        self.site.trusted_proxies = settings.server.trusted_proxies
+        limits = self.site.connection_limits
+        if limits is not None:
+            # A trusted proxy is exempt from maxConnectionsPerClient (and may
+            # use the health reserve): the set in force, as SIGHUP replaces it.
+            limits.exempt = lambda peer: self.site.trusted_proxies.is_trusted(peer)
         if isinstance(observer, _LevelControl):
             self.site.access_log = observer.access
         if settings.server.tls:
@@ -411,6 +417,7 @@ class GatewayService(MultiService):
         self.site.resource = generation.root
         self.site.max_body_size = max(r.max_body_size for r in settings.runners)
         self.site.trace = settings.logging.level == "trace"
+        self.site.trusted_proxies = settings.server.trusted_proxies
         if isinstance(self.observer, _LevelControl):
             self.observer.set_level(settings.logging.level)
         _log.info("settings reloaded: {n} runner(s)", n=len(settings.runners))

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from runner_gateway.cpus import usable_cpus
+from runner_gateway.forwarding import TrustedProxies, parse_trusted_proxies
 
 __all__ = [
     "LEVELS",
@@ -49,6 +50,8 @@ __all__ = [
 ]
 
 LEVELS = ("trace", "debug", "info", "warn", "error")
+# Headers not forwarded to runners unless a runner's forwardHeaders names them.
+FORWARDABLE_HEADERS = ("cookie", "x-api-key", "api-key")
 SCOPES = ("inference", "models:read", "models:manage", "admin", "introspect")
 ENV_OVERRIDES = {
     "LOGGING_LEVEL": ("logging", "level"),
@@ -201,6 +204,8 @@ class RunnerSettings:
     queue_timeout: float = 60.0
     keep_alive: float = 4.0  # idle pooled connections close after this (uvicorn: 5 s)
     strict_models: bool = True
+    # Credential headers (lower case) this runner is sent; by default none.
+    forward_headers: tuple[str, ...] = ()
 
     @property
     def addresses(self) -> tuple[Address, ...]:
@@ -240,6 +245,7 @@ class ServerSettings:
     max_connections_per_client: int = 256
     drain_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
+    trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
     public_url: str = ""  # how clients reach the gateway, for the OAuth metadata (oauth.py)
     ready_when: str = "any"  # /readyz: ready when any (or all) runners have a healthy host
     # One worker process per CPU this process may use (cpus.py: affinity and the
@@ -484,6 +490,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "queueTimeout": ("queue_timeout", "duration"),
         "keepAlive": ("keep_alive", "duration"),
         "strictModels": ("strict_models", "bool"),
+        "forwardHeaders": ("forward_headers", "forwardheaders"),
     },
     "server": {
         "address": ("address", "address"),
@@ -503,6 +510,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "corsOrigins": ("cors_origins", "origins"),
         "publicUrl": ("public_url", "publicurl"),
         "readyWhen": ("ready_when", "readywhen"),
+        "trustedProxies": ("trusted_proxies", "networks"),
         "workers": ("workers", "workers"),
     },
     "metrics": {
@@ -725,6 +733,21 @@ def _convert(kind: str, value: object) -> Any:
         return n
     if kind == "endpoints":
         return _parse_endpoints(value)
+    if kind == "networks":
+        if value is None:
+            return TrustedProxies()
+        return parse_trusted_proxies(_expect(value, list, "a list of networks (CIDR)"))
+    if kind == "forwardheaders":
+        names = []
+        for name in _convert("strlist", value):
+            lower = name.lower()
+            if lower not in FORWARDABLE_HEADERS:
+                raise ValueError(
+                    f"{name!r} cannot be named here (only {', '.join(FORWARDABLE_HEADERS)}: "
+                    "the credential headers the gateway drops by default)"
+                )
+            names.append(lower)
+        return tuple(dict.fromkeys(names))
     if kind == "limitsbackend":
         if value == "redis":
             raise ValueError("redis is not available in this version; use local")
@@ -1199,7 +1222,7 @@ def _read_secret(path: str) -> str:
 
 
 # Applied by a reload (service.py builds the resource tree from them).
-_LIVE = frozenset({"server.corsOrigins", "server.readyWhen"})
+_LIVE = frozenset({"server.corsOrigins", "server.readyWhen", "server.trustedProxies"})
 
 
 def restart_needed(old: Settings, new: Settings) -> list[str]:

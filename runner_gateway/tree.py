@@ -1,10 +1,12 @@
 """The Resource tree: health endpoints, CORS, and routing by path prefix.
 
-``GatewayRoot`` looks at the raw request path (as the client sent it, so what
-is matched is exactly what is forwarded), picks the runner with the longest
-prefix that matches on whole segments, records the runner-relative path in
-the request context and hands the request to that runner's resource chain
-(auth -> authorization -> proxy), which is a leaf.
+``GatewayRoot`` puts the request path in its canonical form
+(:func:`runner_gateway.paths.canonical_path`: what is matched and classified
+is exactly what is forwarded, and a path that could be read two ways is
+refused with 400), picks the runner with the longest prefix that matches on
+whole segments, records the runner-relative path in the request context and
+hands the request to that runner's resource chain (auth -> authorization ->
+proxy), which is a leaf.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from twisted.web.server import Request
 from runner_gateway.context import RequestContext, context_of
 from runner_gateway.edge.fastpath import canonical_name
 from runner_gateway.errors import send_error
+from runner_gateway.paths import BadPath, canonical_path, suspect
 from runner_gateway.settings import RunnerSettings
 
 __all__ = ["CorsPolicy", "GatewayRoot", "Route", "match_route"]
@@ -186,13 +189,18 @@ class GatewayRoot(Resource):
         return check is not None and bool(check(method, raw_headers, query, ctx))
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
-        raw_path = request.path
-        if raw_path == b"/healthz":
+        canonical = request.path
+        if suspect(canonical) is not None:  # else canonical already
+            try:
+                canonical = canonical_path(canonical)
+            except BadPath as exc:
+                return _Error(400, str(exc))
+        if canonical == b"/healthz":
             return self.healthz
-        if raw_path == b"/readyz":
+        if canonical == b"/readyz":
             return self.readyz
         if self.paths:
-            found_path = self.paths.get(raw_path)
+            found_path = self.paths.get(canonical)
             if found_path is not None:
                 return found_path
         if getattr(request, "body_too_large", False):
@@ -206,9 +214,9 @@ class GatewayRoot(Resource):
                 b"access-control-request-method"
             ):
                 return _Preflight()
-        found = match_route(self.routes, raw_path)
+        found = match_route(self.routes, canonical)
         if found is None:
-            return _Error(404, f"no runner serves {raw_path.decode('utf-8', 'replace')[:200]}")
+            return _Error(404, f"no runner serves {canonical.decode('utf-8', 'replace')[:200]}")
         route, rest = found
         _, _, query = request.uri.partition(b"?")
         ctx = context_of(request)

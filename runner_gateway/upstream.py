@@ -13,6 +13,10 @@ on a plain :class:`Protocol`:
 * the status line and headers are parsed incrementally; 1xx answers other
   than 101 are skipped; bodies are framed by Content-Length, chunked coding
   or the connection's close (RFC 9112 section 6.3);
+* nothing with a control character is passed on: a header value holding one
+  (NUL, a bare CR, VT, DEL...) is dropped and counted; one in a header name,
+  or in a framing header's value (Content-Length, Transfer-Encoding,
+  Connection), makes the response invalid (:class:`UpstreamProtocolError`);
 * a connection goes back to its :class:`UpstreamPool` only after a complete
   response that allows it (HTTP/1.1, no ``Connection: close``, not framed by
   close) and only if the request body was written completely;
@@ -81,8 +85,14 @@ class ResponseHandler(TypingProtocol):
     """
 
     def response_head(
-        self, code: int, phrase: bytes, headers: list[tuple[bytes, bytes]], length: int | None
-    ) -> None: ...
+        self,
+        code: int,
+        phrase: bytes,
+        headers: list[tuple[bytes, bytes]],
+        length: int | None,
+        dropped: int,
+    ) -> None:
+        """``dropped``: how many header values were left out for holding a control character."""
 
     def response_body(self, data: bytes) -> None: ...
 
@@ -103,6 +113,11 @@ _BODY_CHUNK_CRLF, _BODY_TRAILER, _BODY_CLOSE, _DONE = 5, 6, 7, 8
 
 
 _FOLD_START = (b" ", b"\t")  # a header line starting so continues the one before
+# Control characters a header value may not hold (HTAB is allowed), and the
+# same with LF and CR, for checking a whole head in one pass.
+_CONTROL = bytes([*range(0x09), *range(0x0B, 0x20), 0x7F])
+_CONTROL_OR_EOL = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 
 
 def _socket_of(transport: Any) -> socket.socket | None:
@@ -205,6 +220,7 @@ class _Connection(Protocol):
         self._code = 0
         self._phrase = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._dropped = 0
         self._got_head = False
         self._body: _BodyWriter | None = None
         self._closed_waiters: list[Deferred[None]] = []
@@ -361,7 +377,11 @@ class _Connection(Protocol):
                 end = buf.find(b"\r\n\r\n")
                 if 0 < end <= _MAX_HEAD:
                     lines = buf[:end].split(b"\r\n")
-                    if buf.count(b"\n", 0, end) == len(lines) - 1:
+                    # Every LF and CR in a pair between lines, and no other
+                    # control character: else the checks line by line below.
+                    if len(buf[:end].translate(None, _CONTROL_OR_EOL)) == end - 2 * (
+                        len(lines) - 1
+                    ):
                         self._status_line(lines[0])
                         header_line = self._header_line
                         headers = self._headers
@@ -397,6 +417,8 @@ class _Connection(Protocol):
                 line = line[:-1]
             if state == _STATUS:
                 self._status_line(line)
+                if len(line.translate(None, _CONTROL)) != len(line):
+                    self._phrase = b""  # never passed on (one read whole has none)
             elif state == _HEADERS:
                 if line:
                     self._header_line(line)
@@ -431,6 +453,7 @@ class _Connection(Protocol):
         self._phrase = parts[2] if len(parts) == 3 else b""
         self._keep_alive = parts[0] == b"HTTP/1.1"
         self._headers = []
+        self._dropped = 0
         self._head_size = len(line)
         self._state = _HEADERS
 
@@ -443,12 +466,27 @@ class _Connection(Protocol):
             if not self._headers:
                 raise UpstreamProtocolError("folded first header")
             name, value = self._headers[-1]
-            self._headers[-1] = (name, value + b" " + line.strip())
+            folded = line.strip(b" \t")
+            if len(folded.translate(None, _CONTROL)) != len(folded):
+                raise UpstreamProtocolError("control character in a folded header")
+            self._headers[-1] = (name, value + b" " + folded)
             return
         name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip() or b" " in name:
+        if (
+            not sep
+            or not name
+            or name != name.strip()
+            or b" " in name
+            or len(name.translate(None, _CONTROL)) != len(name)
+        ):
             raise UpstreamProtocolError("bad header line")
-        self._headers.append((name, value.strip()))
+        value = value.strip(b" \t")
+        if len(value.translate(None, _CONTROL)) != len(value):
+            if name.lower() in _FRAMING:
+                raise UpstreamProtocolError("control character in a framing header")
+            self._dropped += 1  # never relayed: it could split or end the client's head
+            return
+        self._headers.append((name, value))
 
     def _end_of_head(self, buf: bytes) -> bytes:
         code = self._code
@@ -489,7 +527,7 @@ class _Connection(Protocol):
         assert handler is not None
         self._got_head = True
         if no_body:
-            handler.response_head(code, self._phrase, self._headers, length)
+            handler.response_head(code, self._phrase, self._headers, length, self._dropped)
             self._complete(buf)
             return b""
         if chunked:
@@ -500,7 +538,7 @@ class _Connection(Protocol):
         else:
             self._keep_alive = False
             self._state = _BODY_CLOSE
-        handler.response_head(code, self._phrase, self._headers, length)
+        handler.response_head(code, self._phrase, self._headers, length, self._dropped)
         if self._state == _BODY_LENGTH and length == 0 and self.handler is not None:
             self._complete(buf)
             return b""

@@ -9,6 +9,7 @@ from runner_gateway.logs import ACCESS_NAMESPACE, access_line
 
 FIELDS: dict[str, Any] = {
     "request_id": "r-1",
+    "client": "203.0.113.9",
     "method": "POST",
     "path": "/api/chat",
     "runner": "ollama",
@@ -33,7 +34,7 @@ def _text(fields: dict[str, Any]) -> str:
 def test_text_line_carries_every_json_field() -> None:
     assert _text(FIELDS) == (
         "POST /api/chat 200 512B 812.4ms ttfb=40.25ms runner=ollama sub=alice"
-        " model=llama3.2:1b tokens=12/40 id=r-1 upstream_error=reset aborted"
+        " model=llama3.2:1b tokens=12/40 id=r-1 client=203.0.113.9 upstream_error=reset aborted"
     )
     record = json.loads(access_line("json", 0.0, ACCESS_NAMESPACE, FIELDS))
     text = _text(FIELDS)
@@ -47,4 +48,6 @@ def test_text_line_leaves_out_what_is_unknown() -> None:
     fields = {**FIELDS, "ttfb_ms": None, "model": None, "prompt_tokens": None, "aborted": False}
     del fields["upstream_error"]
     fields["completion_tokens"] = None
-    assert _text(fields) == "POST /api/chat 200 512B 812.4ms runner=ollama sub=alice id=r-1"
+    assert _text(fields) == (
+        "POST /api/chat 200 512B 812.4ms runner=ollama sub=alice id=r-1 client=203.0.113.9"
+    )

@@ -78,17 +78,17 @@ def test_smoke_run_reports_every_stage(tmp_path: Path) -> None:
 def test_python_targets_use_the_bench_venv_only_once_made(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bench import run
+    from bench import common, targets
 
     venv = tmp_path / "venv"
-    monkeypatch.setattr(run, "GATEWAY_VENV", venv)
-    assert run.target_python() == sys.executable  # not made: the dev interpreter
+    monkeypatch.setattr(common, "GATEWAY_VENV", venv)
+    assert common.target_python() == sys.executable  # not made: the dev interpreter
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").write_text("")
-    assert run.target_python() == str(venv / "bin" / "python")
-    assert run.target_twistd() == str(venv / "bin" / "twistd")
+    assert common.target_python() == str(venv / "bin" / "python")
+    assert common.target_twistd() == str(venv / "bin" / "twistd")
     python = Path(sys.executable)
-    assert not run._venv_of(venv, python)  # no pyvenv.cfg: remade
+    assert not targets._venv_of(venv, python)  # no pyvenv.cfg: remade
     (venv / "pyvenv.cfg").write_text(f"home = /somewhere\nexecutable = {python}\n")
-    assert run._venv_of(venv, python)
-    assert not run._venv_of(venv, tmp_path / "another-python")
+    assert targets._venv_of(venv, python)
+    assert not targets._venv_of(venv, tmp_path / "another-python")

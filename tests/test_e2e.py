@@ -28,8 +28,13 @@ def runners_yaml(standin: StandIn, *paths: str) -> str:
     for i, path in enumerate(paths):
         lines += [f"  - name: r{i}", f"    host: {standin.address}", f"    path: {path}"]
     # One process: these tests look at one process's logs and reloads
-    # (tests/test_workers.py covers server.workers > 1).
-    return "\n".join(lines) + "\nserver:\n  address: 127.0.0.1:0\n  workers: 1\n"
+    # (tests/test_workers.py covers server.workers > 1). The tests are the
+    # trusted proxy: they pick the request ids they look for in the log
+    # (tests/test_hostile_proxy.py covers an untrusted client).
+    return (
+        "\n".join(lines)
+        + "\nserver:\n  address: 127.0.0.1:0\n  workers: 1\n  trustedProxies: [127.0.0.1/32]\n"
+    )
 
 
 def send(

@@ -211,6 +211,7 @@ _FIELD_VALUES = st.one_of(
     fields=st.fixed_dictionaries(
         {
             "request_id": st.text(max_size=40),
+            "client": st.text(max_size=40),
             "method": st.sampled_from(["GET", "POST", "-"]),
             "path": st.text(max_size=30),
             "runner": _FIELD_VALUES,
@@ -253,6 +254,7 @@ def test_access_writer_matches_the_observer(worker: bool, level: str) -> None:
         controls.append(control)
     fields = {
         "request_id": "r1",
+        "client": "192.0.2.1",
         "method": "POST",
         "path": "/api/chat",
         "runner": "ollama",

@@ -107,7 +107,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory, standin: StandIn) -> Itera
             "    rpm: {requestsPerMinute: 30}\n"
             "    conc: {concurrentRequests: 3}\n"
             "    one: {concurrentRequests: 1}\n"
-            "    quota: {tokensPerDay: 10}\n"
+            "    quota: {tokensPerDay: 3}\n"
         )
         settings = GatewaySettings(directory, key)
         with start_gateway(directory) as gw:
@@ -324,11 +324,12 @@ def test_token_quota_openai_gives_up_at_once_and_ollama_sees_429(limited: Limite
     gw = limited.gw
     token = limited.settings.token(sub="spender", tier="quota")
     # The first request is admitted (nothing used yet) and charged at its end.
-    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=token, max_retries=3)
+    # (On the fast runner: the one at / takes 30 s to answer in full.)
+    client = openai.OpenAI(base_url=f"{gw.url}/fast/v1", api_key=token, max_retries=3)
     reply = client.chat.completions.create(
         model="llama3.2:1b", messages=[{"role": "user", "content": "hi"}]
     )
-    assert reply.usage is not None and reply.usage.total_tokens > 10
+    assert reply.usage is not None and reply.usage.total_tokens > 3
     with pytest.raises(openai.RateLimitError) as info:
         client.chat.completions.create(
             model="llama3.2:1b", messages=[{"role": "user", "content": "hi"}]
@@ -336,7 +337,9 @@ def test_token_quota_openai_gives_up_at_once_and_ollama_sees_429(limited: Limite
     assert info.value.code == "insufficient_quota"
     body = info.value.body
     assert isinstance(body, dict) and body.get("type") == "insufficient_quota"
-    ollama_client = ollama.Client(host=gw.url, headers={"Authorization": f"Bearer {token}"})
+    ollama_client = ollama.Client(
+        host=f"{gw.url}/fast", headers={"Authorization": f"Bearer {token}"}
+    )
     with pytest.raises(ollama.ResponseError) as oinfo:
         ollama_client.chat(model="llama3.2:1b", messages=[{"role": "user", "content": "hi"}])
     assert oinfo.value.status_code == 429
@@ -344,11 +347,11 @@ def test_token_quota_openai_gives_up_at_once_and_ollama_sees_429(limited: Limite
     # Once the ollama refusal is logged, every line before it is in: the openai
     # client tried once (x-should-retry: false), not four times.
     _wait(
-        lambda: any(r["path"] == "/api/chat" for r in _access(gw, "spender", 429)),
+        lambda: any(r["path"] == "/fast/api/chat" for r in _access(gw, "spender", 429)),
         "the ollama refusal logged",
         timeout=10,
     )
-    openai_refusals = [r for r in _access(gw, "spender", 429) if r["path"] != "/api/chat"]
+    openai_refusals = [r for r in _access(gw, "spender", 429) if r["path"] != "/fast/api/chat"]
     assert len(openai_refusals) == 1
     usage = _usage(limited.metrics_port)["limits"]
     assert isinstance(usage, dict)

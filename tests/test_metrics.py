@@ -231,29 +231,50 @@ def test_upstream_error_kinds_are_bounded() -> None:
     )
 
 
-def test_model_label_values_are_capped() -> None:
-    metrics, clock = make()
-    for i in range(MODELS_MAX + 20):
-        request(metrics, clock, model=f"model-{i}", duration=0.01)
-    request(metrics, clock, model="model-0")
-    request(metrics, clock, model=None)
-    models = {
+def _model_labels(metrics: Metrics) -> set[str]:
+    return {
         s.labels["model"]
         for family in metrics.registry.collect()
         if family.name == "runner_gateway_tokens"
         for s in family.samples
     }
-    assert len(models) == MODELS_MAX + 2  # + "other" + "unknown"
-    assert {"other", "unknown", "model-0"} <= models
-    other = value(
-        metrics, "runner_gateway_tokens_total", runner="ollama", model="other", type="prompt"
-    )
-    assert other == 20 * 26
-    # The model already seen keeps its own series.
+
+
+def test_model_label_table_keeps_the_most_recently_used() -> None:
+    metrics, clock = make()
+    for i in range(MODELS_MAX + 20):
+        request(metrics, clock, model=f"model-{i}", duration=0.01)
+    request(metrics, clock, model=None)
+    models = _model_labels(metrics)
+    # Bounded: the oldest 20 were evicted with their series.
+    assert len(models) == MODELS_MAX + 1  # + "unknown"
+    assert "model-0" not in models and f"model-{MODELS_MAX + 19}" in models
+    assert "other" not in models
+    # An evicted model comes back when next answered, evicting the least recent.
+    request(metrics, clock, model="model-0")
+    models = _model_labels(metrics)
+    assert "model-0" in models and "model-20" not in models
     m0 = value(
         metrics, "runner_gateway_tokens_total", runner="ollama", model="model-0", type="prompt"
     )
-    assert m0 == 2 * 26
+    assert m0 == 26
+
+
+def test_junk_model_names_do_not_become_labels() -> None:
+    """Finding 5 of issue 16: names the runner answered 404 for filled the table."""
+    metrics, clock = make()
+    for i in range(MODELS_MAX + 10):
+        request(metrics, clock, model=f"junk-{i}", status=404, duration=0.01)
+    request(metrics, clock, model="llama3.2", status=200)
+    models = _model_labels(metrics)
+    assert not any(m.startswith("junk-") for m in models)
+    assert "llama3.2" in models
+    # Nor does a 2xx status that the proxy turned into an upstream error.
+    request(metrics, clock, model="cut-short", upstream_error="reset")
+    assert "cut-short" not in _model_labels(metrics)
+    # Once answered, a model keeps its label even on a later error.
+    request(metrics, clock, model="llama3.2", status=500)
+    assert "llama3.2" in _model_labels(metrics)
 
 
 def test_route_label_values_are_capped() -> None:

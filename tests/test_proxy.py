@@ -235,15 +235,17 @@ def test_request_headers_rewritten(harness: Harness) -> None:
         "te",
         "proxy-authorization",
         "connection",
+        "cookie",  # a credential for something else (forwardHeaders can allow it)
     ):
         assert dropped not in headers, dropped
     assert headers["host"] == [f"127.0.0.1:{harness.upstream}"]
-    assert headers["x-forwarded-for"] == ["10.0.0.1, 127.0.0.1"]
+    # The peer is not a trusted proxy: what it says of the client is replaced.
+    assert headers["x-forwarded-for"] == ["127.0.0.1"]
+    assert headers["x-real-ip"] == ["127.0.0.1"]
     assert headers["x-forwarded-proto"] == ["http"]
     assert headers["x-forwarded-host"] == [f"127.0.0.1:{harness.gateway}"]
     request_id = response.getheader("x-gateway-request-id")
     assert request_id and headers["x-request-id"] == [request_id]
-    assert headers["cookie"] == ["a=b"]
     assert headers["accept-encoding"] == ["gzip"]
     assert headers["x-keep"] == ["yes"]
     assert seen["uri"] == "/echo?x=1&y=%20z&x=2"
@@ -864,11 +866,71 @@ def test_upstream_headers_unit() -> None:
         b"x-forwarded-for",
         b"x-forwarded-proto",
         b"x-forwarded-host",
+        b"x-real-ip",
         b"x-request-id",
     }
-    assert out.getRawHeaders(b"x-forwarded-for") == [b"1.1.1.1, 2.2.2.2, 3.3.3.3, ::1"]
+    # Not from a trusted proxy: the client's chain is dropped.
+    assert out.getRawHeaders(b"x-forwarded-for") == [b"::1"]
+    assert out.getRawHeaders(b"x-real-ip") == [b"::1"]
     assert out.getRawHeaders(b"x-forwarded-proto") == [b"https"]
     assert out.getRawHeaders(b"host") == [b"[::1]:9"]
+    # From a trusted one, its chain is extended.
+    out = upstream_headers(
+        incoming, netloc="[::1]:9", client_ip="::1", secure=True, request_id="r", trusted=True
+    )
+    assert out.getRawHeaders(b"x-forwarded-for") == [b"1.1.1.1, 2.2.2.2, 3.3.3.3, ::1"]
+
+
+def test_forwarding_and_credential_headers() -> None:
+    """Issue 16, finding 7: what an untrusted client says of itself is not passed on."""
+    incoming = Headers(
+        {
+            b"Host": [b"gw"],
+            b"X-Forwarded-For": [b"6.6.6.6"],
+            b"X-Forwarded-Proto": [b"https"],
+            b"X-Forwarded-Host": [b"evil.example"],
+            b"X-Forwarded-Port": [b"1"],
+            b"Forwarded": [b"for=6.6.6.6;proto=https"],
+            b"X-Real-IP": [b"6.6.6.6"],
+            b"X-Request-Id": [b"client-chosen"],
+            b"Cookie": [b"session=1"],
+            b"X-Api-Key": [b"k"],
+            b"Api-Key": [b"k"],
+            b"Proxy-Authorization": [b"Basic eDp5"],
+        }
+    )
+
+    def headers(**kwargs: object) -> dict[bytes, list[bytes]]:
+        out = upstream_headers(
+            incoming,
+            netloc="r:1",
+            client_ip="192.0.2.1",
+            secure=False,
+            request_id="id-1",
+            **kwargs,  # type: ignore[arg-type]
+        )
+        return {name.lower(): list(values) for name, values in out.getAllRawHeaders()}
+
+    untrusted = headers()
+    assert untrusted == {
+        b"x-forwarded-for": [b"192.0.2.1"],
+        b"x-forwarded-proto": [b"http"],
+        b"x-forwarded-host": [b"gw"],
+        b"x-real-ip": [b"192.0.2.1"],
+        b"x-request-id": [b"id-1"],
+        b"host": [b"r:1"],
+    }
+    trusted = headers(trusted=True, forward=("cookie",))
+    assert trusted[b"x-forwarded-for"] == [b"6.6.6.6, 192.0.2.1"]
+    assert trusted[b"forwarded"] == [b"for=6.6.6.6;proto=https, for=192.0.2.1"]
+    assert trusted[b"x-forwarded-proto"] == [b"https"]
+    assert trusted[b"x-forwarded-host"] == [b"evil.example"]
+    assert trusted[b"x-forwarded-port"] == [b"1"]
+    assert trusted[b"x-real-ip"] == [b"6.6.6.6"]
+    assert trusted[b"x-request-id"] == [b"id-1"]  # site.py decides the id
+    assert trusted[b"cookie"] == [b"session=1"]
+    for name in (b"x-api-key", b"api-key", b"proxy-authorization"):
+        assert name not in trusted
 
 
 def test_classify_messages_carry_no_exception_text() -> None:

@@ -55,6 +55,8 @@ def test_metrics_scrapes_log_nothing(
     settings = make_settings(
         f"runners:\n  - name: r0\n    host: {standin.address}\n    path: /\n"
         f"server:\n  address: 127.0.0.1:0\n  workers: {workers}\n"
+        # The test is the trusted proxy: it marks the log with request ids of its own.
+        "  trustedProxies: [127.0.0.1/32]\n"
         f"metrics:\n  address: 127.0.0.1:{metrics_port}\n"
     )
     with start_gateway(settings.directory) as gw:

@@ -97,6 +97,8 @@ def test_revocations_reach_every_worker_within_a_second(
         "logging:\n  format: json\n"
         f"runners:\n  - name: ollama\n    host: {standin.address}\n    path: /\n"
         "server:\n  address: 127.0.0.1:0\n  workers: 2\n"
+        # The test is the trusted proxy: it finds its requests by their ids.
+        "  trustedProxies: [127.0.0.1/32]\n"
     )
     directory = settings.directory
     alice = tool(directory, "-action=public", "-sub=alice")

@@ -8,7 +8,9 @@ what stays queued for the reactor are both visible.
 from __future__ import annotations
 
 import os
+import re
 import socket
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +26,7 @@ from runner_gateway.context import RequestContext
 from runner_gateway.edge import fastpath
 from runner_gateway.edge.fastpath import write_now
 from runner_gateway.edge.site import GatewayChannel, GatewaySite, new_request_id
+from runner_gateway.forwarding import parse_trusted_proxies
 from tests.helpers_site import Unanswered, needs_fastpath
 
 pytestmark = needs_fastpath  # the send-now and hold fixes, installed by the fixture below
@@ -232,10 +235,12 @@ def test_channel_asks_the_transport_for_its_addresses_once() -> None:
     assert sorted(asked) == ["host", "peer"]
 
 
-def test_request_ids_are_unique_hex_and_differ_per_process() -> None:
+def test_request_ids_are_unique_uuids_and_differ_per_process() -> None:
     ids = {new_request_id() for _ in range(1000)}
     assert len(ids) == 1000
-    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    # Version-4 UUIDs as text (llama-cpp-python's server refuses anything else).
+    assert all(str(uuid.UUID(i)) == i and uuid.UUID(i).version == 4 for i in ids)
+    assert all(uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # a worker: its own prefix
@@ -245,7 +250,7 @@ def test_request_ids_are_unique_hex_and_differ_per_process() -> None:
     child = os.read(read, 64).decode()
     os.close(read)
     os.close(write)
-    assert child[:16] != new_request_id()[:16]
+    assert child[:18] != new_request_id()[:18]
 
 
 def test_answers_the_gateway_writes_itself_carry_its_headers() -> None:
@@ -263,4 +268,11 @@ def test_answers_the_gateway_writes_itself_carry_its_headers() -> None:
     head = transport.value().split(b"\r\n\r\n", 1)[0].lower()
     assert b"\r\nserver: runner-gateway\r\n" in head
     assert b"twisted" not in head
-    assert b"\r\nx-request-id: abc-1\r\n" in head
+    # The gateway's own id: the peer is not a trusted proxy.
+    given = re.search(rb"\r\nx-request-id: ([^\r]*)\r\n", head)
+    assert given is not None and uuid.UUID(given.group(1).decode()).version == 4
+    # From a trusted proxy, its id is kept.
+    site.trusted_proxies = parse_trusted_proxies([channel.getPeer().host])
+    transport.clear()
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: gw\r\nX-Request-Id: abc-1\r\n\r\n")
+    assert b"\r\nx-request-id: abc-1\r\n" in transport.value().lower()

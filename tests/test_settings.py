@@ -160,6 +160,15 @@ def test_command_line_level_wins(sdir: Path) -> None:
         ("authorization: {defaultScopes: [everything]}\n", "defaultScopes", "unknown scope"),
         ("server: {corsOrigins: [example.com]}\n", "server.corsOrigins", "invalid origin"),
         ("server: {certificatePath: /c.pem}\n", "server.certificatePath", "together"),
+        ("server: {trustedProxies: [10.0.0.1/8]}\n", "server.trustedProxies", "host bits"),
+        ("server: {trustedProxies: [lb.example]}\n", "server.trustedProxies", "invalid network"),
+        ("server: {trustedProxies: 10.0.0.0/8}\n", "server.trustedProxies", "list"),
+        ("server: {trustedProxies: [8]}\n", "server.trustedProxies", "expected a network"),
+        (
+            "runners: [{name: a, host: 'h:1', path: /, forwardHeaders: [Authorization]}]\n",
+            "runners[0].forwardHeaders",
+            "cannot be named",
+        ),
     ],
 )
 def test_bad_values_name_file_and_key(sdir: Path, overlay: str, key: str, fragment: str) -> None:
@@ -283,6 +292,23 @@ def test_endpoint_rules(sdir: Path) -> None:
         (("POST",), "/completion", "inference"),
         (("GET",), "/props/*", "models:read"),
     ]
+
+
+def test_trusted_proxies_and_forward_headers(sdir: Path) -> None:
+    settings = load_settings(sdir, environ={})
+    assert not settings.server.trusted_proxies  # nobody by default
+    assert settings.runners[0].forward_headers == ()
+    write(
+        sdir,
+        "lb.yaml",
+        "server:\n  trustedProxies: [10.0.0.0/8, '::1']\n"
+        "runners:\n  - {name: a, host: 'h:1', path: /, forwardHeaders: [Cookie, X-Api-Key]}\n",
+    )
+    settings = load_settings(sdir, env="lb", environ={})
+    assert settings.server.trusted_proxies.is_trusted("10.2.3.4")
+    assert settings.server.trusted_proxies.is_trusted("::1")
+    assert not settings.server.trusted_proxies.is_trusted("127.0.0.1")
+    assert settings.runners[0].forward_headers == ("cookie", "x-api-key")
 
 
 # ------------------------------------------------------------------ limits

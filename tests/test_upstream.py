@@ -46,9 +46,15 @@ class Handler:
         self.calls.append("release")
 
     def response_head(
-        self, code: int, phrase: bytes, headers: list[tuple[bytes, bytes]], length: int | None
+        self,
+        code: int,
+        phrase: bytes,
+        headers: list[tuple[bytes, bytes]],
+        length: int | None,
+        dropped: int,
     ) -> None:
         self.head = (code, phrase, headers, length)
+        self.dropped = dropped
         self.calls.append("head")
 
     def response_body(self, data: bytes) -> None:
@@ -224,6 +230,7 @@ def _outcome(pieces: list[bytes]) -> tuple[Any, ...]:
     failure = handler.failed[0].value if handler.failed else None
     return (
         handler.head,
+        getattr(handler, "dropped", None),
         b"".join(handler.body),
         [None if e is None else type(e.value) for e in handler.ended],
         (type(failure), str(failure)) if failure is not None else None,
@@ -246,6 +253,13 @@ _HEAD_LINES = st.sampled_from(
         b"Connection: close",
         b"Connection: keep-alive",
         b"X-A: b\rc",
+        b"X-N: a\x00b",
+        b"X-V: a\x0bb\x7f",
+        b"X-T: a\tb",
+        b"Content-Length: 2\x0b",
+        b"Connection: close\x00",
+        b"X\x00Y: v",
+        b" fold\x00ed",
         b" folded",
         b"\tfolded",
         b"bad name: v",
@@ -537,3 +551,27 @@ def test_a_crlf_head_in_one_read_gives_the_line_by_line_answer(
     # inline) against the line-by-line one.
     raw = b"".join(line + b"\r\n" for line in [b"HTTP/1.1 200 OK", *lines]) + b"\r\n" + body
     assert _outcome([raw]) == _outcome([raw[i : i + 1] for i in range(len(raw))])
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_control_characters_in_a_head(split: bool) -> None:
+    """Issue 16, finding 6: no control character from a runner's head is passed on."""
+    raw = (
+        b"HTTP/1.1 200 OK\rSet-Cookie: evil=1\r\nX-Nul: a\x00b\r\nX-Vt: a\x0bb\r\n"
+        b"X-Del: a\x7fb\r\nX-Tab: a\tb\r\nContent-Length: 2\r\n\r\nok"
+    )
+    pieces = [raw[i : i + 1] for i in range(len(raw))] if split else [raw]
+    handler, _, _ = _exchange(pieces)
+    assert handler.head is not None
+    code, phrase, headers, length = handler.head
+    assert (code, phrase, length) == (200, b"", 2)
+    assert headers == [(b"X-Tab", b"a\tb"), (b"Content-Length", b"2")]
+    assert handler.dropped == 3
+    for bad in (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\x0b\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\x00\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX\x00Y: 1\r\nContent-Length: 2\r\n\r\nok",
+    ):
+        handler, _, _ = _exchange([bad])
+        assert handler.head is None and handler.failed, bad
+        assert handler.failed[0].check(UpstreamProtocolError)

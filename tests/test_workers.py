@@ -273,6 +273,8 @@ def test_two_workers_serve_reload_restart_and_drain(
         "logging:\n  format: json\n"
         f"runners:\n  - name: r0\n    host: {standin.address}\n    path: /\n"
         "server:\n  address: 127.0.0.1:0\n  workers: 2\n  drainTimeout: 10s\n"
+        # The test is the trusted proxy: it picks the request ids it looks for.
+        "  trustedProxies: [127.0.0.1/32]\n"
         f"metrics:\n  address: 127.0.0.1:{metrics_port}\n"
     )
     token = settings.token()

@@ -34,6 +34,7 @@ from runner_gateway.edge import fastpath
 from runner_gateway.edge.fastpath import Unavailable, cached_header_name, canonical_name, write_now
 from runner_gateway.edge.framing import OBS_FOLD, framing_error
 from runner_gateway.errors import error_body, send_error
+from runner_gateway.forwarding import TrustedProxies, client_address
 from runner_gateway.logs import ACCESS_FORMAT, ACCESS_NAMESPACE, access_message
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewaySite", "RequestObserver"]
@@ -85,7 +86,9 @@ class _Discard:
 
 
 class _RequestIds:
-    """Fresh request ids: 32 hex digits, a random prefix per process and a counter.
+    """Fresh request ids, shaped as RFC 9562 version-4 UUIDs (some runners,
+    llama-cpp-python's server among them, answer 400 to any other X-Request-Id):
+    a random prefix per process and a counter.
 
     Unique without a getrandom() call per request; ids name requests in logs
     and headers and grant nothing, so they need not be unpredictable. A
@@ -97,11 +100,19 @@ class _RequestIds:
         os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
-        self._prefix = secrets.token_hex(8)
+        # 74 random bits around the version (4) and variant (8-b) digits,
+        # then a 48-bit counter: xxxxxxxx-xxxx-4xxx-yxxx-<counter>.
+        r = secrets.token_hex(10)
+        variant = "89ab"[int(r[18], 16) & 3]
+        self._prefix = f"{r[:8]}-{r[8:12]}-4{r[12:15]}-{variant}{r[15:18]}-"
         self._next = itertools.count().__next__
 
     def __call__(self) -> str:
-        return f"{self._prefix}{self._next():016x}"
+        n = self._next()
+        if n > 0xFFFFFFFFFFFF:  # 2**48 ids: draw a new prefix
+            self._reset()
+            n = self._next()
+        return f"{self._prefix}{n:012x}"
 
 
 new_request_id = _RequestIds()
@@ -115,8 +126,9 @@ _SERVER, _DATE, _X_REQUEST_ID, _COOKIE, _EXPECT, _CONNECTION = (
     canonical_name(name)
     for name in (b"server", b"date", b"x-request-id", b"cookie", b"expect", b"connection")
 )
-_CONTENT_TYPE, _CONTENT_LENGTH, _TRANSFER_ENCODING = (
-    canonical_name(name) for name in (b"content-type", b"content-length", b"transfer-encoding")
+_CONTENT_TYPE, _CONTENT_LENGTH, _TRANSFER_ENCODING, _X_FORWARDED_FOR = (
+    canonical_name(name)
+    for name in (b"content-type", b"content-length", b"transfer-encoding", b"x-forwarded-for")
 )
 _NO_DEFAULT_TYPE = (http.NOT_MODIFIED, http.NO_CONTENT)
 _NO_BODY_CODES = http.NO_BODY_CODES
@@ -560,17 +572,22 @@ class GatewayRequest(Request):
         """process's first part: the request id (``given``: the client's
         X-Request-Id values), the finish hook, the trace line."""
         ctx = self.gateway_context
-        if given and len(given) == 1 and _REQUEST_ID.match(given[0]):
-            ctx.request_id = given[0].decode("ascii")
+        site = self._gateway_site
+        if site.trusted_proxies.networks:  # empty by default: nothing to look up
+            ctx.trusted_peer = site.trusted_proxies.is_trusted(getattr(self.client, "host", ""))
+        if ctx.trusted_peer and given and len(given) == 1 and _REQUEST_ID.match(given[0]):
+            ctx.request_id = given[0].decode("ascii")  # a trusted proxy's id
         else:
             ctx.request_id = new_request_id()
         on_finish(self, self._finished, self._finished)
-        if self._gateway_site.trace:
+        if site.trace:
+            # The path only: a query may carry anything, a credential included.
+            query = b"?[query not shown]" if b"?" in self.uri else b""
             _log.debug(
                 "request {request_id}: {method} {uri} headers {headers}",
                 request_id=ctx.request_id,
                 method=self.method.decode("ascii", "replace"),
-                uri=self.uri.decode("utf-8", "replace")[:512],
+                uri=(self.path[:512] + query).decode("utf-8", "replace"),
                 headers=redacted_headers(self),
             )
         return ctx
@@ -618,6 +635,8 @@ class GatewaySite(Site):
     # HTTP/1.1 only (tls.py offers no h2 either): Twisted's default wraps the
     # channel in a proxy that could switch to HTTP/2, one more call per read.
     protocol = GatewayChannel  # type: ignore[assignment]
+    # server.trustedProxies (set by the service): whose forwarding headers count.
+    trusted_proxies = TrustedProxies()
 
     def __init__(
         self,
@@ -1359,8 +1378,14 @@ def redacted_headers(request: Request) -> dict[str, str]:
 def access_fields(request: Request, ctx: RequestContext, now: float) -> dict[str, Any]:
     """The access log record: only safe, bounded facts (never headers or bodies)."""
     path = request.path.decode("utf-8", "replace") if request.path else "-"
+    client: str = getattr(request.client, "host", None) or "-"
+    if ctx.trusted_peer:
+        forwarded_for = request.requestHeaders._rawHeaders.get(_X_FORWARDED_FOR) or ()
+        trusted = cast(GatewayRequest, request)._gateway_site.trusted_proxies
+        client = client_address(client, trusted, forwarded_for)
     fields: dict[str, Any] = {
         "request_id": ctx.request_id,
+        "client": client,
         "method": (request.method or b"-").decode("ascii", "replace"),
         "path": path[:512],
         "runner": ctx.runner.name if ctx.runner is not None else None,
