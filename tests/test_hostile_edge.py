@@ -383,3 +383,28 @@ def test_framing_the_gateway_refuses(
     assert got.startswith(b"HTTP/1.1 " + status + b" "), got[:300]
     # Nothing smuggled behind it was answered.
     assert len(re.findall(rb"(?:^|\n)HTTP/1\.1 \d\d\d ", got)) == 1, got[:600]
+
+
+def test_a_trusted_proxy_is_exempt_from_the_per_client_cap(
+    make_settings: Callable[[str], GatewaySettings], standin: StandIn
+) -> None:
+    """Behind a load balancer every connection comes from it: a peer in
+    server.trustedProxies is not held to maxConnectionsPerClient."""
+    settings = _capped(
+        make_settings,
+        standin,
+        "  maxConnectionsPerClient: 2\n  trustedProxies: [127.0.0.2/32]\n",
+    )
+    with start_gateway(settings.directory) as gw:
+        held = [_from(gw, "127.0.0.2") for _ in range(6)]
+        try:
+            for sock in held:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+                assert _read_head(sock).startswith(b"HTTP/1.1 200 ")
+            extra = [_from(gw, "127.0.0.3") for _ in range(3)]
+            assert [_refused(sock) for sock in extra] == [False, False, True]
+            for sock in extra:
+                sock.close()
+        finally:
+            for sock in held:
+                sock.close()
