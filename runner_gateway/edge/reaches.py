@@ -196,6 +196,28 @@ PRIVATE: tuple[Private, ...] = (
         "twisted.web.http:HTTPChannel()._receivedHeaderSize", "read, write", "site", "whole-head"
     ),
     Private(
+        "twisted.web.http:HTTPChannel()._receivedHeaderSize",
+        "read",
+        "site",
+        None,
+        "GatewayChannel.lineReceived: 431 for a head over totalHeadersSize (absent: Twisted's 400)",
+    ),
+    Private(
+        "twisted.web.http:HTTPChannel()._handlingRequest",
+        "read",
+        "site",
+        None,
+        "GatewayChannel._watch_head: a body still coming, for server.bodyMinRate "
+        "(absent: no rate check)",
+    ),
+    Private(
+        "twisted.protocols.basic:LineReceiver._busyReceiving",
+        "read",
+        "site",
+        None,
+        "the bare-LF check waits while LineReceiver's loop runs (absent: checked every read)",
+    ),
+    Private(
         "twisted.web.http:HTTPChannel()._receivedHeaderCount", "read, write", "site", "whole-head"
     ),
     Private("twisted.web.http:HTTPChannel()._transferDecoder", "read, write", "site", "whole-head"),
