@@ -232,6 +232,8 @@ class AuthResource(Resource):
             )
         if refusal is not None:
             return self._refuse(request, ctx, *refusal)
+        # Defence in depth: the credential is ours, never the runner's.
+        request.requestHeaders._rawHeaders.pop(_AUTHORIZATION, None)  # removeHeader, minus encoding
         return self.wrapped.render(request)
 
     def check_head(
@@ -287,8 +289,6 @@ class AuthResource(Resource):
                 return self._invalid("revoked", "token has been revoked")
             self.cache.put(token, verified, now)
         ctx.claims = verified.claims
-        # Defence in depth: the credential is ours, never the runner's.
-        raw_headers.pop(_AUTHORIZATION, None)  # removeHeader, minus the name encoding
         return None
 
     def _refuse(
