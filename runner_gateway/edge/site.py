@@ -49,10 +49,12 @@ _TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 _WHOLE_HEAD = re.compile(
     _TCHAR + rb"+ [!-\xb0]+ HTTP/1\.[01](?:\r\n" + _TCHAR + rb"+:[^\x00\r\n]*)*"
 )
-# Header values never written to a log, whatever the level.
+# The lingering close after a request refused on its head: nginx's
+# lingering_time and lingering_timeout (GatewayChannel._linger).
 LINGER_TOTAL = 30.0
-_UNCOUNTED: Any = object()
 LINGER_IDLE = 5.0
+_UNCOUNTED: Any = object()  # a connection the site's ConnectionLimits does not count
+# Header values never written to a log, whatever the level.
 _SECRET_HEADERS = frozenset(
     {b"authorization", b"proxy-authorization", b"cookie", b"x-api-key", b"api-key"}
 )
@@ -174,8 +176,8 @@ class GatewayChannel(http.HTTPChannel):
 
     def _watch_head(self) -> None:
         # A request head, from its first byte to its blank line, must arrive
-        # within the site's header_timeout; the body may take as long as an
-        # upload needs. Checked after each read rather than armed per request,
+        # within the site's header_timeout; the body is held to the site's
+        # body_min_rate instead (_watch_body). Checked after each read rather than armed per request,
         # so a head that comes in one read (nearly all) needs no timer.
         requests = self.requests
         in_head = self.line_mode and (self._buffer or (requests and not requests[-1].head_done))
@@ -193,7 +195,6 @@ class GatewayChannel(http.HTTPChannel):
                 # the header deadline.
                 self._reject(400, "request lines must end in CRLF")
                 return
-        if in_head:
             if deadline is None and self.transport is not None and not self._gateway_lost:
                 site = cast(GatewaySite, self.site)  # type: ignore[attr-defined]
                 self._head_deadline = site.reactor.callLater(
