@@ -177,8 +177,9 @@ class GatewayChannel(http.HTTPChannel):
     def _watch_head(self) -> None:
         # A request head, from its first byte to its blank line, must arrive
         # within the site's header_timeout; the body is held to the site's
-        # body_min_rate instead (_watch_body). Checked after each read rather than armed per request,
-        # so a head that comes in one read (nearly all) needs no timer.
+        # body_min_rate instead (_watch_body). Checked after each read rather
+        # than armed per request, so a head that comes in one read (nearly
+        # all) needs no timer.
         requests = self.requests
         in_head = self.line_mode and (self._buffer or (requests and not requests[-1].head_done))
         deadline = self._head_deadline
