@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -192,10 +191,8 @@ def test_a_body_over_the_cap_is_answered_413_at_once(
             % (65 * 1024 * 1024, settings.token().encode())
             + b"x" * _SENT_FIRST
         )
-        start = time.monotonic()
-        answer = _read_head(sock)
+        answer = _read_head(sock)  # before the body: it never comes
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:300]
-    assert time.monotonic() - start < 10
 
 
 def test_a_body_slower_than_body_min_rate_gets_408(
