@@ -156,3 +156,19 @@ def test_a_body_at_the_rate_is_never_cut(whole_head: bool) -> None:
     assert transport.value().startswith(b"HTTP/1.1 200 ")
     clock.advance(60)  # the check's timer finds no body coming: nothing happens
     assert not transport.disconnecting
+
+
+@pytest.mark.parametrize("whole_head", [True, False])
+def test_a_refused_body_that_came_with_its_head_is_dropped_and_the_connection_kept(
+    whole_head: bool,
+) -> None:
+    root = _Refusing()
+    channel, transport, _ = _channel(root, whole_head)
+    channel.dataReceived(
+        b"POST /x HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\nGET /"
+        b"GET /y HTTP/1.1\r\nHost: gw\r\n\r\n"
+    )
+    answer = transport.value()
+    assert answer.count(b"HTTP/1.1 401 ") == 2  # the body was not read as a request
+    assert b"Connection: close" not in answer and not transport.disconnecting
+    assert root.rendered == [(0, b"POST"), (0, b"GET")]

@@ -313,8 +313,17 @@ class GatewayChannel(http.HTTPChannel):
         """A refused request with a body to come: answered now (the body
         counts as empty), on a connection closed after a lingering read."""
         request = self.requests[-1]
-        if self.length == 0 and request.framing_error is None:
-            return  # nothing to come: answered as usual, the connection kept
+        length = self.length
+        if request.framing_error is None:
+            if length == 0:
+                return  # nothing to come: answered as usual, the connection kept
+            buffer = self._buffer
+            if length is not None and len(buffer) >= length:
+                # The whole body came with the head: dropped unread, and the
+                # connection kept for what follows it.
+                self._buffer = buffer[length:]
+                self.length = 0
+                return
         self.length = 0
         self.persistent = False
         self._linger_wanted = True
