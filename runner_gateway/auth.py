@@ -18,6 +18,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import parse_qs
 
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
@@ -193,6 +194,10 @@ class TokenCache:
         self._entries.clear()
 
 
+# A refusal: its log label, status, message, WWW-Authenticate value and error code.
+_Refusal = tuple[str, int, str, str, str | None]
+
+
 class AuthResource(Resource):
     """Checks the bearer token, then renders the wrapped (leaf) resource."""
 
@@ -217,25 +222,60 @@ class AuthResource(Resource):
 
     def render(self, request: Request) -> Any:
         ctx = context_of(request)
-        headers = request.requestHeaders
-        try:
+        head = ctx.head_auth
+        if head is not None and head[0] is self:
+            refusal = head[1]  # decided on the head (check_head): not verified twice
+        else:
             args = request.args
-            if args and b"access_token" in args:
+            refusal = self._authenticate(
+                request.requestHeaders._rawHeaders, bool(args and b"access_token" in args), ctx
+            )
+        if refusal is not None:
+            return self._refuse(request, ctx, *refusal)
+        # Defence in depth: the credential is ours, never the runner's.
+        request.requestHeaders._rawHeaders.pop(_AUTHORIZATION, None)  # removeHeader, minus encoding
+        return self.wrapped.render(request)
+
+    def check_head(
+        self,
+        method: bytes,
+        raw_headers: dict[bytes, list[bytes]],
+        query: bytes,
+        ctx: RequestContext,
+    ) -> bool:
+        """Authenticate on the request head (GatewayChannel's head check), and
+        let the wrapped resource decide what it can without the body. The
+        outcome is kept in ``ctx`` for :meth:`render`. True: refuse."""
+        in_query = bool(query) and b"access_token" in parse_qs(query, keep_blank_values=True)
+        refusal = self._authenticate(raw_headers, in_query, ctx)
+        ctx.head_auth = (self, refusal)
+        if refusal is not None:
+            return True
+        check = getattr(self.wrapped, "check_head", None)
+        return check is not None and bool(check(method, ctx))
+
+    def _authenticate(
+        self, raw_headers: dict[bytes, list[bytes]], token_in_query: bool, ctx: RequestContext
+    ) -> _Refusal | None:
+        """Verify the bearer token (or find it in the cache): puts the claims
+        in ``ctx`` and drops the header, or returns the refusal."""
+        try:
+            if token_in_query:
                 raise BearerRequestError(
                     "send the token in the Authorization header, not as access_token"
                 )
-            token = parse_authorization(headers._rawHeaders.get(_AUTHORIZATION))
+            token = parse_authorization(raw_headers.get(_AUTHORIZATION))
         except BearerRequestError as exc:
-            return self._bad_request(request, ctx, exc.description)
+            return self._bad_request(exc.description)
         if token is None:
-            return self._missing(request, ctx)
+            return self._missing()
         now = self.clock()
         verified = self.cache.get(token, now)
         if verified is None:
             try:
                 verified = self.verifier.verify(token)
             except PasetoError as exc:
-                return self._invalid(request, ctx, exc.reason, exc.description)
+                return self._invalid(exc.reason, exc.description)
             except Exception as exc:
                 # Not supposed to happen; the message could quote the token, so only the type.
                 _log.error(
@@ -243,15 +283,13 @@ class AuthResource(Resource):
                     kind=type(exc).__name__,
                     request_id=ctx.request_id,
                 )
-                return self._invalid(request, ctx, "error", "the token could not be verified")
+                return self._invalid("error", "the token could not be verified")
             revocations = self.revocations
             if revocations is not None and revocations.check(verified.claims, verified.kid):
-                return self._invalid(request, ctx, "revoked", "token has been revoked")
+                return self._invalid("revoked", "token has been revoked")
             self.cache.put(token, verified, now)
         ctx.claims = verified.claims
-        # Defence in depth: the credential is ours, never the runner's.
-        headers._rawHeaders.pop(_AUTHORIZATION, None)  # removeHeader, minus the name encoding
-        return self.wrapped.render(request)
+        return None
 
     def _refuse(
         self,
@@ -268,10 +306,8 @@ class AuthResource(Resource):
         headers: Mapping[str, str] = {"WWW-Authenticate": www_authenticate + self.challenge_extra}
         return send_error(request, status, message, code=code, headers=headers)
 
-    def _missing(self, request: Request, ctx: RequestContext) -> bytes:
-        return self._refuse(
-            request,
-            ctx,
+    def _missing(self) -> _Refusal:
+        return (
             "missing",
             401,
             "authentication required: send Authorization: Bearer <token>",
@@ -279,10 +315,8 @@ class AuthResource(Resource):
             None,
         )
 
-    def _bad_request(self, request: Request, ctx: RequestContext, description: str) -> bytes:
-        return self._refuse(
-            request,
-            ctx,
+    def _bad_request(self, description: str) -> _Refusal:
+        return (
             "malformed",
             400,
             f"invalid request: {description}",
@@ -290,13 +324,9 @@ class AuthResource(Resource):
             "invalid_request",
         )
 
-    def _invalid(
-        self, request: Request, ctx: RequestContext, reason: str, description: str
-    ) -> bytes:
+    def _invalid(self, reason: str, description: str) -> _Refusal:
         description = _quotable(description)
-        return self._refuse(
-            request,
-            ctx,
+        return (
             reason,
             401,
             f"invalid token: {description}",

@@ -15,7 +15,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from runner_gateway.context import context_of
+from runner_gateway.context import RequestContext, context_of
 from runner_gateway.errors import send_error
 from runner_gateway.policy import Decision, Policy
 from runner_gateway.settings import AuthorizationSettings, RunnerSettings
@@ -65,6 +65,11 @@ class AuthorizationResource(Resource):
         ctx.response_transform = decision.transform
         result: bytes | int = self.wrapped.render(request)
         return result
+
+    def check_head(self, method: bytes, ctx: RequestContext) -> bool:
+        """Whether the policy refuses the request on its head alone (runner,
+        scope, claims): the answer itself is rendered as usual, without the body."""
+        return self.policy.decide_head(method, ctx.upstream_path, ctx.claims) is not None
 
     def _refuse(self, request: Request, decision: Decision) -> bytes:
         if decision.status == 403:

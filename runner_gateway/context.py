@@ -50,6 +50,10 @@ class RequestContext:
     header_values_dropped: int = 0  # runner header values left out (control characters)
     trusted_peer: bool = False  # the peer is in server.trustedProxies
     auth_failure: str | None = None  # reason label when the auth wrapper refused
+    # Set by the auth wrapper's head check (auth.py check_head): the wrapper
+    # that decided and its refusal (None: authenticated), so render does not
+    # verify the token twice.
+    head_auth: tuple[Any, Any] | None = None
     usage: UsageParser | None = None
     # When set, the proxy buffers the (small) upstream body and sends
     # transform(body) instead, with a corrected Content-Length: used to

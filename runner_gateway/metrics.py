@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -285,6 +285,28 @@ class _FastpathInfo:
         )
         for fix, state in sorted(fastpath.states().items()):
             family.add_metric([fix, state], 1.0 if state == "on" else 0.0)
+        return [family]
+
+
+class ConnectionRefusals:
+    """``runner_gateway_connections_refused_total{reason}``, read at scrape
+    time from the site's ConnectionLimits (connections.py)."""
+
+    def __init__(self, refused: Callable[[], dict[str, int] | None]) -> None:
+        self.refused = refused
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return self.collect()
+
+    def collect(self) -> list[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "runner_gateway_connections_refused",
+            "Client connections closed at accept: over server.maxConnections "
+            "or server.maxConnectionsPerClient.",
+            labels=["reason"],
+        )
+        for reason, count in sorted((self.refused() or {}).items()):
+            family.add_metric([reason], count)
         return [family]
 
 

@@ -711,16 +711,9 @@ class Policy:
         def refuse(message: str, refused: str = "model", status: int = 403) -> Decision:
             return Decision(status, route, scope, message, refused=refused if status == 403 else "")
 
-        if claims is None:
-            return refuse("the request carries no verified token", "claims")
-        grant = self.grant(claims)
-        if isinstance(grant, ClaimError):
-            return refuse(str(grant), "claims")
-        if not grant.allows_runner(self.runner.name):
-            return refuse(f"this token may not use runner {_quote(self.runner.name)}", "runner")
-        if not grant.allows_scope(scope):
-            what = "this endpoint" if route == "other" else f"{_text(method)} {route}"
-            return refuse(f"{what} needs the {scope!r} scope", "scope")
+        grant = self._grant_for(method, endpoint, claims)
+        if isinstance(grant, Decision):
+            return grant
         restricted = grant.models is not None
         source = endpoint.models
 
@@ -770,3 +763,30 @@ class Policy:
                 if not grant.allows_model(name, self.ollama):
                     return refuse(f"this token may not use model {_quote(name)}")
         return Decision(200, route, scope, model=models[0][:200] if models else None)
+
+    def decide_head(
+        self, method: bytes | str, path: bytes | str, claims: Mapping[str, Any] | None
+    ) -> Decision | None:
+        """The refusal decidable from the request head alone (claims, runner,
+        scope), or None: what needs the body (the models) is left to
+        :meth:`decide`."""
+        found = self._grant_for(method, self.classify(method, path), claims)
+        return found if isinstance(found, Decision) else None
+
+    def _grant_for(
+        self, method: bytes | str, endpoint: Endpoint, claims: Mapping[str, Any] | None
+    ) -> Grant | Decision:
+        """The token's grant for ``endpoint``, or the 403 refusing it."""
+        route, scope = endpoint.route, endpoint.scope
+        if claims is None:
+            return Decision(403, route, scope, "the request carries no verified token", "claims")
+        grant = self.grant(claims)
+        if isinstance(grant, ClaimError):
+            return Decision(403, route, scope, str(grant), "claims")
+        if not grant.allows_runner(self.runner.name):
+            message = f"this token may not use runner {_quote(self.runner.name)}"
+            return Decision(403, route, scope, message, "runner")
+        if not grant.allows_scope(scope):
+            what = "this endpoint" if route == "other" else f"{_text(method)} {route}"
+            return Decision(403, route, scope, f"{what} needs the {scope!r} scope", "scope")
+        return grant

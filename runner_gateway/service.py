@@ -37,6 +37,7 @@ from twisted.web.server import Site
 
 from runner_gateway import __version__
 from runner_gateway.admission import Limiter
+from runner_gateway.connections import HEALTH_RESERVE, ConnectionLimits, default_max_connections
 from runner_gateway.context import RequestObserver
 from runner_gateway.edge.site import GatewaySite
 from runner_gateway.logs import (
@@ -129,6 +130,20 @@ def build_root(
     return GatewayRoot(routes, cors, readiness, details, paths, states)
 
 
+def _connection_limits(settings: Settings) -> ConnectionLimits:
+    """server.maxConnections (0: sized from this process's descriptor limit)
+    and maxConnectionsPerClient (0: no cap per peer)."""
+    import resource
+
+    server = settings.server
+    total = server.max_connections
+    if not total:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        total = default_max_connections(soft if soft != resource.RLIM_INFINITY else 1 << 20)
+    per_client = server.max_connections_per_client or total + HEALTH_RESERVE
+    return ConnectionLimits(total, per_client)
+
+
 def _endpoint(reactor: Any, address: Address, tls_creator: Any = None) -> IStreamServerEndpoint:
     host = address.host
     if tls_creator is not None:
@@ -179,10 +194,18 @@ class GatewayService(MultiService):
             max_body_size=max(r.max_body_size for r in settings.runners),
             header_timeout=settings.server.header_timeout,
             keep_alive_timeout=settings.server.keep_alive_timeout,
+            body_min_rate=settings.server.body_min_rate,
+            body_min_rate_grace=settings.server.body_min_rate_grace,
+            connection_limits=_connection_limits(settings),
             observers=self.observers,
             trace=settings.logging.level == "trace",
         )
         self.site.trusted_proxies = settings.server.trusted_proxies
+        limits = self.site.connection_limits
+        if limits is not None:
+            # A trusted proxy is exempt from maxConnectionsPerClient (and may
+            # use the health reserve): the set in force, as SIGHUP replaces it.
+            limits.exempt = lambda peer: self.site.trusted_proxies.is_trusted(peer)
         if isinstance(observer, _LevelControl):
             self.site.access_log = observer.access
         if settings.server.tls:
@@ -208,6 +231,12 @@ class GatewayService(MultiService):
             from runner_gateway.metrics import PoolCollector
 
             self.metrics.registry.register(PoolCollector(lambda: self.generation.pools))
+            from runner_gateway.metrics import ConnectionRefusals
+
+            limits = self.site.connection_limits
+            self.metrics.registry.register(
+                ConnectionRefusals(lambda: limits.refused if limits is not None else None)
+            )
 
     @property
     def settings(self) -> Settings:

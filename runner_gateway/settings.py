@@ -235,6 +235,14 @@ class ServerSettings:
     public_port: int = 0  # port clients reach TLS on, for redirects (0: the listening port)
     header_timeout: float = 30.0
     keep_alive_timeout: float = 75.0
+    # A request body must arrive within body_min_rate_grace seconds plus one
+    # second per body_min_rate bytes received (mod_reqtimeout's MinRate); 0: off.
+    body_min_rate: int = 1024
+    body_min_rate_grace: float = 30.0
+    # Client connections per process (0: sized from the descriptor limit,
+    # connections.default_max_connections) and per peer address (0: no cap).
+    max_connections: int = 0
+    max_connections_per_client: int = 256
     drain_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
     trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
@@ -494,6 +502,10 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "publicPort": ("public_port", "port"),
         "headerTimeout": ("header_timeout", "duration"),
         "keepAliveTimeout": ("keep_alive_timeout", "duration"),
+        "bodyMinRate": ("body_min_rate", "size"),
+        "bodyMinRateGrace": ("body_min_rate_grace", "duration"),
+        "maxConnections": ("max_connections", "count"),
+        "maxConnectionsPerClient": ("max_connections_per_client", "count"),
         "drainTimeout": ("drain_timeout", "duration"),
         "corsOrigins": ("cors_origins", "origins"),
         "publicUrl": ("public_url", "publicurl"),

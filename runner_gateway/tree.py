@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from runner_gateway.context import context_of
+from runner_gateway.context import RequestContext, context_of
 from runner_gateway.edge.fastpath import canonical_name
 from runner_gateway.errors import send_error
 from runner_gateway.paths import BadPath, canonical_path, suspect
@@ -32,6 +32,7 @@ _CORS_METHODS = b"GET, HEAD, POST, PUT, DELETE, OPTIONS"
 
 # The header's name as twisted.web's Headers keeps it (its canonical form).
 _ORIGIN = canonical_name(b"origin")
+_PREFLIGHT = canonical_name(b"access-control-request-method")
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,37 @@ class GatewayRoot(Resource):
         if detail:
             payload["detail"] = detail
         return (503 if problems else 200), payload
+
+    def check_head(
+        self, method: bytes, uri: bytes, raw_headers: dict[bytes, list[bytes]], ctx: RequestContext
+    ) -> bool:
+        """Whether the request is refused on its head (GatewayChannel calls
+        this before any body is read): the route, and the runner's
+        authentication and policy as far as they need no body. The refusal
+        itself is rendered as usual (getChildWithDefault), from what this
+        kept in ``ctx``."""
+        raw_path, _, query = uri.partition(b"?")
+        if raw_path in (b"/healthz", b"/readyz"):
+            return method not in (b"GET", b"HEAD")  # 405, without reading a body
+        if self.paths:
+            found_path = self.paths.get(raw_path)
+            if found_path is not None:  # introspection: behind its own AuthResource
+                check = getattr(found_path, "check_head", None)
+                return check is not None and bool(check(method, raw_headers, query, ctx))
+        origins = raw_headers.get(_ORIGIN)
+        if origins:
+            if len(origins) != 1 or not self.cors.allows(origins[0]):
+                return True
+            if method == b"OPTIONS" and _PREFLIGHT in raw_headers:
+                return False
+        found = match_route(self.routes, raw_path)
+        if found is None:
+            return True
+        route, rest = found
+        ctx.runner = route.runner
+        ctx.upstream_path = rest + b"?" + query if query else rest
+        check = getattr(route.resource, "check_head", None)
+        return check is not None and bool(check(method, raw_headers, query, ctx))
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
         canonical = request.path

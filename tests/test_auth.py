@@ -451,3 +451,41 @@ def test_token_never_logged() -> None:
             assert token[10:40] not in text  # no slice of it either
     reasons = {e.get("reason") for e in events}
     assert {"missing", "malformed", "expired"} <= reasons
+
+
+# ------------------------------------------------------ the head check
+
+
+def _head(env: Env, auth: list[bytes], query: bytes = b"") -> tuple[bool, RequestContext]:
+    ctx = RequestContext(request_id="", started=0.0, upstream_path=b"/api/tags")
+    raw = {b"Authorization": auth} if auth else {}
+    return env.auth.check_head(b"GET", raw, query, ctx), ctx
+
+
+def test_the_head_check_verifies_once_and_render_reuses_it() -> None:
+    env = Env(cache_size=0)  # no cache: a second verification would show
+    refused, ctx = _head(env, bearer(env.token()))
+    assert not refused and ctx.claims is not None
+    request = DummyRequest([])
+    request.gateway_context = ctx  # type: ignore[attr-defined]
+    assert env.auth.render(request) == b"wrapped"  # type: ignore[arg-type]
+    assert env.verifier.calls == 1
+
+
+def test_a_refusal_on_the_head_is_rendered_without_verifying_again() -> None:
+    env = Env(cache_size=0)
+    refused, ctx = _head(env, [b"Bearer v4.public.bad"])
+    assert refused and ctx.claims is None
+    request = DummyRequest([])
+    request.gateway_context = ctx  # type: ignore[attr-defined]
+    body = env.auth.render(request)  # type: ignore[arg-type]
+    assert request.responseCode == 401 and b"invalid token" in body
+    assert env.verifier.calls == 1
+    assert ctx.auth_failure is not None
+
+
+@pytest.mark.parametrize("query", [b"access_token=x", b"a=1&access%5Ftoken=x"])
+def test_the_head_check_refuses_a_token_in_the_query(query: bytes) -> None:
+    env = Env()
+    refused, _ = _head(env, bearer(env.token()), query)
+    assert refused

@@ -27,17 +27,20 @@ port = reactor.listenTCP(0, gateway, interface="127.0.0.1")
 ours = []
 for fix, target, copies, names in site.COPIES:
     ours += [f"{target.__name__}.{n}" for n in names if target.__dict__.get(n) is vars(copies)[n]]
+# allHeadersReceived and loseConnection are the gateway's own wrappers around
+# Twisted's (the head check and the lingering close), as dataReceived is: the
+# copies of them are checked absent by "ours" above.
 resolved = {
     name: getattr(site.GatewayChannel, name) is getattr(http.HTTPChannel, name)
-    for name in ("requestDone", "allHeadersReceived", "connectionMade", "getHost", "getPeer",
-                 "setTimeout", "resetTimeout", "writeHeaders", "write", "writeSequence",
-                 "loseConnection")
+    for name in ("requestDone", "connectionMade", "getHost", "getPeer",
+                 "setTimeout", "resetTimeout", "writeHeaders", "write", "writeSequence")
 }
 resolved.update({
     "Request." + name: getattr(site.GatewayRequest, name) is getattr(server.Request, name)
     for name in ("write", "isSecure", "__hash__")
 })
-resolved["Site.buildProtocol"] = site.GatewaySite.buildProtocol is server.Site.buildProtocol
+# GatewaySite.buildProtocol is the gateway's own (connection limits at
+# accept) around Twisted's Site.buildProtocol; its copy is checked absent above.
 channel = gateway.buildProtocol(None)
 resolved["whole_head"] = not channel.whole_head
 port.stopListening()

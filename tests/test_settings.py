@@ -581,3 +581,37 @@ def test_ready_when_is_any_or_all(sdir: Path) -> None:
     write(sdir, "bad.yaml", "server: {readyWhen: most}\n")
     with pytest.raises(SettingsError, match=r"server\.readyWhen: must be any or all"):
         load_settings(sdir, env="bad", environ={})
+
+
+def test_body_min_rate_defaults_and_values(sdir: Path) -> None:
+    server = load_settings(sdir, environ={}).server
+    assert (server.body_min_rate, server.body_min_rate_grace) == (1024, 30.0)
+    write(sdir, "slow.yaml", "server: {bodyMinRate: 0, bodyMinRateGrace: 5s}\n")
+    server = load_settings(sdir, env="slow", environ={}).server
+    assert (server.body_min_rate, server.body_min_rate_grace) == (0, 5.0)
+
+
+@pytest.mark.parametrize(
+    ("overlay", "key", "fragment"),
+    [
+        ("server: {bodyMinRate: fast}\n", "server.bodyMinRate", "invalid size"),
+        ("server: {bodyMinRate: -1}\n", "server.bodyMinRate", "negative"),
+        ("server: {bodyMinRateGrace: 30}\n", "server.bodyMinRateGrace", "a duration"),
+    ],
+)
+def test_body_min_rate_bad_values(sdir: Path, overlay: str, key: str, fragment: str) -> None:
+    write(sdir, "bad.yaml", overlay)
+    with pytest.raises(SettingsError) as info:
+        load_settings(sdir, env="bad", environ={})
+    assert key in str(info.value) and fragment in str(info.value)
+
+
+def test_connection_caps(sdir: Path) -> None:
+    server = load_settings(sdir, environ={}).server
+    assert (server.max_connections, server.max_connections_per_client) == (0, 256)
+    write(sdir, "caps.yaml", "server: {maxConnections: 5000, maxConnectionsPerClient: 0}\n")
+    server = load_settings(sdir, env="caps", environ={}).server
+    assert (server.max_connections, server.max_connections_per_client) == (5000, 0)
+    write(sdir, "bad.yaml", "server: {maxConnections: -1}\n")
+    with pytest.raises(SettingsError, match=r"server\.maxConnections.*negative"):
+        load_settings(sdir, env="bad", environ={})

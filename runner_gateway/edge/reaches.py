@@ -196,6 +196,28 @@ PRIVATE: tuple[Private, ...] = (
         "twisted.web.http:HTTPChannel()._receivedHeaderSize", "read, write", "site", "whole-head"
     ),
     Private(
+        "twisted.web.http:HTTPChannel()._receivedHeaderSize",
+        "read",
+        "site",
+        None,
+        "GatewayChannel.lineReceived: 431 for a head over totalHeadersSize (absent: Twisted's 400)",
+    ),
+    Private(
+        "twisted.web.http:HTTPChannel()._handlingRequest",
+        "read",
+        "site",
+        None,
+        "GatewayChannel._watch_head: a body still coming, for server.bodyMinRate "
+        "(absent: no rate check)",
+    ),
+    Private(
+        "twisted.protocols.basic:LineReceiver._busyReceiving",
+        "read",
+        "site",
+        None,
+        "the bare-LF check waits while LineReceiver's loop runs (absent: checked every read)",
+    ),
+    Private(
         "twisted.web.http:HTTPChannel()._receivedHeaderCount", "read, write", "site", "whole-head"
     ),
     Private("twisted.web.http:HTTPChannel()._transferDecoder", "read, write", "site", "whole-head"),
@@ -214,6 +236,22 @@ PRIVATE: tuple[Private, ...] = (
         "site",
         "whole-head",
         "also read by the channel fix's allHeadersReceived",
+    ),
+    Private(
+        "twisted.web.http:HTTPChannel()._command/_path",
+        "read",
+        "site",
+        None,
+        "the head check (GatewayChannel._check_head) reads the request line there; "
+        "without them (AttributeError) it checks nothing and the render decides, as before",
+    ),
+    Private(
+        "twisted.web.http:HTTPChannel().length",
+        "read, write",
+        "site",
+        None,
+        "a request refused on its head: length 0 makes Twisted's lineReceived (and "
+        "_take_head) end the request at its head; tests/test_head_check.py checks both paths",
     ),
     Private(
         "twisted.web.http:HTTPChannel()._dataBuffer",
@@ -238,7 +276,8 @@ PRIVATE: tuple[Private, ...] = (
         "read, write",
         "site",
         None,
-        "the header deadline reads it (a head still coming); whole-head writes it",
+        "the header deadline reads it (a head still coming); whole-head writes it; "
+        "the lingering close empties it",
     ),
     Private(
         "twisted.protocols.basic:LineReceiver._busyReceiving", "read, write", "site", "whole-head"

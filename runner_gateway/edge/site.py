@@ -19,18 +19,21 @@ from urllib.parse import unquote_to_bytes
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.http_headers import Headers
-from twisted.web.resource import IResource, getChildForRequest
+from twisted.web.resource import IResource, Resource, getChildForRequest
 from twisted.web.server import Request, Site
 
+from runner_gateway.connections import ConnectionLimits
 from runner_gateway.context import RequestContext, RequestObserver
 from runner_gateway.edge import fastpath
 from runner_gateway.edge.fastpath import Unavailable, cached_header_name, canonical_name, write_now
+from runner_gateway.edge.framing import OBS_FOLD, framing_error
+from runner_gateway.errors import error_body, send_error
 from runner_gateway.forwarding import TrustedProxies, client_address
 from runner_gateway.logs import ACCESS_FORMAT, ACCESS_NAMESPACE, access_message
 
@@ -46,6 +49,11 @@ _TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 _WHOLE_HEAD = re.compile(
     _TCHAR + rb"+ [!-\xb0]+ HTTP/1\.[01](?:\r\n" + _TCHAR + rb"+:[^\x00\r\n]*)*"
 )
+# The lingering close after a request refused on its head: nginx's
+# lingering_time and lingering_timeout (GatewayChannel._linger).
+LINGER_TOTAL = 30.0
+LINGER_IDLE = 5.0
+_UNCOUNTED: Any = object()  # a connection the site's ConnectionLimits does not count
 # Header values never written to a log, whatever the level.
 _SECRET_HEADERS = frozenset(
     {b"authorization", b"proxy-authorization", b"cookie", b"x-api-key", b"api-key"}
@@ -153,6 +161,14 @@ class GatewayChannel(http.HTTPChannel):
     _gateway_lost = False
     # The keep-alive idle timer of the "channel" fix (see _ChannelCopies).
     _idle_call: IDelayedCall | None = None
+    # A request refused on its head with a body to come (_refuse_body): the
+    # close that follows its answer lingers (_linger).
+    _linger_wanted = False
+    _linger_calls: tuple[IDelayedCall, IDelayedCall] | None = None
+    _body_call: IDelayedCall | None = None  # the body rate check (_watch_body)
+    # The peer address the site's ConnectionLimits counts this connection
+    # under, released when it closes (_UNCOUNTED: not counted).
+    _counted_peer: Any = _UNCOUNTED
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
@@ -160,13 +176,26 @@ class GatewayChannel(http.HTTPChannel):
 
     def _watch_head(self) -> None:
         # A request head, from its first byte to its blank line, must arrive
-        # within the site's header_timeout; the body may take as long as an
-        # upload needs. Checked after each read rather than armed per request,
-        # so a head that comes in one read (nearly all) needs no timer.
+        # within the site's header_timeout; the body is held to the site's
+        # body_min_rate instead (_watch_body). Checked after each read rather
+        # than armed per request, so a head that comes in one read (nearly
+        # all) needs no timer.
         requests = self.requests
         in_head = self.line_mode and (self._buffer or (requests and not requests[-1].head_done))
         deadline = self._head_deadline
         if in_head:
+            buffer = self._buffer
+            if (
+                b"\n" in buffer
+                and buffer.count(b"\n") != buffer.count(b"\r\n")
+                and not cast(Any, self.transport).disconnecting
+                # (not while LineReceiver's loop is still taking lines: it may yet)
+                and not getattr(self, "_busyReceiving", False)
+            ):
+                # Lines end at CRLF only: a head with a bare LF would wait for
+                # the header deadline.
+                self._reject(400, "request lines must end in CRLF")
+                return
             if deadline is None and self.transport is not None and not self._gateway_lost:
                 site = cast(GatewaySite, self.site)  # type: ignore[attr-defined]
                 self._head_deadline = site.reactor.callLater(
@@ -174,6 +203,58 @@ class GatewayChannel(http.HTTPChannel):
                 )
         elif deadline is not None:
             self._cancel_head_deadline()
+        if (
+            not self.line_mode
+            and self._body_call is None
+            and requests
+            # Twisted's flag for a request whose body is in (absent: no check)
+            and not getattr(self, "_handlingRequest", True)
+        ):
+            self._watch_body()
+
+    def _watch_body(self) -> None:
+        """A request body is coming: it must be in by the request's start plus
+        the site's grace plus a second per body_min_rate bytes received
+        (Apache mod_reqtimeout's MinRate), checked by one timer that moves
+        on as bytes arrive; a body read whole with its head needs none."""
+        site = cast(GatewaySite, self.site)  # type: ignore[attr-defined]
+        if not site.body_min_rate or self.transport is None or self._gateway_lost:
+            return
+        request: GatewayRequest = self.requests[-1]
+        due = (
+            request.gateway_context.started
+            + site.body_min_rate_grace
+            + request._body_received / site.body_min_rate
+        )
+        now = site.reactor.seconds()
+        if now < due:
+            self._body_call = site.reactor.callLater(due - now, self._body_due)
+        else:
+            self._body_too_slow(request)
+
+    def _body_due(self) -> None:
+        self._body_call = None
+        if (
+            not self._gateway_lost
+            and not self.line_mode
+            and self.requests
+            and not getattr(self, "_handlingRequest", True)
+        ):
+            self._watch_body()  # the same body still coming, or the next one's
+
+    def _body_too_slow(self, request: GatewayRequest) -> None:
+        """408, and the connection closed: the body came too slowly. The
+        runner has not been asked yet (a request goes on once its body is in)."""
+        _log.info("closing a connection whose request body came slower than bodyMinRate")
+        if request.content is not None:
+            request.content.close()  # a spooled body's temporary file goes now
+        request.content = cast(IO[bytes], _Discard())
+        self._reject(
+            408,
+            "the request body came too slowly",
+            request.gateway_context.openai_style,
+            code="request_timeout",
+        )
 
     def _head_timed_out(self) -> None:
         self._head_deadline = None
@@ -185,9 +266,155 @@ class GatewayChannel(http.HTTPChannel):
         if deadline is not None and deadline.active():
             deadline.cancel()
 
+    def allHeadersReceived(self) -> None:
+        refused = self._check_head()
+        http.HTTPChannel.allHeadersReceived(self)
+        if refused:
+            self._refuse_body()
+
+    def _check_head(self) -> bool:
+        """Ask the site's resource (GatewayRoot.check_head) whether the request
+        whose head just arrived is refused before its body: True if so (no
+        ``100 Continue`` then, and gotLength keeps nothing)."""
+        request = self.requests[-1]
+        if not isinstance(request, GatewayRequest):
+            return False
+        try:
+            method, uri, version = self._command, self._path, self._version
+        except AttributeError:  # a Twisted without them: everything is decided on render
+            return False
+        raw = request.requestHeaders._rawHeaders
+        error = request.framing_error or framing_error(version, uri, raw)
+        if error is not None:
+            request.framing_error = error  # answered 400 (GatewaySite.getResourceFor)
+            request.refused_at_head = True
+            raw.pop(_EXPECT, None)
+            return True
+        check = getattr(self.site.resource, "check_head", None)  # type: ignore[attr-defined]
+        if check is None:
+            return False
+        length = self.length
+        try:
+            if length is not None and length > request._gateway_site.max_body_size:
+                request.body_too_large = True  # answered 413 by the tree, at once
+                refused = True
+            else:
+                refused = bool(check(method, uri, raw, request.gateway_context))
+        except Exception:
+            # The render decides again, in full: a failure here costs only the early answer.
+            _log.failure("the request head check failed")
+            return False
+        if refused:
+            request.refused_at_head = True
+            raw.pop(_EXPECT, None)
+        return refused
+
+    def _refuse_body(self) -> None:
+        """A refused request with a body to come: answered now (the body
+        counts as empty), on a connection closed after a lingering read."""
+        request = self.requests[-1]
+        length = self.length
+        if request.framing_error is None:
+            if length == 0:
+                return  # nothing to come: answered as usual, the connection kept
+            buffer = self._buffer
+            if length is not None and len(buffer) >= length:
+                # The whole body came with the head: dropped unread, and the
+                # connection kept for what follows it.
+                self._buffer = buffer[length:]
+                self.length = 0
+                return
+        self.length = 0
+        self.persistent = False
+        self._linger_wanted = True
+        request.responseHeaders._rawHeaders[_CONNECTION] = [b"close"]
+
+    def loseConnection(self) -> None:
+        _lose_connection(self)
+
+    def lineReceived(self, line: bytes) -> None:
+        requests = self.requests
+        if line[:1] in (b" ", b"\t") and requests and not requests[-1].head_done:
+            requests[-1].framing_error = OBS_FOLD  # Twisted would unfold it
+        # Twisted's own check of the head's size, a step earlier, to answer 431
+        # rather than 400 (a Twisted without the count: its own answer).
+        if getattr(self, "_receivedHeaderSize", 0) + len(line) > self.totalHeadersSize:
+            self._reject(431, "the request head is over 16 KiB")
+            return
+        http.HTTPChannel.lineReceived(self, line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # One line over 16 KiB: a header line, or the request line (the URL).
+        requests = self.requests
+        if requests and not requests[-1].head_done:
+            self._reject(431, "a request header line is over 16 KiB")
+        else:
+            self._reject(414, "the request line is over 16 KiB")
+
+    def _reject(
+        self, status: int, message: str, openai: bool = False, code: str | None = None
+    ) -> None:
+        """Answer ``status`` without a request to render it, and close."""
+        body = error_body(status, message, openai, code=code)
+        self.release()
+        self._linger_wanted = False
+        transport: Any = self.transport
+        if transport is None or self._gateway_lost or transport.disconnecting:
+            return
+        transport.write(
+            b"HTTP/1.1 %d %s\r\nConnection: close\r\n"
+            b"Content-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n\r\n"
+            % (status, http.RESPONSES.get(status, b"Error"), len(body))
+            + body
+        )
+        http.HTTPChannel.loseConnection(self)
+
+    def _linger(self) -> None:
+        """nginx's lingering close: the answer is sent and the write side shut;
+        what the client still sends is read and dropped (so it can read the
+        answer rather than meet a reset) until it stops for linger_idle
+        seconds, or linger_total seconds have passed."""
+        self._linger_wanted = False
+        self._buffer = b""
+        self.dataReceived = self._linger_read  # type: ignore[method-assign]
+        self.release()
+        site = cast(GatewaySite, self.site)  # type: ignore[attr-defined]
+        transport: Any = self.transport
+        if type(transport) is tcp.Server:
+            transport.loseWriteConnection()  # FIN once the answer is out
+        self._linger_calls = (
+            site.reactor.callLater(site.linger_total, self._linger_over),
+            site.reactor.callLater(site.linger_idle, self._linger_over),
+        )
+
+    def _linger_read(self, data: bytes) -> None:
+        calls = self._linger_calls
+        if calls is not None and calls[1].active():
+            calls[1].reset(cast(GatewaySite, self.site).linger_idle)  # type: ignore[attr-defined]
+
+    def _linger_over(self) -> None:
+        self._cancel_linger()
+        if self.transport is not None and not self._gateway_lost:
+            http.HTTPChannel.loseConnection(self)
+
+    def _cancel_linger(self) -> None:
+        calls, self._linger_calls = self._linger_calls, None
+        for call in calls or ():
+            if call.active():
+                call.cancel()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        peer, self._counted_peer = self._counted_peer, _UNCOUNTED
+        if peer is not _UNCOUNTED:
+            limits = cast(GatewaySite, self.site).connection_limits  # type: ignore[attr-defined]
+            if limits is not None:
+                limits.release(peer)
         self._gateway_lost = True
         self._cancel_head_deadline()
+        self._cancel_linger()
+        body_call, self._body_call = self._body_call, None
+        if body_call is not None and body_call.active():
+            body_call.cancel()
         call, self._idle_call = self._idle_call, None
         if call is not None and call.active():
             call.cancel()
@@ -200,6 +427,49 @@ class GatewayChannel(http.HTTPChannel):
         held, self._held = self._held, None
         if held and self.transport is not None:
             write_now(self.transport, b"".join(held))
+
+
+class _BadFraming(Resource):
+    """The 400 for a request head that breaks a framing rule (edge/framing.py)."""
+
+    isLeaf = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+
+    def render(self, request: Request) -> bytes:
+        return send_error(request, 400, self.message, code="invalid_request")
+
+
+class _Refused(Protocol):
+    """A connection over server.maxConnections(PerClient): closed as soon as
+    it is made, before a byte of it is read."""
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.abortConnection()
+
+
+def _admit(site: GatewaySite, addr: Any) -> tuple[Any, Protocol | None]:
+    """The peer address a new connection is counted under (_UNCOUNTED without
+    limits), or the protocol that refuses it."""
+    limits = site.connection_limits
+    if limits is None:
+        return _UNCOUNTED, None
+    peer = getattr(addr, "host", None)
+    if not limits.admit(peer):
+        return peer, _Refused()
+    return peer, None
+
+
+def _lose_connection(channel: GatewayChannel) -> None:
+    """HTTPChannel.loseConnection, or the lingering close after an answer to
+    a request refused on its head."""
+    if channel._linger_wanted:
+        channel._linger()
+    else:
+        http.HTTPChannel.loseConnection(channel)
 
 
 class _OnFinish:
@@ -270,6 +540,8 @@ class GatewayRequest(Request):
     gateway_context: RequestContext
     site: GatewaySite
     body_too_large: bool = False
+    refused_at_head: bool = False  # GatewayChannel._check_head: no body is kept
+    framing_error: str | None = None  # an RFC 9112 framing rule it breaks (edge/framing.py)
     _gateway_host: Any = None  # the "request" fix's host, once asked for
 
     def __init__(self, channel: http.HTTPChannel, *args: Any) -> None:
@@ -287,6 +559,9 @@ class GatewayRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         self.head_done = True
+        if self.refused_at_head:
+            self.content = cast(IO[bytes], _Discard())
+            return
         if length is not None and length > self._gateway_site.max_body_size:
             self.body_too_large = True  # not kept: answered 413 by the tree
             self.content = cast(IO[bytes], _Discard())
@@ -333,6 +608,14 @@ class GatewayRequest(Request):
     def process(self) -> None:
         ctx = self._begin(self.requestHeaders.getRawHeaders(b"x-request-id"))
         self.setHeader(b"x-request-id", ctx.request_id.encode())
+        if self.framing_error is not None:  # before Twisted's own answer to "*"
+            site = self._gateway_site
+            self.site = site
+            try:
+                self.render(site.getResourceFor(self))
+            except BaseException:
+                self.processingFailed(Failure())
+            return
         # Twisted's, which sets its own Server header: GatewaySite.getResourceFor
         # puts ours back. The answers the gateway writes itself (401, 404,
         # /healthz) carry it; a proxied response takes the runner's (proxy.py).
@@ -377,6 +660,9 @@ class GatewaySite(Site):
         keep_alive_timeout: float = 75.0,
         observers: list[RequestObserver] | None = None,
         trace: bool = False,
+        body_min_rate: int = 0,
+        body_min_rate_grace: float = 30.0,
+        connection_limits: ConnectionLimits | None = None,
     ) -> None:
         # Never parse form bodies into request.args: the gateway never reads
         # them, and Twisted would parse a big one whole before auth is checked.
@@ -388,6 +674,15 @@ class GatewaySite(Site):
         self._call_later = reactor.callLater
         self.max_body_size = max_body_size
         self.header_timeout = header_timeout
+        # The lingering close after a request refused on its head (as nginx's
+        # lingering_time and lingering_timeout).
+        self.linger_total = LINGER_TOTAL
+        self.linger_idle = LINGER_IDLE
+        self.body_min_rate = body_min_rate  # bytes a second; 0: no minimum
+        self.body_min_rate_grace = body_min_rate_grace
+        # server.maxConnections and maxConnectionsPerClient, checked at accept
+        # (buildProtocol); its ``exempt`` is the per-client exemption.
+        self.connection_limits = connection_limits
         self.trace = trace  # logging.level trace: a detail line per request
         # Kept, not copied: the service adds observers (metrics) to this list.
         self.observers: list[RequestObserver] = [] if observers is None else observers
@@ -396,11 +691,22 @@ class GatewaySite(Site):
         self.displayTracebacks = False
         self.noisy = False
 
+    def buildProtocol(self, addr: Any) -> Any:
+        peer, refused = _admit(self, addr)
+        if refused is not None:
+            return refused
+        channel = Site.buildProtocol(self, addr)
+        if peer is not _UNCOUNTED:
+            channel._counted_peer = peer
+        return channel
+
     def getResourceFor(self, request: Request) -> IResource:
         gateway_request: GatewayRequest = request  # type: ignore[assignment]
         self.inflight.add(gateway_request)
         gateway_request.gateway_context.observers = self.observers
         request.setHeader(b"server", b"runner-gateway")
+        if gateway_request.framing_error is not None:
+            return _BadFraming(gateway_request.framing_error)
         found: IResource = super().getResourceFor(request)
         return found
 
@@ -508,6 +814,7 @@ class _ChannelCopies(GatewayChannel):
         # Twisted's, reading the header table directly: most requests carry
         # no Cookie and no Expect header, and asking for each costs a call
         # and a name encoding.
+        refused = self._check_head()
         request = self.requests[-1]
         raw = request.requestHeaders._rawHeaders
         if _COOKIE in raw:
@@ -520,6 +827,8 @@ class _ChannelCopies(GatewayChannel):
         expect = raw.get(_EXPECT)
         if expect and expect[0].lower() == b"100-continue" and self._version == b"HTTP/1.1":
             self._send100Continue()
+        if refused:
+            self._refuse_body()
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -596,7 +905,7 @@ class _HoldCopies(GatewayChannel):
 
     def loseConnection(self) -> None:
         self.release()  # a non-persistent request's last bytes go before the close
-        http.HTTPChannel.loseConnection(self)
+        _lose_connection(self)
 
 
 class _WholeHeadCopies(GatewayChannel):
@@ -763,6 +1072,9 @@ class _RequestCopies(GatewayRequest):
 
     def gotLength(self, length: int | None) -> None:
         self.head_done = True
+        if self.refused_at_head:
+            self.content = cast(IO[bytes], _Discard())
+            return
         if length is not None and length > self._gateway_site.max_body_size:
             self.body_too_large = True
             self.content = cast(IO[bytes], _Discard())
@@ -803,7 +1115,7 @@ class _RequestCopies(GatewayRequest):
         segments = self.path[1:].split(b"/")
         # unquote_to_bytes returns a segment without "%" as it is.
         self.postpath = list(map(unquote_to_bytes, segments)) if b"%" in self.path else segments
-        if self.path == b"*":
+        if self.path == b"*" and self.framing_error is None:
             self._handleStar()
             return
         try:
@@ -883,8 +1195,13 @@ class _SiteCopies(GatewaySite):
     (getResourceFor) fixes."""
 
     def buildProtocol(self, addr: Any) -> Any:
+        peer, refused = _admit(self, addr)
+        if refused is not None:
+            return refused
         # Twisted's three layers (Site, HTTPFactory, Factory) in one.
         channel: GatewayChannel = self.protocol()
+        if peer is not _UNCOUNTED:
+            channel._counted_peer = peer
         channel.factory = self
         channel.callLater = self._call_later  # type: ignore[assignment]
         channel.timeOut = self.timeOut  # type: ignore[assignment]
@@ -899,6 +1216,8 @@ class _SiteCopies(GatewaySite):
         # Site.getResourceFor without its copy.copy of the (empty) prepath.
         request.site = self
         request.sitepath = list(request.prepath or ())  # type: ignore[attr-defined]
+        if gateway_request.framing_error is not None:
+            return _BadFraming(gateway_request.framing_error)
         found: IResource = getChildForRequest(self.resource, request)
         return found
 
