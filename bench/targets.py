@@ -274,6 +274,7 @@ runners:
   address: 127.0.0.1:{port}
   workers: {workers}
   drainTimeout: 2s
+  maxConnectionsPerClient: 0  # every benchmark client is 127.0.0.1
 """
         + extra_settings
     )
