@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import selectors
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner_gateway.paseto import V4SecretKey, public_key_pem
@@ -35,54 +35,89 @@ _CHUNK = b"a" * (256 * 1024)
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-@dataclass
-class Load:
-    refused: int = 0
-    other: int = 0
-    health: list[float] = field(default_factory=list)
-    health_failed: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
+_HEAD = (
+    b"POST /api/chat HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n" % _BODY
+)
 
 
-def _uploader(port: int, until: float, load: Load) -> None:
-    head = (
-        b"POST /api/chat HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n" % _BODY
-    )
+class _Upload:
+    """One anonymous client's connection: the head, then the body as fast as
+    the socket takes it, until an answer comes (or the connection ends)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setblocking(False)
+        self.sock.connect_ex(("127.0.0.1", port))
+        self.out = memoryview(_HEAD)
+        self.sent = 0
+        self.answer = b""
+
+
+def _upload(port: int, clients: int, seconds: float, whole: bool) -> None:
+    """``clients`` connections uploading at once, each replaced as soon as it
+    ends, for ``seconds``; prints the answers that were a 401 and the others.
+    ``whole``: each sends its whole body whatever the answer (as an HTTP
+    library that reads the answer after the body, or an attacker that does
+    not read); else each stops at the answer.
+    One thread with a selector, in a process of its own: 200 threads would
+    keep 200 runnable tasks on the bench machine's two cores, and the
+    scheduler, not the gateway, would set the probe's latency."""
+    until = time.monotonic() + seconds
+    selector = selectors.DefaultSelector()
+    chunk = memoryview(_CHUNK)
+    refused = other = sent = 0
+
+    def start() -> None:
+        upload = _Upload(port)
+        selector.register(upload.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, upload)
+
+    def end(upload: _Upload) -> None:
+        nonlocal refused, other, sent
+        sent += upload.sent
+        selector.unregister(upload.sock)
+        upload.sock.close()
+        if upload.answer.startswith(b"HTTP/1.1 401 "):
+            refused += 1
+        else:
+            other += 1
+        start()
+
+    for _ in range(clients):
+        start()
     while time.monotonic() < until:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-                sock.sendall(head)
-                sock.setblocking(False)
-                sent, answer = 0, b""
-                while sent < _BODY and time.monotonic() < until:
-                    try:
-                        answer += sock.recv(4096)
-                        if answer:
-                            break
-                    except BlockingIOError:
-                        pass
-                    try:
-                        sent += sock.send(_CHUNK)
-                    except BlockingIOError:
-                        time.sleep(0.001)
-                sock.settimeout(10)
-                while b"\r\n" not in answer and time.monotonic() < until:
-                    got = sock.recv(4096)
-                    if not got:
-                        break
-                    answer += got
-            with load.lock:
-                if answer.startswith(b"HTTP/1.1 401 "):
-                    load.refused += 1
-                else:
-                    load.other += 1
-        except OSError:
-            with load.lock:
-                load.other += 1
+        for key, events in selector.select(timeout=0.1):
+            upload: _Upload = key.data
+            try:
+                if events & selectors.EVENT_READ:
+                    got = upload.sock.recv(4096)
+                    upload.answer += got
+                    if not got or (
+                        b"\r\n" in upload.answer and (not whole or upload.sent >= _BODY)
+                    ):
+                        end(upload)
+                        continue
+                if events & selectors.EVENT_WRITE:
+                    if upload.out:
+                        upload.out = upload.out[upload.sock.send(upload.out) :]
+                    elif upload.sent < _BODY:
+                        upload.sent += upload.sock.send(chunk[: _BODY - upload.sent])
+                    else:
+                        selector.modify(upload.sock, selectors.EVENT_READ, upload)
+                        if b"\r\n" in upload.answer:
+                            end(upload)
+            except BlockingIOError:
+                pass
+            except OSError:
+                end(upload)
+    print(refused, other, sent, flush=True)
 
 
-def _prober(port: int, until: float, load: Load) -> None:
+def _probe(port: int, seconds: float) -> None:
+    """/healthz every 50 ms from 127.0.0.2 (its own per-client count), for
+    ``seconds``: one line per probe, the seconds it took or ``failed``. Run in
+    a process of its own, so that nothing but the gateway delays it."""
+    until = time.monotonic() + seconds
     while time.monotonic() < until:
         start = time.monotonic()
         try:
@@ -93,11 +128,7 @@ def _prober(port: int, until: float, load: Load) -> None:
                 ok = sock.recv(64).startswith(b"HTTP/1.1 200 ")
         except OSError:
             ok = False
-        with load.lock:
-            if ok:
-                load.health.append(time.monotonic() - start)
-            else:
-                load.health_failed += 1
+        print(f"{time.monotonic() - start:.6f}" if ok else "failed", flush=True)
         time.sleep(0.05)
 
 
@@ -135,25 +166,60 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def measure(name: str, port: int, pids: list[int], clients: int, seconds: float) -> str:
-    load = Load()
+def _split_cpus() -> tuple[set[int], set[int]]:
+    """The CPUs for the server under test and for the load: half each (on the
+    2-core bench machine, one each), as a load generator on another machine
+    would leave the server its own cores."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return set(cpus), set(cpus)
+    half = len(cpus) // 2
+    return set(cpus[:half]), set(cpus[half:])
+
+
+def measure(
+    name: str, port: int, pids: list[int], clients: int, seconds: float, whole: bool
+) -> str:
     cpu0, written0 = _cpu(pids), _written(pids)
-    until = time.monotonic() + seconds
-    threads = [threading.Thread(target=_uploader, args=(port, until, load)) for _ in range(clients)]
-    threads.append(threading.Thread(target=_prober, args=(port, until, load)))
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(seconds + 30)
+    this = [sys.executable, "-m", "bench.anonymous", "--seconds", str(seconds)]
+    server_cpus, client_cpus = _split_cpus()
+    for pid in pids:
+        os.sched_setaffinity(pid, server_cpus)
+
+    def on_client_cpus() -> None:
+        os.sched_setaffinity(0, client_cpus)
+
+    prober = subprocess.Popen(
+        [*this, "--probe", str(port)], stdout=subprocess.PIPE, text=True, preexec_fn=on_client_cpus
+    )
+    uploads = subprocess.Popen(
+        [*this, "--upload", str(port), "--clients", str(clients)] + (["--whole"] if whole else []),
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=on_client_cpus,
+    )
+    counts, _ = uploads.communicate(timeout=seconds + 30)
     cpu = _cpu(pids) - cpu0
-    health = sorted(load.health)
-    p99 = health[min(len(health) - 1, int(len(health) * 0.99))] * 1000 if health else float("nan")
-    per = cpu / load.refused * 1e6 if load.refused else float("nan")
+    refused, other, sent = (int(count) for count in counts.split())
+    out, _ = prober.communicate(timeout=30)
+    health = sorted(float(line) for line in out.split() if line != "failed")
+    failed = out.split().count("failed")
+    p50, p99 = (
+        (
+            health[len(health) // 2] * 1000,
+            health[min(len(health) - 1, int(len(health) * 0.99))] * 1000,
+        )
+        if health
+        else (float("nan"), float("nan"))
+    )
+    slow = sum(1 for took in health if took > 0.9)
+    per = cpu / refused * 1e6 if refused else float("nan")
     return (
-        f"{name}: {clients} clients, {seconds:.0f} s: {load.refused} refused ({load.other} other), "
+        f"{name}: {clients} clients, {seconds:.0f} s: {refused} refused ({other} other), "
+        f"{sent / 2**20 / max(1, refused + other):.1f} MiB sent per connection, "
         f"CPU {cpu:.2f} s ({per:.0f} us per refusal), peak RSS {_peak_rss(pids) / 2**20:.0f} MiB, "
-        f"disk writes {_written(pids) - written0} B, /healthz p99 {p99:.1f} ms "
-        f"({len(health)} answered, {load.health_failed} failed)"
+        f"disk writes {_written(pids) - written0} B, /healthz p50 {p50:.1f} ms, p99 {p99:.1f} ms "
+        f"({len(health)} answered, {slow} over 900 ms, {failed} failed)"
     )
 
 
@@ -170,7 +236,7 @@ def _gateway(runner: str) -> Iterator[tuple[int, list[int]]]:
             "server:\n  address: 127.0.0.1:0\n  workers: 1\n"
         )
         with start_gateway(directory) as gw:
-            yield int(gw.url.rsplit(":", 1)[1]), [gw.proc.pid]
+            yield int(gw.url.rsplit(":", 1)[1]), _children(gw.proc.pid)
 
 
 @contextmanager
@@ -210,14 +276,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=50)
     parser.add_argument("--nginx", action="store_true", help="also measure nginx")
+    parser.add_argument(
+        "--whole",
+        action="store_true",
+        help="clients send their whole body whatever the answer (default: stop at the answer)",
+    )
+    parser.add_argument("--upload", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--probe", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.upload:
+        _upload(args.upload, args.clients, args.seconds, args.whole)
+        return 0
+    if args.probe:
+        _probe(args.probe, args.seconds)
+        return 0
     with start_standin(["--quiet"]) as (host, port, _):
         runner = f"{host}:{port}"
         with _gateway(runner) as (gw_port, pids):
-            print(measure("gateway", gw_port, pids, args.clients, args.seconds), flush=True)
+            print(
+                measure("gateway", gw_port, pids, args.clients, args.seconds, args.whole),
+                flush=True,
+            )
         if args.nginx:
             with _nginx(runner) as (ng_port, pids):
-                print(measure("nginx", ng_port, pids, args.clients, args.seconds), flush=True)
+                print(
+                    measure("nginx", ng_port, pids, args.clients, args.seconds, args.whole),
+                    flush=True,
+                )
     return 0
 
 

@@ -7,15 +7,25 @@ for every accepted connection, before any byte of it is read, and tells
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+from collections import deque
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 __all__ = [
+    "BACKLOG",
     "HEALTH_RESERVE",
     "LOCAL_PROBES",
     "ConnectionLimits",
+    "FairQueue",
     "default_max_connections",
+    "defer_accept",
 ]
 
+# Every listener's accept queue. Twisted's default of 50 drops SYNs when many
+# clients connect at once (a refused flood reconnecting, thousands of streams),
+# and a dropped SYN costs its client (a health probe too) a 1 s retransmit.
+BACKLOG = 1024
 # Descriptors kept for the process itself (listeners, logs, settings and key
 # files, Redis, the metrics listener) before client and upstream connections.
 _OWN_DESCRIPTORS = 128
@@ -26,6 +36,21 @@ HEALTH_RESERVE = 16
 LOCAL_PROBES = frozenset({"127.0.0.1", "::1"})
 
 REFUSED_REASONS = ("max_connections", "max_connections_per_client")
+
+
+# How long the kernel keeps a connection whose client has sent nothing before
+# handing it over anyway (then server.headerTimeout applies).
+DEFER_ACCEPT_SECONDS = 5
+
+
+def defer_accept(sock: socket.socket) -> None:
+    """Have the kernel hand over a new connection only once its client has
+    sent something (Linux TCP_DEFER_ACCEPT, nginx's ``listen ... deferred``):
+    no wake-up, descriptor or turn for a connection that says nothing yet,
+    and the request is there to read at accept. Elsewhere: nothing."""
+    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if option is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, option, DEFER_ACCEPT_SECONDS)
 
 
 def default_max_connections(descriptor_limit: int) -> int:
@@ -80,3 +105,44 @@ class ConnectionLimits:
                 self.by_peer[peer] = count
             else:
                 self.by_peer.pop(peer, None)
+
+
+_Item = TypeVar("_Item")
+
+
+class FairQueue(Generic[_Item]):
+    """Items waiting by peer, taken one peer at a time in turn: a peer with
+    a thousand waiting does not delay one with a single item by more than
+    one of its own."""
+
+    def __init__(self) -> None:
+        self._by_peer: dict[Hashable, deque[_Item]] = {}
+        self._turns: deque[Hashable] = deque()
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def waiting(self, peer: Hashable) -> bool:
+        """Whether ``peer`` has an item waiting (a new one must queue behind it)."""
+        return peer in self._by_peer
+
+    def push(self, peer: Hashable, item: _Item) -> None:
+        items = self._by_peer.get(peer)
+        if items is None:
+            items = self._by_peer[peer] = deque()
+            self._turns.append(peer)
+        items.append(item)
+        self._count += 1
+
+    def pop(self) -> _Item:
+        """The oldest item of the peer whose turn it is (IndexError when empty)."""
+        peer = self._turns.popleft()
+        items = self._by_peer[peer]
+        item = items.popleft()
+        if items:
+            self._turns.append(peer)
+        else:
+            del self._by_peer[peer]
+        self._count -= 1
+        return item

@@ -310,6 +310,55 @@ class ConnectionRefusals:
         return [family]
 
 
+@dataclass(frozen=True)
+class EdgeCounts:
+    """What the edge counts of the connections it rations (edge/site.py,
+    edge/accept.py), read at scrape time."""
+
+    lingering: int  # connections in a lingering close now
+    lingering_skipped: int  # refused requests closed without one
+    first_reads_waiting: int  # new connections waiting for their first read now
+    first_reads_queued: int  # new connections that waited
+
+
+class EdgeCollector:
+    """The gauges and counters of :class:`EdgeCounts`."""
+
+    def __init__(self, counts: Callable[[], EdgeCounts]) -> None:
+        self.counts = counts
+
+    def describe(self) -> list[Metric]:
+        return self.collect()
+
+    def collect(self) -> list[Metric]:
+        counts = self.counts()
+        return [
+            GaugeMetricFamily(
+                "runner_gateway_lingering_connections",
+                "Connections in a lingering close: a request refused on its head, "
+                "what its client still sends read and dropped.",
+                value=counts.lingering,
+            ),
+            CounterMetricFamily(
+                "runner_gateway_lingering_closes_skipped",
+                "Requests refused on their head whose connection was closed without "
+                "a lingering close, because as many as the gateway allows were lingering.",
+                value=counts.lingering_skipped,
+            ),
+            GaugeMetricFamily(
+                "runner_gateway_first_reads_waiting",
+                "New connections waiting for their first read, fairly by peer address, "
+                "because a reactor turn's budget for first reads was spent.",
+                value=counts.first_reads_waiting,
+            ),
+            CounterMetricFamily(
+                "runner_gateway_first_reads_queued",
+                "New connections that waited for their first read.",
+                value=counts.first_reads_queued,
+            ),
+        ]
+
+
 class _Limits(Protocol):
     """What the metrics read of admission.Limiter."""
 

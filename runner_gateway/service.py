@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -37,7 +38,13 @@ from twisted.web.server import Site
 
 from runner_gateway import __version__
 from runner_gateway.admission import Limiter
-from runner_gateway.connections import HEALTH_RESERVE, ConnectionLimits, default_max_connections
+from runner_gateway.connections import (
+    BACKLOG,
+    HEALTH_RESERVE,
+    ConnectionLimits,
+    default_max_connections,
+    defer_accept,
+)
 from runner_gateway.context import RequestObserver
 from runner_gateway.edge.site import GatewaySite
 from runner_gateway.logs import (
@@ -151,8 +158,8 @@ def _endpoint(reactor: Any, address: Address, tls_creator: Any = None) -> IStrea
 
         return HTTPSOnlyEndpoint(_endpoint(reactor, address), tls_creator)
     if ":" in host:
-        return TCP6ServerEndpoint(reactor, address.port, interface=host)
-    return TCP4ServerEndpoint(reactor, address.port, interface=host)
+        return TCP6ServerEndpoint(reactor, address.port, backlog=BACKLOG, interface=host)
+    return TCP4ServerEndpoint(reactor, address.port, backlog=BACKLOG, interface=host)
 
 
 class GatewayService(MultiService):
@@ -231,11 +238,22 @@ class GatewayService(MultiService):
             from runner_gateway.metrics import PoolCollector
 
             self.metrics.registry.register(PoolCollector(lambda: self.generation.pools))
-            from runner_gateway.metrics import ConnectionRefusals
+            from runner_gateway.metrics import ConnectionRefusals, EdgeCollector, EdgeCounts
 
             limits = self.site.connection_limits
             self.metrics.registry.register(
                 ConnectionRefusals(lambda: limits.refused if limits is not None else None)
+            )
+            site = self.site
+            self.metrics.registry.register(
+                EdgeCollector(
+                    lambda: EdgeCounts(
+                        site.lingering,
+                        site.linger_shed,
+                        len(site.first_reads.queue),
+                        site.first_reads.queued,
+                    )
+                )
             )
 
     @property
@@ -349,6 +367,8 @@ class GatewayService(MultiService):
         outcome = result[0]
         if hasattr(outcome, "raiseException"):
             outcome.raiseException()
+        with socket.fromfd(outcome.fileno(), socket.AF_INET, socket.SOCK_STREAM) as listener:
+            defer_accept(listener)  # a duplicate descriptor: the same socket
         self.ports.append(outcome)
 
     def startService(self) -> None:

@@ -60,6 +60,7 @@ from twisted.web.resource import IResource, NoResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import directlyProvides, implementer
 
+from runner_gateway.connections import BACKLOG, defer_accept
 from runner_gateway.limits_local import STORE_VARIABLE, new_store_path, remove_store
 from runner_gateway.logs import ACCESS_NAMESPACE
 from runner_gateway.service import (
@@ -73,7 +74,6 @@ from runner_gateway.service import (
 from runner_gateway.settings import Address, Settings
 
 __all__ = [
-    "BACKLOG",
     "WORKER_FD",
     "AdoptedEndpoint",
     "Supervisor",
@@ -89,7 +89,6 @@ _log = Logger()
 
 WORKER_FD = 3  # the listening socket's number in a worker
 READY_FD = 4  # a worker writes one line here once it serves (and handles SIGHUP)
-BACKLOG = 1024  # Twisted's default of 50 drops SYNs when thousands of clients connect at once
 KILL_MARGIN = 5.0  # seconds past drainTimeout before a worker that is still there is killed
 _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 30.0
@@ -229,6 +228,7 @@ def bind_sockets(address: Address, count: int) -> list[socket.socket]:
             except OSError as exc:
                 raise CannotListenError(host, port, exc) from None
             sock.listen(BACKLOG)
+            defer_accept(sock)
             sock.setblocking(False)
             port = sock.getsockname()[1]  # port 0: the others join the one the first got
     except BaseException:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from runner_gateway.connections import (
     HEALTH_RESERVE,
     ConnectionLimits,
@@ -62,3 +64,38 @@ def test_refusals_are_exposed_as_a_counter() -> None:
     assert (
         'runner_gateway_connections_refused_total{reason="max_connections_per_client"} 1.0' in text
     )
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_listener_queues_a_burst_of_connections(host: str) -> None:
+    """The listening socket's accept queue is BACKLOG, not Twisted's 50: a
+    refused flood reconnecting at once would fill 50 and the kernel would
+    drop the SYN of a health probe behind it (a 1 s retransmit)."""
+    from twisted.internet.testing import MemoryReactor
+    from twisted.web.server import Site
+
+    from runner_gateway.connections import BACKLOG
+    from runner_gateway.service import _endpoint
+    from runner_gateway.settings import Address
+
+    reactor = MemoryReactor()
+    _endpoint(reactor, Address(host, 8443)).listen(Site(None))
+    servers = reactor.tcpServers
+    assert [(port, backlog, interface) for port, _, backlog, interface in servers] == [
+        (8443, BACKLOG, host)
+    ]
+    assert BACKLOG >= 1024
+
+
+def test_the_edge_counts_are_exposed() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from runner_gateway.metrics import EdgeCollector, EdgeCounts
+
+    registry = CollectorRegistry()
+    registry.register(EdgeCollector(lambda: EdgeCounts(3, 7, 2, 11)))
+    text = generate_latest(registry).decode()
+    assert "runner_gateway_lingering_connections 3.0" in text
+    assert "runner_gateway_lingering_closes_skipped_total 7.0" in text
+    assert "runner_gateway_first_reads_waiting 2.0" in text
+    assert "runner_gateway_first_reads_queued_total 11.0" in text

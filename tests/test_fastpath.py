@@ -46,7 +46,17 @@ _PROBE = (
     "from runner_gateway.edge import fastpath, site; from twisted.web import http; "
     "print(sorted(fastpath.install()), hasattr(http._parseContentType, 'cache_info'))"
 )
-_ALL = ["channel", "content-type", "date", "hold", "request", "send-now", "whole-head"]
+_ALL = [
+    "channel",
+    "content-type",
+    "date",
+    "hold",
+    "linger-drain",
+    "read-at-accept",
+    "request",
+    "send-now",
+    "whole-head",
+]
 
 
 def _without(*names: str) -> str:

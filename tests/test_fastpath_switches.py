@@ -77,7 +77,9 @@ def test_off_installs_none_of_our_copies() -> None:
     assert isinstance(states, dict)
     assert set(states.values()) == {"switched-off"}
     assert set(states) == {"channel", "request", "hold", "whole-head", "send-now", "date"} | {
-        "content-type"
+        "content-type",
+        "linger-drain",
+        "read-at-accept",
     }
 
 

@@ -4,6 +4,9 @@ body is kept, and the connection is closed after a bounded lingering read."""
 
 from __future__ import annotations
 
+import socket
+import struct
+import sys
 from typing import Any
 
 import pytest
@@ -13,6 +16,7 @@ from twisted.web import resource
 from twisted.web.server import Request
 
 from runner_gateway.edge.site import LINGER_IDLE, LINGER_TOTAL, GatewayChannel, GatewaySite
+from tests.helpers_site import needs_fastpath
 
 _HEAD = b"POST /x HTTP/1.1\r\nHost: gw\r\nContent-Length: 10000000\r\n"
 
@@ -172,3 +176,94 @@ def test_a_refused_body_that_came_with_its_head_is_dropped_and_the_connection_ke
     assert answer.count(b"HTTP/1.1 401 ") == 2  # the body was not read as a request
     assert b"Connection: close" not in answer and not transport.disconnecting
     assert root.rendered == [(0, b"POST"), (0, b"GET")]
+
+
+# ------------------------------------------- how many linger at once (a flood)
+
+
+@pytest.mark.parametrize("whole_head", [True, False])
+def test_past_linger_max_a_refused_upload_is_closed_without_lingering(whole_head: bool) -> None:
+    """A flood of refused uploads: past site.linger_max lingering at once, the
+    answer is sent and the connection closed, so draining cannot grow without
+    bound; the count is kept for the metrics and freed as lingering ends."""
+    root = _Refusing()
+    clock = MemoryReactorClock()
+    site = GatewaySite(root, clock, max_body_size=100 * 1024 * 1024)
+    site.linger_max = 1
+    transports = []
+    for port in (5555, 5556):
+        channel = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", port))
+        assert isinstance(channel, GatewayChannel)
+        channel.whole_head = whole_head
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(_HEAD + b"\r\n" + b"a" * 100)
+        assert transport.value().startswith(b"HTTP/1.1 401 ")
+        transports.append((channel, transport))
+    (first, first_transport), (_, second_transport) = transports
+    assert not first_transport.disconnecting  # lingering
+    assert second_transport.disconnecting  # answered, then closed
+    assert (site.lingering, site.linger_shed) == (1, 1)
+    clock.advance(LINGER_IDLE + 0.1)
+    assert first_transport.disconnecting
+    first.connectionLost()
+    assert site.lingering == 0
+
+
+@needs_fastpath
+def test_the_drain_drops_what_it_reads_in_the_kernel() -> None:
+    """The "linger-drain" fix over a real loopback connection: what the
+    client sends is consumed without being copied out (the buffer recv is
+    given stays untouched), each read with data keeps the lingering close
+    alive, and the client's close and reset read as Twisted's doRead says."""
+    from twisted.internet import main
+
+    from runner_gateway.edge import fastpath, site
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("MSG_TRUNC drops TCP data on Linux only; elsewhere the fix stays off")
+    fastpath.install({})
+    assert "linger-drain" in fastpath.installed(), fastpath.states()
+
+    class _Channel:
+        reads = 0
+
+        def _linger_read(self, data: bytes) -> None:
+            self.reads += 1
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+        with client, server:
+            server.setblocking(False)
+            channel = _Channel()
+            drain = site._Drain(channel, server)  # type: ignore[arg-type]
+            assert drain() is None and channel.reads == 0  # nothing yet
+            client.sendall(b"x" * (256 * 1024))
+            while True:  # the kernel keeps up to a window; drained in turns
+                assert drain() is None
+                try:
+                    server.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+            assert channel.reads >= 1
+            assert not any(site._DRAIN_BUFFER)  # nothing was copied into it
+            client.shutdown(socket.SHUT_WR)
+            assert _until_not_none(drain) is main.CONNECTION_DONE
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+        with server:
+            server.setblocking(False)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()  # a reset
+            assert _until_not_none(site._Drain(_Channel(), server)) is main.CONNECTION_LOST  # type: ignore[arg-type]
+
+
+def _until_not_none(drain: Any) -> Any:
+    """The drain's result once the kernel has what the peer sent (loopback:
+    a moment; select says when)."""
+    import select
+
+    select.select([drain.socket], [], [], 5)
+    return drain()

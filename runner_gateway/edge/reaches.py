@@ -170,6 +170,18 @@ COPIES: tuple[Copy, ...] = (
     Copy("twisted.web.http:datetimeToString", _FP + "_date", "date"),
     # -- fix "content-type": the media type cached by the raw header value
     Copy("twisted.web.http:_parseContentType", _FP + "_content_type", "content-type"),
+    # -- fix "linger-drain": a lingering connection's reads dropped by the kernel,
+    # put on the tcp.Server instance (its public doRead) for the lingering close only
+    Copy(
+        "twisted.internet.tcp:Connection.doRead",
+        "runner_gateway.edge.site:_Drain.__call__",
+        "linger-drain",
+    ),
+    Copy(
+        "twisted.internet.tcp:Connection._dataReceived",
+        "runner_gateway.edge.site:_Drain.__call__",
+        "linger-drain",
+    ),
 )
 
 PRIVATE: tuple[Private, ...] = (
@@ -383,6 +395,8 @@ FINGERPRINTS: dict[str, dict[str, str]] = {
         "twisted.internet.abstract:FileDescriptor.write": "9e7a31e75773af52",
         "twisted.web.http:datetimeToString": "c4583cb31dce357a",
         "twisted.web.http:_parseContentType": "77abec6adf27ed61",
+        "twisted.internet.tcp:Connection.doRead": "1b1152972fa10715",
+        "twisted.internet.tcp:Connection._dataReceived": "19431c997e63a1fe",
     },
     "26.10.0": {
         "twisted.web.server:Request.__init__": "cd00415f94b995d0",
@@ -424,6 +438,8 @@ FINGERPRINTS: dict[str, dict[str, str]] = {
         "twisted.internet.abstract:FileDescriptor.write": "9e7a31e75773af52",
         "twisted.web.http:datetimeToString": "c4583cb31dce357a",
         "twisted.web.http:_parseContentType": "77abec6adf27ed61",
+        "twisted.internet.tcp:Connection.doRead": "d7864ba3ba2d236b",
+        "twisted.internet.tcp:Connection._dataReceived": "14f89f05f87abd28",
     },
 }
 

@@ -12,11 +12,13 @@ import itertools
 import os
 import re
 import secrets
+import socket
+import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any, cast
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet import tcp
+from twisted.internet import main, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -31,6 +33,7 @@ from twisted.web.server import Request, Site
 from runner_gateway.connections import ConnectionLimits
 from runner_gateway.context import RequestContext, RequestObserver
 from runner_gateway.edge import fastpath
+from runner_gateway.edge.accept import FirstReads
 from runner_gateway.edge.fastpath import Unavailable, cached_header_name, canonical_name, write_now
 from runner_gateway.edge.framing import OBS_FOLD, framing_error
 from runner_gateway.errors import error_body, send_error
@@ -53,6 +56,15 @@ _WHOLE_HEAD = re.compile(
 # lingering_time and lingering_timeout (GatewayChannel._linger).
 LINGER_TOTAL = 30.0
 LINGER_IDLE = 5.0
+# At most this many lingering closes at once per process; past it, a refused
+# request's connection is closed once its answer is out.
+LINGER_MAX = 64
+# The lingering close's reads with the "linger-drain" fix: recv(MSG_TRUNC) on
+# a TCP socket makes Linux drop what it takes instead of copying it out
+# (tcp(7)): a syscall per 64 KiB (one a turn, as Twisted reads), no copy and no
+# bytes object. The buffer is only there for the call's signature.
+_DRAIN_BUFFER = bytearray(1 << 16)
+_drain_flags = 0  # MSG_TRUNC while the fix is on
 _UNCOUNTED: Any = object()  # a connection the site's ConnectionLimits does not count
 # Header values never written to a log, whatever the level.
 _SECRET_HEADERS = frozenset(
@@ -376,12 +388,22 @@ class GatewayChannel(http.HTTPChannel):
         seconds, or linger_total seconds have passed."""
         self._linger_wanted = False
         self._buffer = b""
-        self.dataReceived = self._linger_read  # type: ignore[method-assign]
         self.release()
         site = cast(GatewaySite, self.site)  # type: ignore[attr-defined]
+        if site.lingering >= site.linger_max:
+            # A flood of refused uploads: the courtesy is rationed, so that
+            # draining them cannot lengthen every other connection's turn.
+            site.linger_shed += 1
+            http.HTTPChannel.loseConnection(self)
+            return
+        site.lingering += 1
+        self.dataReceived = self._linger_read  # type: ignore[method-assign]
         transport: Any = self.transport
         if type(transport) is tcp.Server:
             transport.loseWriteConnection()  # FIN once the answer is out
+            if _drain_flags:
+                # This connection only: its reads from now on (reaches.py lists it).
+                transport.doRead = _Drain(self, transport.getHandle())  # type: ignore[method-assign]
         self._linger_calls = (
             site.reactor.callLater(site.linger_total, self._linger_over),
             site.reactor.callLater(site.linger_idle, self._linger_over),
@@ -399,7 +421,10 @@ class GatewayChannel(http.HTTPChannel):
 
     def _cancel_linger(self) -> None:
         calls, self._linger_calls = self._linger_calls, None
-        for call in calls or ():
+        if calls is None:
+            return
+        cast(GatewaySite, self.site).lingering -= 1  # type: ignore[attr-defined]
+        for call in calls:
             if call.active():
                 call.cancel()
 
@@ -427,6 +452,30 @@ class GatewayChannel(http.HTTPChannel):
         held, self._held = self._held, None
         if held and self.transport is not None:
             write_now(self.transport, b"".join(held))
+
+
+class _Drain:
+    """A lingering connection's ``doRead`` ("linger-drain" fix): what Twisted's
+    ``tcp.Connection.doRead`` does (read what is there, say when the peer is
+    gone), with what is read dropped by the kernel."""
+
+    __slots__ = ("channel", "socket")
+
+    def __init__(self, channel: GatewayChannel, sock: socket.socket) -> None:
+        self.channel = channel
+        self.socket = sock
+
+    def __call__(self) -> Any:
+        try:
+            count = self.socket.recv_into(_DRAIN_BUFFER, 0, _drain_flags)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not count:
+            return main.CONNECTION_DONE
+        self.channel._linger_read(b"")
+        return None
 
 
 class _BadFraming(Resource):
@@ -678,6 +727,10 @@ class GatewaySite(Site):
         # lingering_time and lingering_timeout).
         self.linger_total = LINGER_TOTAL
         self.linger_idle = LINGER_IDLE
+        self.linger_max = LINGER_MAX
+        self.first_reads = FirstReads(reactor)
+        self.lingering = 0  # connections in a lingering close now
+        self.linger_shed = 0  # refused requests closed without one (linger_max reached)
         self.body_min_rate = body_min_rate  # bytes a second; 0: no minimum
         self.body_min_rate_grace = body_min_rate_grace
         # server.maxConnections and maxConnectionsPerClient, checked at accept
@@ -1364,7 +1417,39 @@ def _install_request() -> None:
     _put_copies("request")
 
 
+def _connection_made_reading(channel: GatewayChannel) -> None:
+    """GatewayChannel.connectionMade with the "read-at-accept" fix (edge/accept.py)."""
+    _made(channel)
+    transport: Any = channel.transport
+    at_once = type(transport) is tcp.Server
+    if not at_once:  # TLS: the TCP connection under the TLS protocol
+        transport = getattr(transport, "transport", None)
+    if type(transport) is tcp.Server and not transport.disconnecting:
+        site = cast(GatewaySite, channel.site)  # type: ignore[attr-defined]
+        peer = getattr(channel.getPeer(), "host", None)
+        site.first_reads.connection_made(transport, peer, at_once)
+
+
+def _install_read_at_accept() -> None:
+    global _made
+    # What edge/accept.py calls on the transport (public FileDescriptor methods).
+    _ = (tcp.Server.doRead, tcp.Server.stopReading, tcp.Server.startReading)
+    _made = GatewayChannel.connectionMade
+    GatewayChannel.connectionMade = _connection_made_reading  # type: ignore[method-assign,assignment]
+
+
+def _install_linger_drain() -> None:
+    global _drain_flags
+    if not sys.platform.startswith("linux"):
+        raise Unavailable("only Linux drops TCP data read with MSG_TRUNC")
+    # What _Drain relies on: the transport's socket, and the read results
+    # Twisted's reactors act on.
+    _ = (tcp.Server.getHandle, tcp.Server.doRead, main.CONNECTION_DONE, main.CONNECTION_LOST)
+    _drain_flags = socket.MSG_TRUNC
+
+
 _EPOLL_REACTOR: type[Any] | None = None
+_made: Callable[[GatewayChannel], None]
 _parse_request_line: Callable[[bytes], tuple[bytes, bytes, bytes]]
 _identity_decoder: type[Any]
 _content_file: Callable[[int | None], IO[bytes]]
@@ -1372,6 +1457,8 @@ fastpath.register("channel", _install_channel)
 fastpath.register("hold", _install_hold)
 fastpath.register("whole-head", _install_whole_head, needs="channel")
 fastpath.register("request", _install_request)
+fastpath.register("linger-drain", _install_linger_drain)
+fastpath.register("read-at-accept", _install_read_at_accept)
 
 
 def redacted_headers(request: Request) -> dict[str, str]:
