@@ -319,6 +319,7 @@ class EdgeCounts:
     lingering_skipped: int  # refused requests closed without one
     first_reads_waiting: int  # new connections waiting for their first read now
     first_reads_queued: int  # new connections that waited
+    rejected: dict[int, int]  # answers without a request (bare LF, 414, 431, 408), by status
 
 
 class EdgeCollector:
@@ -332,6 +333,15 @@ class EdgeCollector:
 
     def collect(self) -> list[Metric]:
         counts = self.counts()
+        rejections = CounterMetricFamily(
+            "runner_gateway_edge_rejections",
+            "Answers given and the connection closed with no request to log: a bare-LF "
+            "head (400), a request line over 16 KiB (414), a header line or head over "
+            "16 KiB (431), a body slower than server.bodyMinRate (408).",
+            labels=["status"],
+        )
+        for status, count in sorted(counts.rejected.items()):
+            rejections.add_metric([str(status)], count)
         return [
             GaugeMetricFamily(
                 "runner_gateway_lingering_connections",
@@ -356,6 +366,7 @@ class EdgeCollector:
                 "New connections that waited for their first read.",
                 value=counts.first_reads_queued,
             ),
+            rejections,
         ]
 
 

@@ -252,6 +252,7 @@ class GatewayService(MultiService):
                         site.linger_shed,
                         len(site.first_reads.queue),
                         site.first_reads.queued,
+                        dict(site.rejected),
                     )
                 )
             )

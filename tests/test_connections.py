@@ -93,9 +93,11 @@ def test_the_edge_counts_are_exposed() -> None:
     from runner_gateway.metrics import EdgeCollector, EdgeCounts
 
     registry = CollectorRegistry()
-    registry.register(EdgeCollector(lambda: EdgeCounts(3, 7, 2, 11)))
+    registry.register(EdgeCollector(lambda: EdgeCounts(3, 7, 2, 11, {431: 4, 408: 1})))
     text = generate_latest(registry).decode()
     assert "runner_gateway_lingering_connections 3.0" in text
     assert "runner_gateway_lingering_closes_skipped_total 7.0" in text
     assert "runner_gateway_first_reads_waiting 2.0" in text
     assert "runner_gateway_first_reads_queued_total 11.0" in text
+    assert 'runner_gateway_edge_rejections_total{status="431"} 4.0' in text
+    assert 'runner_gateway_edge_rejections_total{status="408"} 1.0' in text

@@ -135,6 +135,7 @@ def test_a_stalled_body_gets_408_after_the_grace(whole_head: bool) -> None:
     assert transport.value().endswith(b'{"error": "the request body came too slowly"}\n')
     assert transport.disconnecting
     assert root.rendered == []  # the request never went on
+    assert channel.site.rejected == {408: 1}  # counted for the metrics (no request to log)
 
 
 @pytest.mark.parametrize("whole_head", [True, False])

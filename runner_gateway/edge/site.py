@@ -373,6 +373,8 @@ class GatewayChannel(http.HTTPChannel):
         transport: Any = self.transport
         if transport is None or self._gateway_lost or transport.disconnecting:
             return
+        rejected = cast(GatewaySite, self.site).rejected  # type: ignore[attr-defined]
+        rejected[status] = rejected.get(status, 0) + 1
         transport.write(
             b"HTTP/1.1 %d %s\r\nConnection: close\r\n"
             b"Content-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n\r\n"
@@ -618,17 +620,23 @@ class GatewayRequest(Request):
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
+        if not self._past_cap(data):
+            super().handleContentChunk(data)
+
+    def _past_cap(self, data: bytes) -> bool:
+        """Count ``data`` into the body; True once the body is over the cap,
+        and from then on nothing of it is kept (a chunked body declares no
+        length, so the cap is met while it is read)."""
         if self.body_too_large:
-            return
+            return True
         self._body_received += len(data)
-        if self._body_received > self._gateway_site.max_body_size:
-            # Chunked bodies declare no length: stop keeping them at the cap.
-            self.body_too_large = True
-            if self.content is not None:
-                self.content.close()
-            self.content = cast(IO[bytes], _Discard())
-            return
-        super().handleContentChunk(data)
+        if self._body_received <= self._gateway_site.max_body_size:
+            return False
+        self.body_too_large = True
+        if self.content is not None:
+            self.content.close()
+        self.content = cast(IO[bytes], _Discard())
+        return True
 
     def _begin(self, given: Sequence[bytes] | None) -> RequestContext:
         """process's first part: the request id (``given``: the client's
@@ -731,6 +739,8 @@ class GatewaySite(Site):
         self.first_reads = FirstReads(reactor)
         self.lingering = 0  # connections in a lingering close now
         self.linger_shed = 0  # refused requests closed without one (linger_max reached)
+        # Answers the channel gives without a request (GatewayChannel._reject), by status.
+        self.rejected: dict[int, int] = {}
         self.body_min_rate = body_min_rate  # bytes a second; 0: no minimum
         self.body_min_rate_grace = body_min_rate_grace
         # server.maxConnections and maxConnectionsPerClient, checked at accept
@@ -1138,16 +1148,8 @@ class _RequestCopies(GatewayRequest):
         self.content = _content_file(length)
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self.body_too_large:
-            return
-        self._body_received += len(data)
-        if self._body_received > self._gateway_site.max_body_size:
-            self.body_too_large = True
-            if self.content is not None:
-                self.content.close()
-            self.content = cast(IO[bytes], _Discard())
-            return
-        self.content.write(data)  # type: ignore[union-attr]  # Twisted's handleContentChunk
+        if not self._past_cap(data):
+            self.content.write(data)  # type: ignore[union-attr]  # Twisted's handleContentChunk
 
     def process(self) -> None:
         ctx = self._begin(self.requestHeaders._rawHeaders.get(_X_REQUEST_ID))
