@@ -148,6 +148,7 @@ class SharedState:
         self.up = False
         self._subscribed = False
         self._outage_logged = False
+        self._ever_up = False  # the first connection is said once (the start)
         self._channels: dict[str, Callable[[str], None]] = {}
         self._on_connect: list[Callable[[], None]] = []
         self._factory: _Factory | None = None
@@ -232,7 +233,10 @@ class SharedState:
         if up:
             if self._outage_logged:
                 _log.info("Redis at {url} is reachable again", url=self.settings.display_url)
+            elif not self._ever_up:
+                _log.info("Redis at {url} is connected", url=self.settings.display_url)
             self._outage_logged = False
+            self._ever_up = True
             self._connected()
         elif not self._outage_logged:
             self._outage_logged = True

@@ -91,7 +91,20 @@ def _replica(
     port = _settings(directory, key, upstream, redis, on_error)
     with start_gateway(directory) as gw:
         _wait(lambda: len(_workers(gw)) == 2, "two workers serving")
+        # A worker serves before its Redis link is up (a request then meets
+        # onBackendError): the tests count from a connected start.
+        _wait(lambda: _connected(gw) == {"w0", "w1"}, "both workers connected to Redis")
         yield Replica(gw, port)
+
+
+def _connected(gw: GatewayProcess) -> set[str]:
+    """The workers (w0, w1) that said their Redis link is up."""
+    return {
+        str(record.get("logger", "")).rpartition("/")[2]
+        for record in _records(gw)
+        if str(record.get("message", "")).startswith("Redis at ")
+        and str(record.get("message", "")).endswith(" is connected")
+    }
 
 
 @pytest.fixture(scope="module")
