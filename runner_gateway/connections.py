@@ -1,8 +1,12 @@
-"""How many client connections a process takes, in all and per peer address.
+"""How client connections come in: how many a process takes, in all and per
+peer address; the listener's queue and deferred accept; the fair queue of
+first reads.
 
-Pure arithmetic (no Twisted): GatewaySite asks :meth:`ConnectionLimits.admit`
-for every accepted connection, before any byte of it is read, and tells
-:meth:`ConnectionLimits.release` when it closes.
+No Twisted here: GatewaySite asks :meth:`ConnectionLimits.admit` for every
+accepted connection, before any byte of it is read, and tells
+:meth:`ConnectionLimits.release` when it closes; the service and workers set
+:data:`BACKLOG` and :func:`defer_accept` on their listeners; edge/accept.py
+keeps new connections waiting for their first read in a :class:`FairQueue`.
 """
 
 from __future__ import annotations
