@@ -609,15 +609,22 @@ class GatewayRequest(Request):
         self.head_done = False
 
     def gotLength(self, length: int | None) -> None:
+        if not self._keeps_no_body(length):
+            super().gotLength(length)
+
+    def _keeps_no_body(self, length: int | None) -> bool:
+        """gotLength's first part: the head is in; True when none of the body
+        will be kept (a request refused on its head, or one declaring a body
+        over the cap, answered 413 by the tree)."""
         self.head_done = True
         if self.refused_at_head:
             self.content = cast(IO[bytes], _Discard())
-            return
+            return True
         if length is not None and length > self._gateway_site.max_body_size:
-            self.body_too_large = True  # not kept: answered 413 by the tree
+            self.body_too_large = True
             self.content = cast(IO[bytes], _Discard())
-            return
-        super().gotLength(length)
+            return True
+        return False
 
     def handleContentChunk(self, data: bytes) -> None:
         if not self._past_cap(data):
@@ -1134,13 +1141,7 @@ class _RequestCopies(GatewayRequest):
         self._gateway_host = address
 
     def gotLength(self, length: int | None) -> None:
-        self.head_done = True
-        if self.refused_at_head:
-            self.content = cast(IO[bytes], _Discard())
-            return
-        if length is not None and length > self._gateway_site.max_body_size:
-            self.body_too_large = True
-            self.content = cast(IO[bytes], _Discard())
+        if self._keeps_no_body(length):
             return
         # twisted.web.server.Request.gotLength for a Site without a
         # getContentFile (GatewaySite), minus the AttributeError it raises
