@@ -47,10 +47,9 @@ from bench.common import (
     Run,
     free_port,
     target_python,
-    target_twistd,
     wait_port,
 )
-from bench.targets import make_keys, mint
+from bench.targets import start_gateway
 
 
 def _upstreams(run: Run, count: int) -> list[int]:
@@ -67,30 +66,8 @@ def _upstreams(run: Run, count: int) -> list[int]:
 
 
 def _gateway(run: Run, name: str, runner: str) -> tuple[int, str, Any]:
-    directory = run.work / name / "settings"
-    key = make_keys(directory)
-    port = free_port()
-    (directory / "settings.yaml").write_text(
-        f"""paseto:
-  publicPath: {directory}/paseto.pub
-  keyPath: {directory}/paseto.key
-logging:
-  level: info
-  format: json
-runners:
-  - name: upstream
-    path: /
-{runner}server:
-  address: 127.0.0.1:{port}
-  workers: 1
-  drainTimeout: 2s
-"""
-    )
-    argv = [target_twistd(), "-n", "--pidfile=", "runner-gateway", "--settings", str(directory)]
-    proc = run.start(name, argv)
-    proc.wait_log("listening on")
-    wait_port(port)
-    return port, mint(key), proc
+    gateway = start_gateway(run, name, None, workers=1, runner_settings=runner)
+    return gateway.port, gateway.token, gateway.proc
 
 
 def _turn(port: int, token: str, seconds: float) -> list[float]:

@@ -242,7 +242,7 @@ def mint(key: Any, lifetime: float = 7200) -> str:
 def start_gateway(
     run: Run,
     name: str,
-    upstream: int,
+    upstream: int | None,
     workers: int,
     start_timeout: float = 60,
     env: dict[str, str] | None = None,
@@ -251,7 +251,8 @@ def start_gateway(
     extra_settings: str = "",
     runner_settings: str = "",
 ) -> Gateway:
-    """A runner-gateway in front of ``upstream``; ``env`` is added to the environment,
+    """A runner-gateway in front of ``upstream`` (None: ``runner_settings`` says
+    where, e.g. a pool's ``hosts:``); ``env`` is added to the environment,
     ``prefix`` put before the command (valgrind), ``twistd`` names the interpreter's
     (default: the targets' interpreter); ``extra_settings`` is appended to its
     settings.yaml (bench/limits.py: a ``limits`` section), ``runner_settings`` to
@@ -259,6 +260,7 @@ def start_gateway(
     directory = run.work / name / "settings"
     key = make_keys(directory)
     port = free_port()
+    host = "" if upstream is None else f"    host: 127.0.0.1:{upstream}\n"
     (directory / "settings.yaml").write_text(
         f"""paseto:
   publicPath: {directory}/paseto.pub
@@ -268,8 +270,7 @@ logging:
   format: json
 runners:
   - name: upstream
-    host: 127.0.0.1:{upstream}
-    path: /
+{host}    path: /
 {runner_settings}server:
   address: 127.0.0.1:{port}
   workers: {workers}
